@@ -1,0 +1,156 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then
+//! `CAEP_HUB_*` environment variables, each layer overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use caep_schemas::jose::Algorithm;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the optional configuration file.
+pub const CONFIG_FILE_ENV: &str = "CAEP_HUB_CONFIG";
+
+/// The hub's settings as the layers combine them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HubConfig {
+    /// `CAEP_HUB_LISTEN`: address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// `CAEP_HUB_ISSUER`: the hub's issuer URL; `http://` + listen when unset.
+    pub issuer: Option<String>,
+    /// `CAEP_HUB_DATA_DIR`: keys, the admin token hash and the redb file.
+    pub data_dir: PathBuf,
+    /// `CAEP_HUB_ADMIN_TOKEN`: bearer token for `/admin`; generated when unset.
+    pub admin_token: Option<String>,
+    /// `CAEP_HUB_SIGNING_ALG`: ES256 (default), RS256 or EdDSA.
+    pub signing_alg: Algorithm,
+    /// `CAEP_HUB_PUSH_ALLOW_CIDRS`: comma-separated private ranges that push
+    /// endpoints may use despite the SSRF guard (empty by default).
+    pub push_allow_cidrs: String,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            issuer: None,
+            data_dir: PathBuf::from("./caep-hub-data"),
+            admin_token: None,
+            signing_alg: Algorithm::Es256,
+            push_allow_cidrs: String::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("CAEP_HUB_PUSH_ALLOW_CIDRS: `{entry}` is not a CIDR range (e.g. 10.0.0.0/8)")]
+    BadCidr { entry: String },
+    #[error("CAEP_HUB_ISSUER: {0}")]
+    BadIssuer(String),
+}
+
+impl HubConfig {
+    /// Loads defaults, then `file` (or `$CAEP_HUB_CONFIG`) if given, then the
+    /// environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        let mut figment = Figment::from(Serialized::defaults(HubConfig::default()));
+        if let Some(file) = file.map(Path::to_path_buf).or(env_file) {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile(file));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: HubConfig =
+            figment.merge(Env::prefixed("CAEP_HUB_").ignore(&["config"])).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The issuer URL: the configured one, or `http://` + the listen address.
+    pub fn issuer(&self) -> String {
+        match &self.issuer {
+            Some(issuer) => issuer.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+
+    /// The parsed `push_allow_cidrs`.
+    pub fn push_allow_cidrs(&self) -> Result<Vec<IpNet>, ConfigError> {
+        self.push_allow_cidrs
+            .split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| entry.parse().map_err(|_| ConfigError::BadCidr { entry: entry.to_owned() }))
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.push_allow_cidrs()?;
+        let issuer = self.issuer();
+        if !(issuer.starts_with("http://") || issuer.starts_with("https://")) {
+            return Err(ConfigError::BadIssuer(format!("`{issuer}` is not an http(s) URL")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        Jail::expect_with(|jail| {
+            let config = HubConfig::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(config.issuer(), "http://127.0.0.1:8080");
+            assert_eq!(config.signing_alg, Algorithm::Es256);
+
+            jail.create_file(
+                "hub.toml",
+                "listen = \"127.0.0.1:9000\"\nsigning_alg = \"RS256\"\ndata_dir = \"/srv/hub\"",
+            )?;
+            let config = HubConfig::load(Some(Path::new("hub.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.listen.to_string(), "127.0.0.1:9000");
+            assert_eq!(config.signing_alg, Algorithm::Rs256);
+
+            jail.set_env("CAEP_HUB_SIGNING_ALG", "EdDSA");
+            jail.set_env("CAEP_HUB_ISSUER", "https://hub.example.com/");
+            jail.set_env("CAEP_HUB_PUSH_ALLOW_CIDRS", "127.0.0.0/8, ::1/128");
+            let config = HubConfig::load(Some(Path::new("hub.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.signing_alg, Algorithm::EdDsa);
+            assert_eq!(config.data_dir, PathBuf::from("/srv/hub"), "file value kept");
+            assert_eq!(config.issuer(), "https://hub.example.com");
+            assert_eq!(config.push_allow_cidrs().map_err(|e| e.to_string())?.len(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CAEP_HUB_PUSH_ALLOW_CIDRS", "10.0.0.0/8,not-a-range");
+            let error = HubConfig::load(None).expect_err("bad CIDR accepted");
+            assert!(error.to_string().contains("not-a-range"), "{error}");
+
+            jail.set_env("CAEP_HUB_PUSH_ALLOW_CIDRS", "");
+            jail.set_env("CAEP_HUB_SIGNING_ALG", "HS256");
+            let error = HubConfig::load(None).expect_err("HS256 accepted");
+            assert!(error.to_string().to_lowercase().contains("signing_alg"), "{error}");
+
+            assert!(matches!(HubConfig::load(Some(Path::new("missing.toml"))), Err(ConfigError::MissingFile(_))));
+            Ok(())
+        });
+    }
+}

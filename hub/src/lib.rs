@@ -1,0 +1,9 @@
+#![forbid(unsafe_code)]
+//! The CAEP event hub: ingests signed SETs from identity providers, records
+//! the agent-session graph, and cascades revocations to every relying party.
+//! The binary `caep-hub` is a thin command line over this library.
+
+pub mod admin_token;
+pub mod config;
+pub mod error;
+pub mod server;

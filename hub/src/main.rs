@@ -1,0 +1,135 @@
+#![forbid(unsafe_code)]
+//! `caep-hub`: the command line of the CAEP event hub.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use caep_hub::admin_token::{AdminToken, NewToken};
+use caep_hub::config::HubConfig;
+use caep_hub::server;
+use caep_schemas::jose::Algorithm;
+use caep_transmitter::keys::KeyStore;
+use clap::{Parser, Subcommand};
+
+/// Continuous access evaluation (CAEP) event hub: ingests IdP security events
+/// and cascades session revocations to every relying party an agent touched.
+///
+/// Settings come from built-in defaults, then the optional TOML file, then
+/// CAEP_HUB_* environment variables (CAEP_HUB_LISTEN, CAEP_HUB_ISSUER,
+/// CAEP_HUB_DATA_DIR, CAEP_HUB_ADMIN_TOKEN, CAEP_HUB_SIGNING_ALG,
+/// CAEP_HUB_PUSH_ALLOW_CIDRS).
+#[derive(Parser)]
+#[command(name = "caep-hub", version)]
+struct Cli {
+    /// TOML configuration file (also CAEP_HUB_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (HTTP server) until SIGTERM or Ctrl-C.
+    Serve,
+    /// Manage the signing keys published in the JWKS.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage the operator's admin bearer token.
+    #[command(subcommand)]
+    AdminToken(AdminTokenCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// List keys with their state (active, published, retired).
+    List,
+    /// Make a new active key; the previous one stays published for verifiers.
+    /// A running hub picks the new key up at its next start.
+    Rotate {
+        /// Algorithm of the new key (ES256, RS256, EdDSA); default: CAEP_HUB_SIGNING_ALG.
+        #[arg(long)]
+        alg: Option<Algorithm>,
+    },
+    /// Stop publishing a key (never the active one: rotate first).
+    Retire {
+        /// Key id, as `keys list` shows it.
+        kid: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCommand {
+    /// Mint a new admin token (shown once) and invalidate the old one.
+    Rotate,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("caep-hub: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = HubConfig::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => serve(config),
+        Command::Keys(command) => keys(config, command),
+        Command::AdminToken(AdminTokenCommand::Rotate) => {
+            let (_, token) = AdminToken::rotate(&config.data_dir)?;
+            show_admin_token(&token);
+            Ok(())
+        }
+    }
+}
+
+fn serve(config: HubConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut hub = server::bind(&config).await?;
+        if let Some(token) = hub.new_admin_token.take() {
+            show_admin_token(&token);
+        }
+        hub.serve().await?;
+        Ok(())
+    })
+}
+
+fn keys(config: HubConfig, command: KeysCommand) -> anyhow::Result<()> {
+    let store = KeyStore::open(&config.data_dir, config.signing_alg)?;
+    match command {
+        KeysCommand::List => {
+            println!("{:<44} {:<6} {:<10} CREATED", "KID", "ALG", "STATE");
+            for key in store.list() {
+                println!("{:<44} {:<6} {:<10} {}", key.kid, key.alg.as_str(), key.state.as_str(), key.created_at);
+            }
+        }
+        KeysCommand::Rotate { alg } => {
+            let key = store.rotate(alg)?;
+            println!("new active key {} ({})", key.kid, key.alg.as_str());
+        }
+        KeysCommand::Retire { kid } => {
+            store.retire(&kid)?;
+            println!("retired {kid}");
+        }
+    }
+    Ok(())
+}
+
+/// The one place the admin token is ever shown: on stdout, never in logs.
+fn show_admin_token(NewToken(token): &NewToken) {
+    println!("CAEP_HUB_ADMIN_TOKEN={token}");
+    println!("(admin token: shown once, only its hash is stored; `caep-hub admin-token rotate` makes a new one)");
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

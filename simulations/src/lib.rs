@@ -1,0 +1,2 @@
+#![forbid(unsafe_code)]
+//! Revocation-cascade drills (filled by the drills issue).
