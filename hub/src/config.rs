@@ -29,6 +29,13 @@ pub struct HubConfig {
     /// `CAEP_HUB_PUSH_ALLOW_CIDRS`: comma-separated private ranges that push
     /// endpoints may use despite the SSRF guard (empty by default).
     pub push_allow_cidrs: String,
+    /// `CAEP_HUB_PUSH_GIVE_UP_SECS`: age at which a push SET that keeps
+    /// failing is dead-lettered (default 24 h).
+    pub push_give_up_secs: u64,
+    /// `CAEP_HUB_LONG_POLL_SECS`: longest an RFC 8936 poll waits for SETs.
+    pub long_poll_secs: u64,
+    /// `CAEP_HUB_MIN_VERIFICATION_INTERVAL_SECS`: verification rate limit per stream.
+    pub min_verification_interval_secs: u64,
 }
 
 impl Default for HubConfig {
@@ -40,6 +47,9 @@ impl Default for HubConfig {
             admin_token: None,
             signing_alg: Algorithm::Es256,
             push_allow_cidrs: String::new(),
+            push_give_up_secs: 24 * 3600,
+            long_poll_secs: 30,
+            min_verification_interval_secs: 5,
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("database: {0}")]
+    Store(#[from] caep_transmitter::store::StoreError),
     #[error(transparent)]
-    Issuer(#[from] caep_transmitter::http::InvalidIssuer),
+    Transmitter(#[from] caep_transmitter::service::OpenError),
 }

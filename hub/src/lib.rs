@@ -6,4 +6,5 @@
 pub mod admin_token;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod server;

@@ -3,17 +3,29 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use caep_transmitter::http::{Transmitter, router as transmitter_router};
+use caep_transmitter::error::SsfError;
 use caep_transmitter::keys::KeyStore;
+use caep_transmitter::push::{NoObserver, PushPolicy};
+use caep_transmitter::service::{NoHook, Transmitter, TransmitterSettings};
+use caep_transmitter::store::Store;
+use caep_transmitter::{admin, http};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::admin_token::{AdminToken, NewToken};
 use crate::config::HubConfig;
 use crate::error::StartError;
+
+/// The redb file inside the data directory.
+pub const DATABASE_FILE: &str = "caep-hub.redb";
 
 /// A hub bound to its listen address, ready to serve.
 pub struct BoundHub {
@@ -25,15 +37,19 @@ pub struct BoundHub {
     pub local_addr: SocketAddr,
     /// The admin token minted on this start, to show the operator once.
     pub new_admin_token: Option<NewToken>,
+    /// The transmitter, for in-process callers (tests, tools).
+    pub transmitter: Arc<Transmitter>,
 }
 
-/// Opens the data directory, keys and admin token, and binds the listener.
-/// The issuer defaults to `http://` + the bound address, so port 0 works.
+/// Opens the data directory, keys, admin token and database, and binds the
+/// listener. The issuer defaults to `http://` + the bound address, so port 0
+/// works.
 pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
     create_private_dir(&config.data_dir)?;
     let keys = Arc::new(KeyStore::open(&config.data_dir, config.signing_alg)?);
     let (admin_token, new_admin_token) =
         AdminToken::load_or_create(&config.data_dir, config.admin_token.as_deref()).map_err(StartError::AdminToken)?;
+    let store = Store::open(&config.data_dir.join(DATABASE_FILE))?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -41,9 +57,20 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
         Some(_) => config.issuer(),
         None => format!("http://{local_addr}"),
     };
-    let transmitter = Arc::new(Transmitter::new(&issuer, keys)?);
-    let router = app(transmitter, admin_token);
-    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token })
+    let transmitter =
+        Transmitter::open(settings(config, &issuer)?, store, keys, Arc::new(NoObserver), Arc::new(NoHook))?;
+    let router = app(Arc::clone(&transmitter), admin_token);
+    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token, transmitter })
+}
+
+fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, StartError> {
+    let mut settings = TransmitterSettings::new(issuer);
+    settings.push_allow = config.push_allow_cidrs()?;
+    settings.push_policy =
+        PushPolicy { give_up_after: Duration::from_secs(config.push_give_up_secs), ..PushPolicy::default() };
+    settings.long_poll = Duration::from_secs(config.long_poll_secs);
+    settings.min_verification_interval = config.min_verification_interval_secs;
+    Ok(settings)
 }
 
 impl BoundHub {
@@ -56,10 +83,41 @@ impl BoundHub {
     }
 }
 
-fn app(transmitter: Arc<Transmitter>, _admin_token: AdminToken) -> Router {
+fn app(transmitter: Arc<Transmitter>, admin_token: AdminToken) -> Router {
+    let admin = admin::router(Arc::clone(&transmitter))
+        .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .merge(transmitter_router(transmitter))
+        .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
+        .merge(admin)
+        .merge(http::router(transmitter))
+}
+
+async fn require_admin(State(token): State<Arc<AdminToken>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match presented {
+        Some(presented) if token.accepts(presented) => next.run(request).await,
+        Some(_) => SsfError::Unauthorized { invalid_token: true }.into_response(),
+        None => SsfError::Unauthorized { invalid_token: false }.into_response(),
+    }
+}
+
+async fn render_metrics(State(transmitter): State<Arc<Transmitter>>) -> Response {
+    let Some(handle) = crate::metrics::handle() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable").into_response();
+    };
+    for record in transmitter.streams().all() {
+        let stream_id = record.config.stream_id.clone();
+        let depth = transmitter.outbox().depth(&stream_id).unwrap_or(0);
+        metrics::gauge!("caep_outbox_depth", "stream_id" => stream_id).set(depth as f64);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {

@@ -1,70 +1,55 @@
-//! The transmitter's HTTP surface: the metadata document and the JWKS.
-//! Routes are relative to the issuer's path, so the hub can nest them.
+//! The transmitter's HTTP surface (SSF 1.0 §7–8, RFC 8936): metadata, JWKS,
+//! stream management, status, subjects, verification and poll. Routes are
+//! relative to the issuer's path, so the hub can nest them.
+//!
+//! Every management call is authenticated by a receiver's bearer token and
+//! sees only that receiver's streams: another receiver's stream answers 404,
+//! exactly like a missing one.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use caep_schemas::event::StreamStatus;
+use caep_schemas::set::Audience;
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::keys::KeyStore;
-use crate::metadata::{TransmitterMetadata, paths, well_known_path};
+use crate::error::SsfError;
+use crate::metadata::{paths, well_known_path};
+use crate::outbox::now_ms;
+use crate::poll;
+use crate::receivers::{Receiver, SCOPE_MANAGE, SCOPE_READ};
+use crate::registry::StreamRecord;
+use crate::service::{EVENTS_SUPPORTED, Transmitter, store_error};
+use crate::streams::{self, Delivery, RequestKind, StatusBody, StreamConfig};
 
-/// What the transmitter's handlers share.
-pub struct Transmitter {
-    metadata: TransmitterMetadata,
-    issuer_path: String,
-    keys: Arc<KeyStore>,
-}
+/// Largest management or poll request body accepted.
+const MAX_BODY: usize = 64 * 1024;
 
-impl Transmitter {
-    /// A transmitter for `issuer` (an absolute URL) signing with `keys`.
-    pub fn new(issuer: &str, keys: Arc<KeyStore>) -> Result<Self, InvalidIssuer> {
-        let issuer_path = issuer_path(issuer)?;
-        Ok(Transmitter { metadata: TransmitterMetadata::for_issuer(issuer), issuer_path, keys })
-    }
-
-    /// The metadata this transmitter publishes.
-    pub fn metadata(&self) -> &TransmitterMetadata {
-        &self.metadata
-    }
-
-    /// The path part of the issuer URL ("" for a bare origin).
-    pub fn issuer_path(&self) -> &str {
-        &self.issuer_path
-    }
-
-    /// The signing keys.
-    pub fn keys(&self) -> &Arc<KeyStore> {
-        &self.keys
-    }
-}
-
-/// The issuer is not an absolute http(s) URL without query or fragment.
-#[derive(Debug, thiserror::Error)]
-#[error("issuer `{0}` must be an absolute http(s) URL without query or fragment")]
-pub struct InvalidIssuer(pub String);
-
-fn issuer_path(issuer: &str) -> Result<String, InvalidIssuer> {
-    let invalid = || InvalidIssuer(issuer.to_owned());
-    let rest = issuer.strip_prefix("https://").or_else(|| issuer.strip_prefix("http://")).ok_or_else(invalid)?;
-    if rest.contains(['?', '#']) {
-        return Err(invalid());
-    }
-    let path = rest.find('/').map(|at| &rest[at..]).unwrap_or("");
-    let authority = &rest[..rest.len() - path.len()];
-    if authority.is_empty() {
-        return Err(invalid());
-    }
-    Ok(path.trim_end_matches('/').to_owned())
-}
+type Shared = State<Arc<Transmitter>>;
 
 /// Routes at the server root: the well-known document (whose path carries the
 /// issuer's path after it) and everything under the issuer's path.
 pub fn router(transmitter: Arc<Transmitter>) -> Router {
-    let under_issuer = Router::new().route(paths::JWKS, get(jwks));
+    let management = Router::new()
+        .route(
+            paths::STREAMS,
+            get(read_streams).post(create_stream).patch(update_stream).put(replace_stream).delete(delete_stream),
+        )
+        .route(paths::STATUS, get(read_status).post(update_status))
+        .route(paths::ADD_SUBJECT, post(add_subject))
+        .route(paths::REMOVE_SUBJECT, post(remove_subject))
+        .route(paths::VERIFY, post(verify))
+        .route(paths::POLL, post(poll_stream))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(no_store));
+    let under_issuer = Router::new().route(paths::JWKS, get(jwks)).merge(management);
     let well_known = Router::new().route(&well_known_path(&transmitter.issuer_path), get(metadata));
     let under_issuer = if transmitter.issuer_path.is_empty() {
         under_issuer
@@ -74,28 +59,279 @@ pub fn router(transmitter: Arc<Transmitter>) -> Router {
     well_known.merge(under_issuer).with_state(transmitter)
 }
 
-async fn metadata(State(transmitter): State<Arc<Transmitter>>) -> impl IntoResponse {
-    Json(transmitter.metadata.clone())
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
-async fn jwks(State(transmitter): State<Arc<Transmitter>>) -> impl IntoResponse {
+async fn metadata(State(transmitter): Shared) -> impl IntoResponse {
+    Json(transmitter.metadata().clone())
+}
+
+async fn jwks(State(transmitter): Shared) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/jwk-set+json"), (header::CACHE_CONTROL, "max-age=60")],
-        transmitter.keys.jwks().to_json().to_string(),
+        transmitter.keys().jwks().to_json().to_string(),
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The receiver a request's bearer token belongs to.
+pub struct Authed(pub Receiver);
 
-    #[test]
-    fn issuer_paths() {
-        assert_eq!(issuer_path("http://127.0.0.1:8080").expect("valid"), "");
-        assert_eq!(issuer_path("https://hub.example.com/").expect("valid"), "");
-        assert_eq!(issuer_path("https://hub.example.com/t/a/").expect("valid"), "/t/a");
-        for bad in ["hub.example.com", "ftp://x", "https://", "https://h/?q", "https://h/#f"] {
-            assert!(issuer_path(bad).is_err(), "accepted {bad}");
+impl FromRequestParts<Arc<Transmitter>> for Authed {
+    type Rejection = SsfError;
+
+    async fn from_request_parts(parts: &mut Parts, transmitter: &Arc<Transmitter>) -> Result<Self, SsfError> {
+        let token = bearer_token(parts).ok_or(SsfError::Unauthorized { invalid_token: false })?;
+        match transmitter.receivers().authenticate(token).map_err(store_error)? {
+            Some(receiver) => Ok(Authed(receiver)),
+            None => Err(SsfError::Unauthorized { invalid_token: true }),
         }
     }
+}
+
+/// The token of an `Authorization: Bearer` header (scheme case-insensitive).
+pub fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn require_manage(receiver: &Receiver) -> Result<(), SsfError> {
+    if receiver.has_scope(SCOPE_MANAGE) { Ok(()) } else { Err(SsfError::Forbidden { scope: SCOPE_MANAGE }) }
+}
+
+fn require_read(receiver: &Receiver) -> Result<(), SsfError> {
+    if receiver.has_scope(SCOPE_READ) || receiver.has_scope(SCOPE_MANAGE) {
+        Ok(())
+    } else {
+        Err(SsfError::Forbidden { scope: SCOPE_READ })
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamIdQuery {
+    stream_id: Option<String>,
+}
+
+fn stream_id_query(uri: &Uri) -> Result<Option<String>, SsfError> {
+    axum::extract::Query::<StreamIdQuery>::try_from_uri(uri)
+        .map(|query| query.0.stream_id)
+        .map_err(|_| SsfError::BadRequest("malformed query string".into()))
+}
+
+fn owned_stream(
+    transmitter: &Transmitter,
+    receiver: &Receiver,
+    stream_id: &str,
+) -> Result<Arc<StreamRecord>, SsfError> {
+    transmitter.streams().owned(&receiver.receiver_id, stream_id).ok_or(SsfError::NotFound)
+}
+
+/// The stream configuration as returned to its owner, with the hub's
+/// `default_subjects` extension when the stream takes every subject.
+fn config_json(record: &StreamRecord) -> Value {
+    let mut value = serde_json::to_value(&record.config).unwrap_or_default();
+    if record.all_subjects
+        && let Value::Object(members) = &mut value
+    {
+        members.insert("default_subjects".into(), Value::String("ALL".into()));
+    }
+    value
+}
+
+/// The hub's extension member `default_subjects` of a create request.
+fn asks_for_all_subjects(body: &[u8]) -> Result<bool, SsfError> {
+    let value: Value = serde_json::from_slice(body).unwrap_or_default();
+    match value.get("default_subjects") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(s)) if s == "ALL" => Ok(true),
+        Some(Value::String(s)) if s == "NONE" => Ok(false),
+        Some(_) => Err(SsfError::BadRequest("`default_subjects` must be \"ALL\" or \"NONE\"".into())),
+    }
+}
+
+async fn check_push_endpoint(transmitter: &Transmitter, config: &StreamConfig) -> Result<(), SsfError> {
+    if let Delivery::Push { endpoint_url, .. } = &config.delivery {
+        transmitter.guard.check_url(endpoint_url).await.map_err(|refused| SsfError::BadRequest(refused.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn create_stream(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+) -> Result<Response, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_request(&body, RequestKind::Create)?;
+    let all_subjects = asks_for_all_subjects(&body)?;
+    if transmitter.streams().owned_by(&receiver.receiver_id).len() >= transmitter.settings.max_streams_per_receiver {
+        let limit = transmitter.settings.max_streams_per_receiver;
+        return Err(SsfError::Conflict(format!("this receiver already has the most streams allowed ({limit})")));
+    }
+    let config = streams::new_stream(
+        streams::new_stream_id(),
+        transmitter.issuer(),
+        Audience::One(receiver.audience.clone()),
+        request,
+        EVENTS_SUPPORTED,
+        |id| transmitter.poll_url(id),
+        transmitter.settings.min_verification_interval,
+    );
+    check_push_endpoint(&transmitter, &config).await?;
+    let record = StreamRecord {
+        config,
+        receiver_id: receiver.receiver_id.clone(),
+        status: StreamStatus::Enabled,
+        reason: None,
+        all_subjects,
+        last_verification_ms: None,
+        created_at_ms: now_ms(),
+    };
+    let record = transmitter.streams().put(record).await.map_err(store_error)?;
+    transmitter.route(&record);
+    tracing::info!(stream_id = %record.config.stream_id, receiver_id = %receiver.receiver_id,
+        method = record.config.delivery.method(), "stream created");
+    Ok((StatusCode::CREATED, Json(config_json(&record))).into_response())
+}
+
+async fn read_streams(State(transmitter): Shared, Authed(receiver): Authed, uri: Uri) -> Result<Json<Value>, SsfError> {
+    require_read(&receiver)?;
+    match stream_id_query(&uri)? {
+        Some(stream_id) => {
+            let record = owned_stream(&transmitter, &receiver, &stream_id)?;
+            Ok(Json(config_json(&record)))
+        }
+        None => {
+            let all = transmitter.streams().owned_by(&receiver.receiver_id);
+            Ok(Json(Value::Array(all.iter().map(|record| config_json(record)).collect())))
+        }
+    }
+}
+
+async fn update_stream(state: Shared, authed: Authed, body: Bytes) -> Result<Json<Value>, SsfError> {
+    change_stream(state, authed, body, RequestKind::Update).await
+}
+
+async fn replace_stream(state: Shared, authed: Authed, body: Bytes) -> Result<Json<Value>, SsfError> {
+    change_stream(state, authed, body, RequestKind::Replace).await
+}
+
+async fn change_stream(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+    kind: RequestKind,
+) -> Result<Json<Value>, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_request(&body, kind)?;
+    let stream_id = request.stream_id.clone().ok_or_else(|| SsfError::BadRequest("`stream_id` is required".into()))?;
+    let existing = owned_stream(&transmitter, &receiver, &stream_id)?;
+    let poll_url = |id: &str| transmitter.poll_url(id);
+    let config = match kind {
+        RequestKind::Replace => streams::apply_replace(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
+        _ => streams::apply_update(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
+    };
+    check_push_endpoint(&transmitter, &config).await?;
+    let mut record = (*existing).clone();
+    record.config = config;
+    let record = transmitter.streams().put(record).await.map_err(store_error)?;
+    transmitter.route(&record);
+    Ok(Json(config_json(&record)))
+}
+
+async fn delete_stream(State(transmitter): Shared, Authed(receiver): Authed, uri: Uri) -> Result<StatusCode, SsfError> {
+    require_manage(&receiver)?;
+    // A DELETE without stream_id must never mean "all streams".
+    let stream_id = stream_id_query(&uri)?.ok_or_else(|| SsfError::BadRequest("`stream_id` is required".into()))?;
+    owned_stream(&transmitter, &receiver, &stream_id)?;
+    transmitter.delete_stream(&stream_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn status_body(record: &StreamRecord) -> StatusBody {
+    StatusBody { stream_id: record.config.stream_id.clone(), status: record.status, reason: record.reason.clone() }
+}
+
+async fn read_status(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    uri: Uri,
+) -> Result<Json<StatusBody>, SsfError> {
+    require_read(&receiver)?;
+    let stream_id = stream_id_query(&uri)?.ok_or_else(|| SsfError::BadRequest("`stream_id` is required".into()))?;
+    let record = owned_stream(&transmitter, &receiver, &stream_id)?;
+    Ok(Json(status_body(&record)))
+}
+
+async fn update_status(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+) -> Result<Json<StatusBody>, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_status_update(&body)?;
+    let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    let updated = transmitter.set_status(&record, request.status, request.reason).await?;
+    Ok(Json(status_body(&updated)))
+}
+
+async fn add_subject(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+) -> Result<StatusCode, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_subject_request(&body)?;
+    let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    transmitter.streams().add_subject(&request.stream_id, request.subject.clone()).await.map_err(store_error)?;
+    transmitter.subject_hook().subject_added(&record, &request.subject).await;
+    Ok(StatusCode::OK)
+}
+
+async fn remove_subject(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+) -> Result<StatusCode, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_subject_request(&body)?;
+    owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    transmitter.streams().remove_subject(&request.stream_id, &request.subject).await.map_err(store_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn verify(State(transmitter): Shared, Authed(receiver): Authed, body: Bytes) -> Result<StatusCode, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_verification_request(&body)?;
+    let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    transmitter.verify_stream(&record, request.state).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn poll_stream(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    Path(stream_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<poll::PollResponse>, SsfError> {
+    require_read(&receiver)?;
+    let record = owned_stream(&transmitter, &receiver, &stream_id)?;
+    if !matches!(record.config.delivery, Delivery::Poll { .. }) {
+        return Err(SsfError::NotFound);
+    }
+    let request = poll::parse_request(&body).map_err(SsfError::BadRequest)?;
+    let response = poll::poll(
+        transmitter.outbox(),
+        transmitter.observer(),
+        &stream_id,
+        record.status,
+        request,
+        transmitter.settings.long_poll,
+    )
+    .await
+    .map_err(store_error)?;
+    Ok(Json(response))
 }

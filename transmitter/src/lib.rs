@@ -1,8 +1,19 @@
 #![forbid(unsafe_code)]
 //! The SSF 1.0 transmitter: signing keys and their JWKS, the transmitter
-//! metadata document, and (with the transmitter issue) streams, the durable
-//! outbox and push/poll delivery.
+//! metadata document, receivers and their tokens, stream management, the
+//! durable outbox, and push (RFC 8935) and poll (RFC 8936) delivery.
 
+pub mod admin;
+pub mod error;
 pub mod http;
 pub mod keys;
 pub mod metadata;
+pub mod outbox;
+pub mod poll;
+pub mod push;
+pub mod receivers;
+pub mod registry;
+pub mod service;
+pub mod ssrf;
+pub mod store;
+pub mod streams;

@@ -1,0 +1,176 @@
+//! Operator endpoints of the transmitter: receivers and their tokens, the
+//! operator's view of streams, transmitter-initiated status changes, and the
+//! dead letters. The hub mounts this router behind its admin token.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use caep_schemas::event::StreamStatus;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::SsfError;
+use crate::receivers::ReceiverError;
+use crate::registry::StreamRecord;
+use crate::service::{Transmitter, store_error};
+
+type Shared = State<Arc<Transmitter>>;
+
+/// `/admin/...` routes; the caller adds authentication.
+pub fn router(transmitter: Arc<Transmitter>) -> Router {
+    Router::new()
+        .route("/admin/receivers", get(list_receivers).post(create_receiver))
+        .route("/admin/receivers/{receiver_id}", delete(delete_receiver))
+        .route("/admin/streams", get(list_streams))
+        .route("/admin/streams/{stream_id}/status", post(change_status))
+        .route("/admin/dead-letters", get(list_dead_letters))
+        .route("/admin/dead-letters/replay", post(replay_dead_letters))
+        .with_state(transmitter)
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, SsfError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value @ Value::Object(_)) => serde_json::from_value(value).map_err(|e| SsfError::BadRequest(e.to_string())),
+        Ok(_) => Err(SsfError::BadRequest("the body must be a JSON object".into())),
+        Err(error) => Err(SsfError::BadRequest(format!("malformed JSON: {error}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct NewReceiver {
+    name: String,
+    audience: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Response, SsfError> {
+    let request: NewReceiver = parse(&body)?;
+    let created = transmitter.receivers().create(&request.name, &request.audience, request.scopes).await;
+    let (receiver, token) = created.map_err(|error| match error {
+        ReceiverError::Invalid(reason) => SsfError::BadRequest(reason),
+        ReceiverError::DuplicateAudience(_) => SsfError::Conflict(error.to_string()),
+        ReceiverError::Store(error) => store_error(error),
+    })?;
+    let body = json!({
+        "receiver_id": receiver.receiver_id,
+        "token": token,
+        "audience": receiver.audience,
+        "name": receiver.name,
+        "scopes": receiver.scopes,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_receivers(State(transmitter): Shared) -> Result<Json<Value>, SsfError> {
+    let receivers = transmitter.receivers().list().map_err(store_error)?;
+    let listed = receivers
+        .into_iter()
+        .map(|receiver| {
+            let streams: Vec<String> = transmitter
+                .streams()
+                .owned_by(&receiver.receiver_id)
+                .iter()
+                .map(|record| record.config.stream_id.clone())
+                .collect();
+            json!({
+                "receiver_id": receiver.receiver_id,
+                "name": receiver.name,
+                "audience": receiver.audience,
+                "scopes": receiver.scopes,
+                "created_at_ms": receiver.created_at_ms,
+                "streams": streams,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(listed)))
+}
+
+async fn delete_receiver(State(transmitter): Shared, Path(receiver_id): Path<String>) -> Result<StatusCode, SsfError> {
+    if transmitter.delete_receiver(&receiver_id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(SsfError::NotFound) }
+}
+
+fn operator_view(transmitter: &Transmitter, record: &StreamRecord) -> Value {
+    json!({
+        "stream_id": record.config.stream_id,
+        "receiver_id": record.receiver_id,
+        "aud": serde_json::to_value(&record.config).ok().and_then(|c| c.get("aud").cloned()),
+        "method": record.config.delivery.method(),
+        "endpoint_url": record.config.delivery.endpoint_url(),
+        "status": record.status,
+        "reason": record.reason,
+        "events_delivered": record.config.events_delivered,
+        "all_subjects": record.all_subjects,
+        "subjects": transmitter.streams().subjects(&record.config.stream_id).len(),
+        "queued": transmitter.outbox().depth(&record.config.stream_id).unwrap_or(0),
+    })
+}
+
+async fn list_streams(State(transmitter): Shared) -> Json<Value> {
+    let all = transmitter.streams().all();
+    Json(Value::Array(all.iter().map(|record| operator_view(&transmitter, record)).collect()))
+}
+
+#[derive(Deserialize)]
+struct StatusChange {
+    status: StreamStatus,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn change_status(
+    State(transmitter): Shared,
+    Path(stream_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, SsfError> {
+    let change: StatusChange = parse(&body)?;
+    let record = transmitter.change_status_by_transmitter(&stream_id, change.status, change.reason).await?;
+    Ok(Json(operator_view(&transmitter, &record)))
+}
+
+#[derive(Deserialize)]
+struct DeadLetterQuery {
+    stream_id: Option<String>,
+}
+
+async fn list_dead_letters(State(transmitter): Shared, uri: Uri) -> Result<Json<Value>, SsfError> {
+    let query = axum::extract::Query::<DeadLetterQuery>::try_from_uri(&uri)
+        .map_err(|_| SsfError::BadRequest("malformed query string".into()))?;
+    let letters = transmitter.outbox().dead_letters(query.0.stream_id.as_deref()).map_err(store_error)?;
+    let listed = letters
+        .into_iter()
+        .map(|letter| {
+            json!({
+                "stream_id": letter.stream_id,
+                "jti": letter.set.jti,
+                "txn": letter.set.txn,
+                "err": letter.err,
+                "description": letter.description,
+                "enqueued_at_ms": letter.set.enqueued_at_ms,
+                "failed_at_ms": letter.failed_at_ms,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(listed)))
+}
+
+#[derive(Deserialize)]
+struct Replay {
+    stream_id: String,
+    #[serde(default)]
+    jtis: Vec<String>,
+}
+
+async fn replay_dead_letters(State(transmitter): Shared, body: Bytes) -> Result<Json<Value>, SsfError> {
+    let replay: Replay = parse(&body)?;
+    if transmitter.streams().get(&replay.stream_id).is_none() {
+        return Err(SsfError::NotFound);
+    }
+    let replayed = transmitter.outbox().replay(&replay.stream_id, replay.jtis).await.map_err(store_error)?;
+    Ok(Json(json!({ "replayed": replayed })))
+}

@@ -1,0 +1,339 @@
+//! RFC 8935 push delivery: one worker per push stream drains that stream's
+//! outbox queue, with a bounded number of SETs in flight, so a slow or dead
+//! receiver only ever delays itself.
+//!
+//! Outcomes: 2xx (202 is the norm) is delivered; 400 with an RFC 8935 `err`
+//! (and 413) is permanent and dead-lettered with that `err`; anything else
+//! (5xx, 429, other 4xx, timeouts, connection errors) is retried with
+//! exponential backoff and jitter, resending the same SET (same `jti`),
+//! until the SET is older than the give-up age, when it is dead-lettered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backoff::ExponentialBackoffBuilder;
+use backoff::backoff::Backoff;
+use caep_schemas::event::StreamStatus;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::outbox::{Failure, FailureTarget, Outbox, Pending, QueuedSet, now_ms};
+use crate::ssrf::PushUrlGuard;
+
+/// How many queued SETs a worker reads at once.
+const READ_BATCH: usize = 256;
+
+/// Retry and concurrency settings for push delivery.
+#[derive(Clone, Debug)]
+pub struct PushPolicy {
+    /// First retry delay (before jitter).
+    pub initial_retry: Duration,
+    /// Longest delay between two attempts; also caps `Retry-After`.
+    pub max_retry_interval: Duration,
+    /// A SET older than this is dead-lettered instead of retried.
+    pub give_up_after: Duration,
+    /// SETs in flight per stream.
+    pub max_in_flight_per_stream: usize,
+}
+
+impl Default for PushPolicy {
+    fn default() -> Self {
+        PushPolicy {
+            initial_retry: Duration::from_millis(50),
+            max_retry_interval: Duration::from_secs(180),
+            give_up_after: Duration::from_secs(24 * 3600),
+            max_in_flight_per_stream: 32,
+        }
+    }
+}
+
+/// Where and how a stream's SETs are pushed, and whether they may be.
+#[derive(Clone)]
+pub struct PushRoute {
+    pub endpoint_url: String,
+    /// Sent verbatim as `Authorization` on every request. A secret.
+    pub authorization_header: Option<String>,
+    pub status: StreamStatus,
+}
+
+impl std::fmt::Debug for PushRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushRoute")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("authorization_header", &self.authorization_header.as_ref().map(|_| "<redacted>"))
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// Told when a SET reaches its receiver or is given up on; the hub uses it
+/// to measure each leaf's latency.
+pub trait DeliveryObserver: Send + Sync {
+    /// The receiver acknowledged the SET (push 202 or poll ack) at `acked_at_ms`.
+    fn delivered(&self, stream_id: &str, set: &QueuedSet, acked_at_ms: u64);
+    /// The SET was dead-lettered with `err`.
+    fn failed(&self, stream_id: &str, set: &QueuedSet, err: &str);
+}
+
+/// An observer that records nothing.
+pub struct NoObserver;
+
+impl DeliveryObserver for NoObserver {
+    fn delivered(&self, _: &str, _: &QueuedSet, _: u64) {}
+    fn failed(&self, _: &str, _: &QueuedSet, _: &str) {}
+}
+
+/// The result of one POST.
+#[derive(Debug, PartialEq)]
+enum Attempt {
+    Delivered,
+    Permanent { err: String, description: String },
+    Retry { reason: String, retry_after: Option<Duration> },
+}
+
+/// A running stream worker and the handle that updates its route.
+type Worker = (watch::Sender<PushRoute>, JoinHandle<()>);
+
+/// Runs the push workers.
+pub struct Pusher {
+    client: reqwest::Client,
+    guard: PushUrlGuard,
+    outbox: Arc<Outbox>,
+    observer: Arc<dyn DeliveryObserver>,
+    policy: PushPolicy,
+    workers: Mutex<HashMap<String, Worker>>,
+}
+
+impl Pusher {
+    /// A pusher whose HTTP client resolves names through the SSRF guard.
+    pub fn new(
+        guard: PushUrlGuard,
+        outbox: Arc<Outbox>,
+        observer: Arc<dyn DeliveryObserver>,
+        policy: PushPolicy,
+    ) -> Result<Arc<Self>, reqwest::Error> {
+        let client = guard.client_builder().build()?;
+        Ok(Arc::new(Pusher { client, guard, outbox, observer, policy, workers: Mutex::new(HashMap::new()) }))
+    }
+
+    /// Starts delivering a stream, or updates a running worker's route.
+    pub fn route(self: &Arc<Self>, stream_id: &str, route: PushRoute) {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((sender, handle)) = workers.get(stream_id)
+            && !handle.is_finished()
+        {
+            sender.send_replace(route);
+            self.outbox.wake(stream_id);
+            return;
+        }
+        let (sender, receiver) = watch::channel(route);
+        let worker = StreamWorker { pusher: Arc::clone(self), stream_id: stream_id.to_owned(), route: receiver };
+        let handle = tokio::spawn(worker.run());
+        workers.insert(stream_id.to_owned(), (sender, handle));
+    }
+
+    /// Stops a stream's worker (stream deleted, or no longer push).
+    pub fn stop(&self, stream_id: &str) {
+        let removed = self.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
+        if let Some((_, handle)) = removed {
+            handle.abort();
+        }
+    }
+
+    async fn send_once(&self, route: &PushRoute, token: &str) -> Attempt {
+        let url = match reqwest::Url::parse(&route.endpoint_url) {
+            Ok(url) => url,
+            Err(error) => return Attempt::Retry { reason: format!("endpoint URL: {error}"), retry_after: None },
+        };
+        if let Err(refused) = self.guard.check_request_url(&url) {
+            return Attempt::Retry { reason: refused.to_string(), retry_after: None };
+        }
+        let mut request = self
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, "application/secevent+jwt")
+            .header(ACCEPT, "application/json")
+            .body(token.to_owned());
+        if let Some(authorization) = &route.authorization_header {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        match request.send().await {
+            Ok(response) => classify(response).await,
+            Err(error) => Attempt::Retry { reason: transport_reason(&error), retry_after: None },
+        }
+    }
+}
+
+async fn classify(response: reqwest::Response) -> Attempt {
+    let status = response.status();
+    if status.is_success() {
+        return Attempt::Delivered;
+    }
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    if status.as_u16() == 400 || status.as_u16() == 413 {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let err = body.get("err").and_then(|v| v.as_str()).unwrap_or("invalid_request").to_owned();
+        let description = body.get("description").and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        return Attempt::Permanent { err, description: format!("HTTP {status}: {description}") };
+    }
+    Attempt::Retry { reason: format!("HTTP {status}"), retry_after }
+}
+
+fn transport_reason(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        "timeout".into()
+    } else if error.is_connect() {
+        "connection failed".into()
+    } else {
+        "transport error".into()
+    }
+}
+
+/// One stream's delivery loop.
+struct StreamWorker {
+    pusher: Arc<Pusher>,
+    stream_id: String,
+    route: watch::Receiver<PushRoute>,
+}
+
+impl StreamWorker {
+    async fn run(mut self) {
+        let in_flight = Arc::new(Semaphore::new(self.pusher.policy.max_in_flight_per_stream.max(1)));
+        let waker = self.pusher.outbox.waker(&self.stream_id);
+        // Highest sequence handed to a delivery task; rows stay in the outbox
+        // until delivered, so a restart starts from zero and resends them.
+        let mut cursor = 0;
+        loop {
+            if self.route.borrow().status != StreamStatus::Enabled {
+                if self.route.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let batch = match self.pusher.outbox.pending(&self.stream_id, cursor, READ_BATCH) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::error!(stream_id = %self.stream_id, %error, "cannot read the outbox");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    () = waker.notified() => {}
+                    changed = self.route.changed() => if changed.is_err() { return },
+                }
+                continue;
+            }
+            for pending in batch {
+                cursor = pending.seq;
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
+                let delivery = Delivery {
+                    pusher: Arc::clone(&self.pusher),
+                    stream_id: self.stream_id.clone(),
+                    route: self.route.clone(),
+                    pending,
+                };
+                tokio::spawn(async move {
+                    delivery.run().await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+/// One SET's attempts, until delivered or given up.
+struct Delivery {
+    pusher: Arc<Pusher>,
+    stream_id: String,
+    route: watch::Receiver<PushRoute>,
+    pending: Pending,
+}
+
+impl Delivery {
+    async fn run(mut self) {
+        let policy = &self.pusher.policy;
+        let mut backoff = ExponentialBackoffBuilder::new()
+            .with_initial_interval(policy.initial_retry)
+            .with_randomization_factor(0.5)
+            .with_multiplier(2.0)
+            .with_max_interval(policy.max_retry_interval)
+            .with_max_elapsed_time(None)
+            .build();
+        let mut attempts = 0u32;
+        loop {
+            // Paused: hold the SET until resumed. Disabled or gone: stop; the
+            // stream's queue is purged by whoever disabled it.
+            let route = loop {
+                let route = self.route.borrow().clone();
+                match route.status {
+                    StreamStatus::Enabled => break route,
+                    StreamStatus::Disabled => return,
+                    StreamStatus::Paused => {
+                        if self.route.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            attempts += 1;
+            let outcome = self.pusher.send_once(&route, &self.pending.set.token).await;
+            metrics::counter!("caep_push_attempts_total", "outcome" => attempt_label(&outcome)).increment(1);
+            match outcome {
+                Attempt::Delivered => return self.delivered().await,
+                Attempt::Permanent { err, description } => return self.give_up(err, description).await,
+                Attempt::Retry { reason, retry_after } => {
+                    let age = Duration::from_millis(now_ms().saturating_sub(self.pending.set.enqueued_at_ms));
+                    if age >= policy.give_up_after {
+                        let description = format!("gave up after {attempts} attempts; last: {reason}");
+                        return self.give_up("delivery_timeout".into(), description).await;
+                    }
+                    let delay = backoff.next_backoff().unwrap_or(policy.max_retry_interval);
+                    let delay = retry_after.map_or(delay, |asked| asked.min(policy.max_retry_interval).max(delay));
+                    tracing::debug!(stream_id = %self.stream_id, jti = %self.pending.set.jti, attempts, %reason,
+                        delay_ms = delay.as_millis() as u64, "push failed; will retry");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn delivered(self) {
+        let acked_at = now_ms();
+        let outbox = &self.pusher.outbox;
+        if let Err(error) = outbox.remove_delivered(&self.stream_id, vec![self.pending.seq]).await {
+            tracing::error!(stream_id = %self.stream_id, %error, "cannot record a delivery");
+        }
+        metrics::counter!("caep_deliveries_total", "method" => "push", "outcome" => "delivered").increment(1);
+        let latency = acked_at.saturating_sub(self.pending.set.enqueued_at_ms);
+        metrics::histogram!("caep_delivery_latency_seconds", "method" => "push").record(latency as f64 / 1000.0);
+        self.pusher.observer.delivered(&self.stream_id, &self.pending.set, acked_at);
+    }
+
+    async fn give_up(self, err: String, description: String) {
+        tracing::warn!(stream_id = %self.stream_id, jti = %self.pending.set.jti, %err, %description,
+            "push delivery failed permanently; dead-lettered");
+        let failure = Failure { target: FailureTarget::Seq(self.pending.seq), err: err.clone(), description };
+        if let Err(error) = self.pusher.outbox.dead_letter(&self.stream_id, vec![failure]).await {
+            tracing::error!(stream_id = %self.stream_id, %error, "cannot dead-letter a SET");
+        }
+        metrics::counter!("caep_deliveries_total", "method" => "push", "outcome" => "failed").increment(1);
+        self.pusher.observer.failed(&self.stream_id, &self.pending.set, &err);
+    }
+}
+
+fn attempt_label(attempt: &Attempt) -> &'static str {
+    match attempt {
+        Attempt::Delivered => "delivered",
+        Attempt::Permanent { .. } => "rejected",
+        Attempt::Retry { .. } => "retry",
+    }
+}

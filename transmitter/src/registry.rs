@@ -1,0 +1,216 @@
+//! Streams as stored: configuration, owner, status and subjects, in redb,
+//! with every stream cached in memory so routing a SET never reads disk.
+//!
+//! Invariant: the cache changes only after the write that it mirrors has
+//! committed, so nothing is routed by a change that could still be lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use caep_schemas::event::StreamStatus;
+use caep_schemas::subject::SubjectId;
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Commit, Store, StoreError, decode, encode};
+use crate::streams::StreamConfig;
+
+const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+const STREAM_SUBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("stream_subjects");
+
+/// A stream as the transmitter keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StreamRecord {
+    pub config: StreamConfig,
+    /// The receiver that owns the stream; no other may see or change it.
+    pub receiver_id: String,
+    pub status: StreamStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The stream asked for every subject (`default_subjects: ALL`).
+    #[serde(default)]
+    pub all_subjects: bool,
+    /// When the last verification was requested, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verification_ms: Option<u64>,
+    pub created_at_ms: u64,
+}
+
+impl StreamRecord {
+    /// Whether the stream delivers `event_type` at all.
+    pub fn delivers(&self, event_type: &str) -> bool {
+        self.status != StreamStatus::Disabled && self.config.events_delivered.iter().any(|e| e == event_type)
+    }
+}
+
+/// The registry of streams.
+pub struct StreamRegistry {
+    store: Store,
+    cache: RwLock<HashMap<String, Arc<StreamRecord>>>,
+    subjects: RwLock<HashMap<String, Vec<SubjectId>>>,
+}
+
+fn storage<E: std::fmt::Display>(error: E) -> StoreError {
+    StoreError::storage(error)
+}
+
+/// The key a subject is stored under: its JSON, which is canonical because
+/// `SubjectId` always serializes its members in one order.
+fn subject_key(subject: &SubjectId) -> String {
+    subject.to_value().to_string()
+}
+
+impl StreamRegistry {
+    /// Loads every stream and subject from `store`.
+    pub fn load(store: Store) -> Result<Self, StoreError> {
+        let (cache, subjects) = store.read(|txn| {
+            let mut cache = HashMap::new();
+            let mut subjects: HashMap<String, Vec<SubjectId>> = HashMap::new();
+            match txn.open_table(STREAMS) {
+                Ok(table) => {
+                    for row in table.iter().map_err(storage)? {
+                        let (key, value) = row.map_err(storage)?;
+                        cache.insert(key.value().to_owned(), Arc::new(decode::<StreamRecord>(value.value())?));
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(error) => return Err(storage(error)),
+            }
+            match txn.open_table(STREAM_SUBJECTS) {
+                Ok(table) => {
+                    for row in table.iter().map_err(storage)? {
+                        let (key, value) = row.map_err(storage)?;
+                        let subject: SubjectId = decode(value.value())?;
+                        subjects.entry(key.value().0.to_owned()).or_default().push(subject);
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(error) => return Err(storage(error)),
+            }
+            Ok((cache, subjects))
+        })?;
+        Ok(StreamRegistry { store, cache: RwLock::new(cache), subjects: RwLock::new(subjects) })
+    }
+
+    /// A stream by id, whoever owns it.
+    pub fn get(&self, stream_id: &str) -> Option<Arc<StreamRecord>> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(stream_id).cloned()
+    }
+
+    /// A stream by id if `receiver_id` owns it; another's stream is `None`,
+    /// exactly like a missing one.
+    pub fn owned(&self, receiver_id: &str, stream_id: &str) -> Option<Arc<StreamRecord>> {
+        self.get(stream_id).filter(|record| record.receiver_id == receiver_id)
+    }
+
+    /// A receiver's streams, oldest first.
+    pub fn owned_by(&self, receiver_id: &str) -> Vec<Arc<StreamRecord>> {
+        let mut streams: Vec<_> = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|record| record.receiver_id == receiver_id)
+            .cloned()
+            .collect();
+        streams.sort_by(|a, b| (a.created_at_ms, &a.config.stream_id).cmp(&(b.created_at_ms, &b.config.stream_id)));
+        streams
+    }
+
+    /// Every stream.
+    pub fn all(&self) -> Vec<Arc<StreamRecord>> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Stores a new or changed stream.
+    pub async fn put(&self, record: StreamRecord) -> Result<Arc<StreamRecord>, StoreError> {
+        let stored = record.clone();
+        self.store
+            .write(Commit::Durable, move |txn| {
+                let bytes = encode(&stored)?;
+                let mut table = txn.open_table(STREAMS).map_err(storage)?;
+                table.insert(stored.config.stream_id.as_str(), bytes.as_slice()).map_err(storage)?;
+                Ok(())
+            })
+            .await?;
+        let record = Arc::new(record);
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        cache.insert(record.config.stream_id.clone(), Arc::clone(&record));
+        Ok(record)
+    }
+
+    /// Deletes a stream and its subjects.
+    pub async fn delete(&self, stream_id: &str) -> Result<(), StoreError> {
+        let owned = stream_id.to_owned();
+        self.store
+            .write(Commit::Durable, move |txn| {
+                txn.open_table(STREAMS).map_err(storage)?.remove(owned.as_str()).map_err(storage)?;
+                let mut subjects = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
+                subjects
+                    .retain_in((owned.as_str(), "")..(owned.as_str(), "\u{10FFFF}"), |_, _| false)
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await?;
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
+        self.subjects.write().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
+        Ok(())
+    }
+
+    /// Adds a subject to a stream (idempotent).
+    pub async fn add_subject(&self, stream_id: &str, subject: SubjectId) -> Result<(), StoreError> {
+        let (owned, key, stored) = (stream_id.to_owned(), subject_key(&subject), subject.clone());
+        self.store
+            .write(Commit::Durable, move |txn| {
+                let bytes = encode(&stored)?;
+                let mut table = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
+                table.insert((owned.as_str(), key.as_str()), bytes.as_slice()).map_err(storage)?;
+                Ok(())
+            })
+            .await?;
+        let mut subjects = self.subjects.write().unwrap_or_else(|p| p.into_inner());
+        let list = subjects.entry(stream_id.to_owned()).or_default();
+        if !list.contains(&subject) {
+            list.push(subject);
+        }
+        Ok(())
+    }
+
+    /// Removes a subject from a stream (idempotent).
+    pub async fn remove_subject(&self, stream_id: &str, subject: &SubjectId) -> Result<(), StoreError> {
+        let (owned, key) = (stream_id.to_owned(), subject_key(subject));
+        self.store
+            .write(Commit::Durable, move |txn| {
+                let mut table = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
+                table.remove((owned.as_str(), key.as_str())).map_err(storage)?;
+                Ok(())
+            })
+            .await?;
+        if let Some(list) = self.subjects.write().unwrap_or_else(|p| p.into_inner()).get_mut(stream_id) {
+            list.retain(|s| s != subject);
+        }
+        Ok(())
+    }
+
+    /// The subjects added to a stream.
+    pub fn subjects(&self, stream_id: &str) -> Vec<SubjectId> {
+        self.subjects.read().unwrap_or_else(|p| p.into_inner()).get(stream_id).cloned().unwrap_or_default()
+    }
+
+    /// Streams that should get an event of `event_type` about `subject`:
+    /// not disabled, delivering that type, and either taking every subject
+    /// or holding a subject that matches (SSF complex matching).
+    pub fn interested(&self, subject: &SubjectId, event_type: &str) -> Vec<Arc<StreamRecord>> {
+        let subjects = self.subjects.read().unwrap_or_else(|p| p.into_inner());
+        self.all()
+            .into_iter()
+            .filter(|record| record.delivers(event_type))
+            .filter(|record| {
+                record.all_subjects
+                    || subjects
+                        .get(&record.config.stream_id)
+                        .is_some_and(|list| list.iter().any(|added| added.matches(subject)))
+            })
+            .collect()
+    }
+}
