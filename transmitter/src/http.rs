@@ -15,19 +15,16 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
-use caep_schemas::event::StreamStatus;
-use caep_schemas::set::Audience;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::SsfError;
 use crate::metadata::{paths, well_known_path};
-use crate::outbox::now_ms;
 use crate::poll;
 use crate::receivers::{Receiver, SCOPE_MANAGE, SCOPE_READ};
 use crate::registry::StreamRecord;
 use crate::service::{EVENTS_SUPPORTED, Transmitter, store_error};
-use crate::streams::{self, Delivery, RequestKind, StatusBody, StreamConfig};
+use crate::streams::{self, Delivery, RequestKind, StatusBody};
 
 /// Largest management or poll request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -141,59 +138,13 @@ fn config_json(record: &StreamRecord) -> Value {
     value
 }
 
-/// The hub's extension member `default_subjects` of a create request.
-fn asks_for_all_subjects(body: &[u8]) -> Result<bool, SsfError> {
-    let value: Value = serde_json::from_slice(body).unwrap_or_default();
-    match value.get("default_subjects") {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::String(s)) if s == "ALL" => Ok(true),
-        Some(Value::String(s)) if s == "NONE" => Ok(false),
-        Some(_) => Err(SsfError::BadRequest("`default_subjects` must be \"ALL\" or \"NONE\"".into())),
-    }
-}
-
-async fn check_push_endpoint(transmitter: &Transmitter, config: &StreamConfig) -> Result<(), SsfError> {
-    if let Delivery::Push { endpoint_url, .. } = &config.delivery {
-        transmitter.guard.check_url(endpoint_url).await.map_err(|refused| SsfError::BadRequest(refused.to_string()))?;
-    }
-    Ok(())
-}
-
 async fn create_stream(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     body: Bytes,
 ) -> Result<Response, SsfError> {
     require_manage(&receiver)?;
-    let request = streams::parse_request(&body, RequestKind::Create)?;
-    let all_subjects = asks_for_all_subjects(&body)?;
-    if transmitter.streams().owned_by(&receiver.receiver_id).len() >= transmitter.settings.max_streams_per_receiver {
-        let limit = transmitter.settings.max_streams_per_receiver;
-        return Err(SsfError::Conflict(format!("this receiver already has the most streams allowed ({limit})")));
-    }
-    let config = streams::new_stream(
-        streams::new_stream_id(),
-        transmitter.issuer(),
-        Audience::One(receiver.audience.clone()),
-        request,
-        EVENTS_SUPPORTED,
-        |id| transmitter.poll_url(id),
-        transmitter.settings.min_verification_interval,
-    );
-    check_push_endpoint(&transmitter, &config).await?;
-    let record = StreamRecord {
-        config,
-        receiver_id: receiver.receiver_id.clone(),
-        status: StreamStatus::Enabled,
-        reason: None,
-        all_subjects,
-        last_verification_ms: None,
-        created_at_ms: now_ms(),
-    };
-    let record = transmitter.streams().put(record).await.map_err(store_error)?;
-    transmitter.route(&record);
-    tracing::info!(stream_id = %record.config.stream_id, receiver_id = %receiver.receiver_id,
-        method = record.config.delivery.method(), "stream created");
+    let record = transmitter.create_stream(&receiver, &body).await?;
     Ok((StatusCode::CREATED, Json(config_json(&record))).into_response())
 }
 
@@ -234,7 +185,7 @@ async fn change_stream(
         RequestKind::Replace => streams::apply_replace(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
         _ => streams::apply_update(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
     };
-    check_push_endpoint(&transmitter, &config).await?;
+    transmitter.check_push_endpoint(&config).await?;
     let mut record = (*existing).clone();
     record.config = config;
     let record = transmitter.streams().put(record).await.map_err(store_error)?;

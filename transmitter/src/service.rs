@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caep_schemas::event::{Event, StreamStatus, StreamUpdated, Verification, event_type};
-use caep_schemas::set::SecurityEventToken;
+use caep_schemas::set::{Audience, SecurityEventToken};
 use caep_schemas::subject::SubjectId;
 use ipnet::IpNet;
 
@@ -17,11 +17,11 @@ use crate::keys::KeyStore;
 use crate::metadata::{TransmitterMetadata, paths};
 use crate::outbox::{NewSet, Outbox, now_ms};
 use crate::push::{DeliveryObserver, PushPolicy, PushRoute, Pusher};
-use crate::receivers::Receivers;
+use crate::receivers::{Receiver, Receivers};
 use crate::registry::{StreamRecord, StreamRegistry};
 use crate::ssrf::PushUrlGuard;
 use crate::store::{Store, StoreError};
-use crate::streams::Delivery;
+use crate::streams::{self, Delivery, RequestKind, StreamConfig};
 
 /// Every event type the hub can deliver to a stream.
 pub const EVENTS_SUPPORTED: &[&str] = &[
@@ -286,6 +286,50 @@ impl Transmitter {
         Outgoing { stream_id: record.config.stream_id.clone(), set }
     }
 
+    /// Creates a stream for `receiver` from a create-request body (SSF 1.0
+    /// §8.1.1.1): `aud` is the receiver's audience, the push endpoint passes
+    /// the SSRF guard, and a receiver holds at most the configured number.
+    pub async fn create_stream(&self, receiver: &Receiver, body: &[u8]) -> Result<Arc<StreamRecord>, SsfError> {
+        let request = streams::parse_request(body, RequestKind::Create)?;
+        let all_subjects = asks_for_all_subjects(body)?;
+        let limit = self.settings.max_streams_per_receiver;
+        if self.streams.owned_by(&receiver.receiver_id).len() >= limit {
+            return Err(SsfError::Conflict(format!("this receiver already has the most streams allowed ({limit})")));
+        }
+        let config = streams::new_stream(
+            streams::new_stream_id(),
+            self.issuer(),
+            Audience::One(receiver.audience.clone()),
+            request,
+            EVENTS_SUPPORTED,
+            |id| self.poll_url(id),
+            self.settings.min_verification_interval,
+        );
+        self.check_push_endpoint(&config).await?;
+        let record = StreamRecord {
+            config,
+            receiver_id: receiver.receiver_id.clone(),
+            status: StreamStatus::Enabled,
+            reason: None,
+            all_subjects,
+            last_verification_ms: None,
+            created_at_ms: now_ms(),
+        };
+        let record = self.streams.put(record).await.map_err(store_error)?;
+        self.route(&record);
+        tracing::info!(stream_id = %record.config.stream_id, receiver_id = %receiver.receiver_id,
+            method = record.config.delivery.method(), "stream created");
+        Ok(record)
+    }
+
+    /// Refuses a push endpoint the SSRF guard refuses (400 with the reason).
+    pub(crate) async fn check_push_endpoint(&self, config: &StreamConfig) -> Result<(), SsfError> {
+        if let Delivery::Push { endpoint_url, .. } = &config.delivery {
+            self.guard.check_url(endpoint_url).await.map_err(|refused| SsfError::BadRequest(refused.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Records a verification request and emits the verification SET; 429
     /// inside the minimum interval.
     pub async fn verify_stream(self: &Arc<Self>, record: &StreamRecord, state: Option<String>) -> Result<(), SsfError> {
@@ -380,6 +424,17 @@ impl Transmitter {
             self.change_status_by_transmitter(&record.config.stream_id, StreamStatus::Disabled, reason).await?;
         }
         Ok(true)
+    }
+}
+
+/// The hub's extension member `default_subjects` of a create request.
+fn asks_for_all_subjects(body: &[u8]) -> Result<bool, SsfError> {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match value.get("default_subjects").and_then(|v| if v.is_null() { None } else { Some(v) }) {
+        None => Ok(false),
+        Some(serde_json::Value::String(s)) if s == "ALL" => Ok(true),
+        Some(serde_json::Value::String(s)) if s == "NONE" => Ok(false),
+        Some(_) => Err(SsfError::BadRequest("`default_subjects` must be \"ALL\" or \"NONE\"".into())),
     }
 }
 
