@@ -4,7 +4,9 @@
 //! The binary `caep-hub` is a thin command line over this library.
 
 pub mod admin_token;
+pub mod cascade;
 pub mod config;
 pub mod error;
+pub mod graph;
 pub mod metrics;
 pub mod server;

@@ -45,6 +45,8 @@ pub struct BoundHub {
 /// listener. The issuer defaults to `http://` + the bound address, so port 0
 /// works.
 pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
+    // Install the recorder before anything counts, or early counts are lost.
+    crate::metrics::handle();
     create_private_dir(&config.data_dir)?;
     let keys = Arc::new(KeyStore::open(&config.data_dir, config.signing_alg)?);
     let (admin_token, new_admin_token) =

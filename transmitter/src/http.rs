@@ -186,9 +186,8 @@ async fn change_stream(
         _ => streams::apply_update(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
     };
     transmitter.check_push_endpoint(&config).await?;
-    let mut record = (*existing).clone();
-    record.config = config;
-    let record = transmitter.streams().put(record).await.map_err(store_error)?;
+    let update = transmitter.streams().update(&stream_id, |record| record.config = config);
+    let record = update.await.map_err(store_error)?.ok_or(SsfError::NotFound)?;
     transmitter.route(&record);
     Ok(Json(config_json(&record)))
 }

@@ -134,10 +134,12 @@ impl Pusher {
         workers.insert(stream_id.to_owned(), (sender, handle));
     }
 
-    /// Stops a stream's worker (stream deleted, or no longer push).
+    /// Stops a stream's worker and every SET it has in flight (stream
+    /// deleted, disabled, or no longer push): they see the route disabled.
     pub fn stop(&self, stream_id: &str) {
         let removed = self.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
-        if let Some((_, handle)) = removed {
+        if let Some((sender, handle)) = removed {
+            sender.send_modify(|route| route.status = StreamStatus::Disabled);
             handle.abort();
         }
     }
@@ -300,7 +302,11 @@ impl Delivery {
                     let delay = retry_after.map_or(delay, |asked| asked.min(policy.max_retry_interval).max(delay));
                     tracing::debug!(stream_id = %self.stream_id, jti = %self.pending.set.jti, attempts, %reason,
                         delay_ms = delay.as_millis() as u64, "push failed; will retry");
-                    tokio::time::sleep(delay).await;
+                    // Wake early when the route changes (paused, disabled, new URL).
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        changed = self.route.changed() => if changed.is_err() { return },
+                    }
                 }
             }
         }

@@ -46,6 +46,9 @@ impl StreamRecord {
 /// The registry of streams.
 pub struct StreamRegistry {
     store: Store,
+    /// Serializes changes to stream records so the cache applies them in
+    /// commit order.
+    changing: tokio::sync::Mutex<()>,
     cache: RwLock<HashMap<String, Arc<StreamRecord>>>,
     subjects: RwLock<HashMap<String, Vec<SubjectId>>>,
 }
@@ -89,7 +92,12 @@ impl StreamRegistry {
             }
             Ok((cache, subjects))
         })?;
-        Ok(StreamRegistry { store, cache: RwLock::new(cache), subjects: RwLock::new(subjects) })
+        Ok(StreamRegistry {
+            store,
+            changing: tokio::sync::Mutex::new(()),
+            cache: RwLock::new(cache),
+            subjects: RwLock::new(subjects),
+        })
     }
 
     /// A stream by id, whoever owns it.
@@ -122,8 +130,27 @@ impl StreamRegistry {
         self.cache.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// Stores a new or changed stream.
+    /// Stores a new stream.
     pub async fn put(&self, record: StreamRecord) -> Result<Arc<StreamRecord>, StoreError> {
+        let _changing = self.changing.lock().await;
+        self.write_record(record).await
+    }
+
+    /// Changes the stream as it is now (not as some caller read it earlier):
+    /// `None` when it no longer exists.
+    pub async fn update(
+        &self,
+        stream_id: &str,
+        change: impl FnOnce(&mut StreamRecord),
+    ) -> Result<Option<Arc<StreamRecord>>, StoreError> {
+        let _changing = self.changing.lock().await;
+        let Some(current) = self.get(stream_id) else { return Ok(None) };
+        let mut record = (*current).clone();
+        change(&mut record);
+        self.write_record(record).await.map(Some)
+    }
+
+    async fn write_record(&self, record: StreamRecord) -> Result<Arc<StreamRecord>, StoreError> {
         let stored = record.clone();
         self.store
             .write(Commit::Durable, move |txn| {
@@ -141,6 +168,7 @@ impl StreamRegistry {
 
     /// Deletes a stream and its subjects.
     pub async fn delete(&self, stream_id: &str) -> Result<(), StoreError> {
+        let _changing = self.changing.lock().await;
         let owned = stream_id.to_owned();
         self.store
             .write(Commit::Durable, move |txn| {

@@ -341,9 +341,8 @@ impl Transmitter {
                 return Err(SsfError::TooManyRequests { retry_after_secs: (interval_ms - elapsed).div_ceil(1000) });
             }
         }
-        let mut updated = record.clone();
-        updated.last_verification_ms = Some(now);
-        self.streams.put(updated).await.map_err(store_error)?;
+        let updated = self.streams.update(&record.config.stream_id, |r| r.last_verification_ms = Some(now));
+        updated.await.map_err(store_error)?.ok_or(SsfError::NotFound)?;
         let event = Event::Verification(Verification { state, ..Verification::default() });
         self.emit(vec![self.stream_event(record, event)]).await?;
         Ok(())
@@ -356,10 +355,12 @@ impl Transmitter {
         status: StreamStatus,
         reason: Option<String>,
     ) -> Result<Arc<StreamRecord>, SsfError> {
-        let mut updated = record.clone();
-        updated.status = status;
-        updated.reason = reason;
-        let updated = self.streams.put(updated).await.map_err(store_error)?;
+        let change = |r: &mut StreamRecord| {
+            r.status = status;
+            r.reason = reason;
+        };
+        let updated = self.streams.update(&record.config.stream_id, change).await.map_err(store_error)?;
+        let updated = updated.ok_or(SsfError::NotFound)?;
         if status == StreamStatus::Disabled {
             // Disabled streams drop their events, queued ones included.
             self.outbox.purge(&record.config.stream_id).await.map_err(store_error)?;

@@ -1,0 +1,402 @@
+//! Cascades and their leaves.
+//!
+//! A cascade is everything one IdP event causes: one leaf per (stream,
+//! session), all sharing the cascade's `txn`. The plan (cascade record and
+//! leaves with their `jti`s) is committed durably before the IdP gets its
+//! 202; signing and enqueueing follow. A leaf still `planned` after a crash
+//! is signed again with the same `jti` at start, so nothing planned is lost.
+//!
+//! Leaf latency runs from when the leaf was planned (the ingest of the IdP
+//! event, or the late touch that created it) to the receiver's acknowledgement.
+
+use std::collections::BTreeMap;
+
+use caep_schemas::subject::SubjectId;
+use caep_transmitter::store::{StoreError, decode, encode};
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+const CASCADES: TableDefinition<&str, &[u8]> = TableDefinition::new("cascades");
+const LEAVES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("cascade_leaves");
+const PLANNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("cascade_planned");
+
+/// One cascade.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CascadeRecord {
+    pub txn: String,
+    /// What the cascade started from, e.g. `session:S1` or `user:...`.
+    pub root: String,
+    /// The IdP that caused it.
+    pub issuer: String,
+    /// Type and payload of the event every leaf carries.
+    pub event_type: String,
+    pub event: Value,
+    pub started_at_ms: u64,
+    pub total: u64,
+    pub delivered: u64,
+    pub failed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at_ms: Option<u64>,
+}
+
+/// Where a leaf is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeafStatus {
+    /// Committed in the plan, not yet signed into the outbox.
+    Planned,
+    /// In the outbox.
+    Pending,
+    /// Acknowledged by the receiver.
+    Delivered,
+    /// Dead-lettered.
+    Failed,
+}
+
+/// One (stream, session) SET of a cascade.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Leaf {
+    pub jti: String,
+    pub stream_id: String,
+    pub session_id: String,
+    pub session: SubjectId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<SubjectId>,
+    pub planned_at_ms: u64,
+    pub status: LeafStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub err: Option<String>,
+}
+
+impl Leaf {
+    /// Milliseconds from plan to acknowledgement, once acknowledged.
+    pub fn latency_ms(&self) -> Option<u64> {
+        self.acked_at_ms.map(|acked| acked.saturating_sub(self.planned_at_ms))
+    }
+}
+
+fn storage<E: std::fmt::Display>(error: E) -> StoreError {
+    StoreError::storage(error)
+}
+
+/// A cascade by `txn`, inside a write transaction.
+pub fn cascade(txn: &WriteTransaction, id: &str) -> Result<Option<CascadeRecord>, StoreError> {
+    let table = txn.open_table(CASCADES).map_err(storage)?;
+    let row = table.get(id).map_err(storage)?;
+    row.map(|value| decode(value.value())).transpose()
+}
+
+fn put_cascade(txn: &WriteTransaction, record: &CascadeRecord) -> Result<(), StoreError> {
+    let bytes = encode(record)?;
+    txn.open_table(CASCADES).map_err(storage)?.insert(record.txn.as_str(), bytes.as_slice()).map_err(storage)?;
+    Ok(())
+}
+
+/// Adds leaves to a cascade (creating the cascade from `template` if it is
+/// new), all `planned`.
+pub fn plan(txn: &WriteTransaction, template: &CascadeRecord, leaves: &[Leaf]) -> Result<CascadeRecord, StoreError> {
+    let mut record = cascade(txn, &template.txn)?.unwrap_or_else(|| template.clone());
+    record.total += leaves.len() as u64;
+    if !leaves.is_empty() {
+        record.completed_at_ms = None;
+    } else if record.total == 0 {
+        record.completed_at_ms = Some(record.started_at_ms);
+    }
+    {
+        let mut table = txn.open_table(LEAVES).map_err(storage)?;
+        let mut planned = txn.open_table(PLANNED).map_err(storage)?;
+        for leaf in leaves {
+            table.insert((record.txn.as_str(), leaf.jti.as_str()), encode(leaf)?.as_slice()).map_err(storage)?;
+            planned.insert((record.txn.as_str(), leaf.jti.as_str()), ()).map_err(storage)?;
+        }
+    }
+    put_cascade(txn, &record)?;
+    Ok(record)
+}
+
+/// Marks planned leaves as in the outbox.
+pub fn mark_pending(txn: &WriteTransaction, cascade_txn: &str, jtis: &[String]) -> Result<(), StoreError> {
+    let mut planned = txn.open_table(PLANNED).map_err(storage)?;
+    let mut table = txn.open_table(LEAVES).map_err(storage)?;
+    for jti in jtis {
+        planned.remove((cascade_txn, jti.as_str())).map_err(storage)?;
+        let Some(row) = table.get((cascade_txn, jti.as_str())).map_err(storage)? else { continue };
+        let mut leaf: Leaf = decode(row.value())?;
+        drop(row);
+        if leaf.status == LeafStatus::Planned {
+            leaf.status = LeafStatus::Pending;
+            table.insert((cascade_txn, jti.as_str()), encode(&leaf)?.as_slice()).map_err(storage)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every leaf still planned, with its cascade (the restart recovery list).
+pub fn all_planned(txn: &ReadTransaction) -> Result<Vec<(CascadeRecord, Vec<Leaf>)>, StoreError> {
+    let planned = match txn.open_table(PLANNED) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(error) => return Err(storage(error)),
+    };
+    let cascades = txn.open_table(CASCADES).map_err(storage)?;
+    let leaves = txn.open_table(LEAVES).map_err(storage)?;
+    let mut grouped: BTreeMap<String, Vec<Leaf>> = BTreeMap::new();
+    for row in planned.iter().map_err(storage)? {
+        let (key, _) = row.map_err(storage)?;
+        let (cascade_txn, jti) = key.value();
+        if let Some(leaf) = leaves.get((cascade_txn, jti)).map_err(storage)? {
+            grouped.entry(cascade_txn.to_owned()).or_default().push(decode(leaf.value())?);
+        }
+    }
+    let mut out = Vec::new();
+    for (cascade_txn, list) in grouped {
+        if let Some(row) = cascades.get(cascade_txn.as_str()).map_err(storage)? {
+            out.push((decode(row.value())?, list));
+        }
+    }
+    Ok(out)
+}
+
+/// A delivery outcome reported by the transmitter.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub txn: String,
+    pub jti: String,
+    pub delivered: bool,
+    pub at_ms: u64,
+    pub err: Option<String>,
+}
+
+/// What applying outcomes changed: leaf latencies and cascades completed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub leaf_latencies_ms: Vec<u64>,
+    pub completed: Vec<(String, u64)>,
+}
+
+/// Applies outcomes to leaves and cascade counters. A leaf counts once:
+/// a duplicate acknowledgement (a retry that crossed a 202) changes nothing.
+pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Applied, StoreError> {
+    let mut applied = Applied::default();
+    let mut touched: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    {
+        let mut table = txn.open_table(LEAVES).map_err(storage)?;
+        for outcome in outcomes {
+            let key = (outcome.txn.as_str(), outcome.jti.as_str());
+            let Some(row) = table.get(key).map_err(storage)? else { continue };
+            let mut leaf: Leaf = decode(row.value())?;
+            drop(row);
+            if matches!(leaf.status, LeafStatus::Delivered | LeafStatus::Failed) {
+                continue;
+            }
+            let counters = touched.entry(outcome.txn.clone()).or_default();
+            if outcome.delivered {
+                leaf.status = LeafStatus::Delivered;
+                leaf.acked_at_ms = Some(outcome.at_ms);
+                applied.leaf_latencies_ms.push(outcome.at_ms.saturating_sub(leaf.planned_at_ms));
+                counters.0 += 1;
+            } else {
+                leaf.status = LeafStatus::Failed;
+                leaf.err = outcome.err.clone();
+                counters.1 += 1;
+            }
+            counters.2 = counters.2.max(outcome.at_ms);
+            table.insert(key, encode(&leaf)?.as_slice()).map_err(storage)?;
+        }
+    }
+    for (cascade_txn, (delivered, failed, last_at)) in touched {
+        let Some(mut record) = cascade(txn, &cascade_txn)? else { continue };
+        record.delivered += delivered;
+        record.failed += failed;
+        if record.delivered + record.failed >= record.total && record.completed_at_ms.is_none() {
+            record.completed_at_ms = Some(last_at);
+            applied.completed.push((cascade_txn.clone(), last_at.saturating_sub(record.started_at_ms)));
+        }
+        put_cascade(txn, &record)?;
+    }
+    Ok(applied)
+}
+
+/// The `GET /admin/cascades/{txn}` report.
+#[derive(Clone, Debug, Serialize)]
+pub struct CascadeReport {
+    pub txn: String,
+    pub root: String,
+    pub event_type: String,
+    pub started_at: u64,
+    pub total: u64,
+    pub delivered: u64,
+    pub pending: u64,
+    pub failed: u64,
+    pub complete: bool,
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+    pub max_ms: Option<u64>,
+    /// From the IdP event's ingest to the last leaf's acknowledgement.
+    pub cascade_ms: Option<u64>,
+    pub leaves: Vec<LeafReport>,
+}
+
+/// One leaf in a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct LeafReport {
+    pub stream_id: String,
+    pub session_id: String,
+    pub jti: String,
+    pub status: LeafStatus,
+    pub latency_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub err: Option<String>,
+}
+
+/// Builds the report of a cascade from a read snapshot.
+pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, StoreError> {
+    let cascades = match txn.open_table(CASCADES) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(error) => return Err(storage(error)),
+    };
+    let Some(row) = cascades.get(id).map_err(storage)? else { return Ok(None) };
+    let record: CascadeRecord = decode(row.value())?;
+    let table = txn.open_table(LEAVES).map_err(storage)?;
+    let mut leaves = Vec::new();
+    for row in table.range((id, "")..(id, "\u{10FFFF}")).map_err(storage)? {
+        let (_, value) = row.map_err(storage)?;
+        leaves.push(decode::<Leaf>(value.value())?);
+    }
+    let mut latencies: Vec<u64> = leaves.iter().filter_map(Leaf::latency_ms).collect();
+    latencies.sort_unstable();
+    let delivered = leaves.iter().filter(|l| l.status == LeafStatus::Delivered).count() as u64;
+    let failed = leaves.iter().filter(|l| l.status == LeafStatus::Failed).count() as u64;
+    let total = leaves.len() as u64;
+    Ok(Some(CascadeReport {
+        txn: record.txn,
+        root: record.root,
+        event_type: record.event_type,
+        started_at: record.started_at_ms,
+        total,
+        delivered,
+        pending: total - delivered - failed,
+        failed,
+        complete: delivered + failed == total,
+        p50_ms: percentile(&latencies, 50),
+        p99_ms: percentile(&latencies, 99),
+        max_ms: latencies.last().copied(),
+        cascade_ms: record.completed_at_ms.map(|done| done.saturating_sub(record.started_at_ms)),
+        leaves: leaves
+            .into_iter()
+            .map(|leaf| LeafReport {
+                latency_ms: leaf.latency_ms(),
+                stream_id: leaf.stream_id,
+                session_id: leaf.session_id,
+                jti: leaf.jti,
+                status: leaf.status,
+                err: leaf.err,
+            })
+            .collect(),
+    }))
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[u64], p: u32) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (sorted.len() * p as usize).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caep_transmitter::store::{Commit, Store};
+
+    fn leaf(jti: &str, stream: &str, at: u64) -> Leaf {
+        Leaf {
+            jti: jti.into(),
+            stream_id: stream.into(),
+            session_id: "s".into(),
+            session: SubjectId::opaque("s"),
+            user: None,
+            planned_at_ms: at,
+            status: LeafStatus::Planned,
+            acked_at_ms: None,
+            err: None,
+        }
+    }
+
+    fn template(txn: &str) -> CascadeRecord {
+        CascadeRecord {
+            txn: txn.into(),
+            root: "session:s".into(),
+            issuer: "https://idp".into(),
+            event_type: "x".into(),
+            event: Value::Null,
+            started_at_ms: 100,
+            total: 0,
+            delivered: 0,
+            failed: 0,
+            completed_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let values: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&values, 50), Some(50));
+        assert_eq!(percentile(&values, 99), Some(99));
+        assert_eq!(percentile(&[7], 99), Some(7));
+        assert_eq!(percentile(&[], 50), None);
+    }
+
+    #[tokio::test]
+    async fn outcomes_count_once_and_complete_the_cascade() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("c.redb")).expect("open");
+        store
+            .write(Commit::Durable, |txn| {
+                plan(txn, &template("t1"), &[leaf("a", "s1", 100), leaf("b", "s2", 100)])?;
+                mark_pending(txn, "t1", &["a".into(), "b".into()])
+            })
+            .await
+            .expect("plan");
+        assert!(store.read(all_planned).expect("read").is_empty(), "pending leaves are not replanned");
+
+        let outcome = |jti: &str, delivered: bool, at: u64| Outcome {
+            txn: "t1".into(),
+            jti: jti.into(),
+            delivered,
+            at_ms: at,
+            err: (!delivered).then(|| "invalid_key".into()),
+        };
+        let first = vec![outcome("a", true, 104), outcome("a", true, 150)];
+        let applied = store.write(Commit::Lazy, move |txn| apply_outcomes(txn, &first)).await.expect("apply");
+        assert_eq!(applied.leaf_latencies_ms, [4], "the duplicate ack changes nothing");
+        assert!(applied.completed.is_empty());
+        let second = vec![outcome("b", false, 120)];
+        let applied = store.write(Commit::Lazy, move |txn| apply_outcomes(txn, &second)).await.expect("apply");
+        assert_eq!(applied.completed, [("t1".to_owned(), 20)]);
+
+        let report = store.read(|txn| report(txn, "t1")).expect("read").expect("exists");
+        assert_eq!((report.total, report.delivered, report.failed, report.pending), (2, 1, 1, 0));
+        assert!(report.complete);
+        assert_eq!((report.p50_ms, report.max_ms, report.cascade_ms), (Some(4), Some(4), Some(20)));
+        assert_eq!(
+            report.leaves.iter().find(|l| l.jti == "b").and_then(|l| l.err.clone()).as_deref(),
+            Some("invalid_key")
+        );
+    }
+
+    #[tokio::test]
+    async fn planned_leaves_are_listed_for_recovery() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("c.redb")).expect("open");
+        store.write(Commit::Durable, |txn| plan(txn, &template("t2"), &[leaf("x", "s1", 1)])).await.expect("plan");
+        let planned = store.read(all_planned).expect("read");
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].1[0].jti, "x");
+    }
+}
