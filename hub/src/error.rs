@@ -28,4 +28,6 @@ pub enum StartError {
     Store(#[from] caep_transmitter::store::StoreError),
     #[error(transparent)]
     Transmitter(#[from] caep_transmitter::service::OpenError),
+    #[error("trusted issuers: {0}")]
+    Issuers(#[from] crate::issuers::IssuerError),
 }

@@ -8,5 +8,8 @@ pub mod cascade;
 pub mod config;
 pub mod error;
 pub mod graph;
+pub mod http;
+pub mod hub;
+pub mod issuers;
 pub mod metrics;
 pub mod server;

@@ -13,8 +13,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use caep_transmitter::error::SsfError;
 use caep_transmitter::keys::KeyStore;
-use caep_transmitter::push::{NoObserver, PushPolicy};
-use caep_transmitter::service::{NoHook, Transmitter, TransmitterSettings};
+use caep_transmitter::push::PushPolicy;
+use caep_transmitter::service::{Transmitter, TransmitterSettings};
+use caep_transmitter::ssrf::PushUrlGuard;
 use caep_transmitter::store::Store;
 use caep_transmitter::{admin, http};
 use serde_json::json;
@@ -23,6 +24,8 @@ use tokio::net::TcpListener;
 use crate::admin_token::{AdminToken, NewToken};
 use crate::config::HubConfig;
 use crate::error::StartError;
+use crate::hub::{Hub, TouchHook, Tracker};
+use crate::issuers::Issuers;
 
 /// The redb file inside the data directory.
 pub const DATABASE_FILE: &str = "caep-hub.redb";
@@ -39,6 +42,8 @@ pub struct BoundHub {
     pub new_admin_token: Option<NewToken>,
     /// The transmitter, for in-process callers (tests, tools).
     pub transmitter: Arc<Transmitter>,
+    /// The hub, for in-process callers (tests, tools).
+    pub hub: Arc<Hub>,
 }
 
 /// Opens the data directory, keys, admin token and database, and binds the
@@ -59,10 +64,17 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
         Some(_) => config.issuer(),
         None => format!("http://{local_addr}"),
     };
-    let transmitter =
-        Transmitter::open(settings(config, &issuer)?, store, keys, Arc::new(NoObserver), Arc::new(NoHook))?;
-    let router = app(Arc::clone(&transmitter), admin_token);
-    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token, transmitter })
+    let settings = settings(config, &issuer)?;
+    let guard = PushUrlGuard::new(settings.push_allow.clone());
+    let tracker = Tracker::new(store.clone());
+    let touch_hook = Arc::new(TouchHook::default());
+    let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone())?;
+    let issuers = Issuers::load(store.clone(), guard)?;
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, tracker);
+    touch_hook.connect(&hub);
+    hub.start()?;
+    let router = app(Arc::clone(&hub), admin_token);
+    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token, transmitter, hub })
 }
 
 fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, StartError> {
@@ -85,13 +97,16 @@ impl BoundHub {
     }
 }
 
-fn app(transmitter: Arc<Transmitter>, admin_token: AdminToken) -> Router {
+fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
+    let transmitter = Arc::clone(hub.transmitter());
     let admin = admin::router(Arc::clone(&transmitter))
+        .merge(crate::http::admin_router(Arc::clone(&hub)))
         .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
         .merge(admin)
+        .merge(crate::http::ingest_router(hub))
         .merge(http::router(transmitter))
 }
 

@@ -1,0 +1,134 @@
+//! The hub's own HTTP endpoints: `POST /ingest` (RFC 8935 receiving end for
+//! IdP SETs) and the operator's `/admin` views of issuers, cascades and
+//! sessions.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use caep_transmitter::error::SsfError;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::graph;
+use crate::hub::{Hub, IngestError};
+use crate::issuers::IssuerError;
+
+/// Largest SET accepted at `/ingest`.
+const MAX_SET_BYTES: usize = 64 * 1024;
+
+type Shared = State<Arc<Hub>>;
+
+/// `POST /ingest`, open to any IdP (SET signatures authenticate them).
+pub fn ingest_router(hub: Arc<Hub>) -> Router {
+    Router::new().route("/ingest", post(ingest)).layer(DefaultBodyLimit::max(MAX_SET_BYTES)).with_state(hub)
+}
+
+/// `/admin/...` routes of the hub; the caller adds authentication.
+pub fn admin_router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/admin/issuers", get(list_issuers).post(register_issuer))
+        .route("/admin/cascades/{txn}", get(cascade_report))
+        .route("/admin/sessions/{session_id}", get(session_view))
+        .with_state(hub)
+}
+
+fn rfc8935_error(err: &str, description: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"err": err, "description": description}))).into_response()
+}
+
+async fn ingest(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("application/secevent+jwt") {
+        return rfc8935_error("invalid_request", "Content-Type must be application/secevent+jwt (RFC 8935)");
+    }
+    let Ok(token) = std::str::from_utf8(&body) else {
+        return rfc8935_error("invalid_request", "the body is not a compact JWS");
+    };
+    match hub.ingest(token.trim()).await {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(IngestError::Rejected { err, description }) => {
+            tracing::info!(err, %description, "IdP SET refused");
+            rfc8935_error(err, &description)
+        }
+        Err(IngestError::Unavailable(reason)) => {
+            tracing::error!(%reason, "IdP SET not processed");
+            let body =
+                json!({"err": "temporarily_unavailable", "description": "the hub cannot process SETs now; retry"});
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct NewIssuer {
+    issuer: String,
+    #[serde(default)]
+    jwks: Option<Value>,
+    #[serde(default)]
+    jwks_uri: Option<String>,
+}
+
+async fn register_issuer(State(hub): Shared, body: Bytes) -> Result<Response, SsfError> {
+    let request: NewIssuer = match serde_json::from_slice::<Value>(&body) {
+        Ok(value @ Value::Object(_)) => {
+            serde_json::from_value(value).map_err(|e| SsfError::BadRequest(e.to_string()))?
+        }
+        Ok(_) => return Err(SsfError::BadRequest("the body must be a JSON object".into())),
+        Err(error) => return Err(SsfError::BadRequest(format!("malformed JSON: {error}"))),
+    };
+    let registered = hub.issuers().register(request.issuer, request.jwks, request.jwks_uri).await;
+    let (issuer, is_new) = registered.map_err(|error| match error {
+        IssuerError::Invalid(reason) => SsfError::BadRequest(reason),
+        IssuerError::Store(error) => SsfError::Storage(error.to_string()),
+    })?;
+    let status = if is_new { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(issuer)).into_response())
+}
+
+async fn list_issuers(State(hub): Shared) -> Result<Json<Value>, SsfError> {
+    let issuers = hub.issuers().list().map_err(|e| SsfError::Storage(e.to_string()))?;
+    Ok(Json(serde_json::to_value(issuers).unwrap_or_default()))
+}
+
+async fn cascade_report(State(hub): Shared, Path(txn): Path<String>) -> Result<Json<Value>, SsfError> {
+    let report = hub.report(&txn).await.map_err(|e| SsfError::Storage(e.to_string()))?;
+    let report = report.ok_or(SsfError::NotFound)?;
+    Ok(Json(serde_json::to_value(report).unwrap_or_default()))
+}
+
+async fn session_view(State(hub): Shared, Path(session_id): Path<String>) -> Result<Json<Value>, SsfError> {
+    let view = hub
+        .store()
+        .read(|txn| {
+            let Some(session) = graph::session_in(txn, &session_id)? else { return Ok(None) };
+            let mut subtree = Vec::new();
+            for id in graph::subtree_in(txn, std::slice::from_ref(&session_id))? {
+                if let Some(record) = graph::session_in(txn, &id)? {
+                    let touches: Vec<Value> = graph::touches_in(txn, &id)?
+                        .into_iter()
+                        .map(|(stream_id, at)| json!({"stream_id": stream_id, "touched_at_ms": at}))
+                        .collect();
+                    subtree.push(json!({
+                        "session_id": record.session_id,
+                        "parent": record.parent,
+                        "authority": record.authority,
+                        "revoked": record.revoked,
+                        "touches": touches,
+                    }));
+                }
+            }
+            let touches: Vec<Value> = graph::touches_in(txn, &session_id)?
+                .into_iter()
+                .map(|(stream_id, at)| json!({"stream_id": stream_id, "touched_at_ms": at}))
+                .collect();
+            Ok(Some(json!({"session": session, "touches": touches, "subtree": subtree})))
+        })
+        .map_err(|e| SsfError::Storage(e.to_string()))?;
+    view.map(Json).ok_or(SsfError::NotFound)
+}
