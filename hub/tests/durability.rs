@@ -160,3 +160,151 @@ fn verified_states(bodies: &[String], jwks: &Jwks, issuer: &str) -> BTreeMap<Str
     }
     states
 }
+
+/// Posts a signed IdP SET to `/ingest` and expects 202.
+async fn ingest(client: &reqwest::Client, base: &str, key: &caep_schemas::jose::SigningKey, set: SecurityEventToken) {
+    let token = set.sign(key).expect("sign");
+    let response = client
+        .post(format!("{base}/ingest"))
+        .header("content-type", "application/secevent+jwt")
+        .body(token)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
+    use caep_schemas::event::{SessionEstablished, SessionRevoked};
+    use caep_schemas::jose::{Algorithm, SigningKey};
+    use caep_schemas::subject::SubjectId;
+    const IDP: &str = "https://idp.durability.example";
+    const SESSIONS: usize = 60;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut hub = spawn_hub(dir.path(), port);
+    wait_healthy(&client, &base).await;
+
+    let idp_key = SigningKey::generate(Algorithm::Es256).expect("key");
+    let jwks = Jwks::from_keys([&idp_key]).to_json();
+    let registered = client
+        .post(format!("{base}/admin/issuers"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"issuer": IDP, "jwks": jwks}))
+        .send()
+        .await
+        .expect("issuer");
+    assert_eq!(registered.status(), 201);
+
+    // Two slow receivers, each touching every session of the tree.
+    let mut receivers = Vec::new();
+    for name in ["a", "b"] {
+        let (push_url, received) = slow_receiver(Duration::from_millis(150)).await;
+        let audience = format!("https://{name}.durability.example");
+        let created: Value = client
+            .post(format!("{base}/admin/receivers"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": name, "audience": audience}))
+            .send()
+            .await
+            .expect("receiver")
+            .json()
+            .await
+            .expect("json");
+        let token = created["token"].as_str().expect("token").to_owned();
+        let body = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url},
+            "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]});
+        let stream: Value = client
+            .post(format!("{base}/ssf/streams"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .expect("stream")
+            .json()
+            .await
+            .expect("json");
+        receivers.push((audience, token, stream["stream_id"].as_str().expect("id").to_owned(), received));
+    }
+    let user = SubjectId::email("owner@durability.example");
+    for i in 0..SESSIONS {
+        let id = format!("s{i}");
+        let parent = (i > 0).then(|| SubjectId::opaque(format!("s{}", (i - 1) / 3)));
+        let event = Event::SessionEstablished(SessionEstablished { parent_session: parent, ..Default::default() });
+        let subject = SubjectId::session_of(SubjectId::opaque(&id), Some(user.clone()));
+        ingest(&client, &base, &idp_key, SecurityEventToken::new(IDP, base.as_str(), subject, event)).await;
+        for (_, token, stream_id, _) in &receivers {
+            let touch = json!({"stream_id": stream_id, "subject": {"format": "complex", "session": {"format": "opaque", "id": id}}});
+            let response =
+                client.post(format!("{base}/ssf/subjects/add")).bearer_auth(token).json(&touch).send().await.expect("touch");
+            assert_eq!(response.status(), 200);
+        }
+    }
+
+    let revoke = SecurityEventToken::new(
+        IDP,
+        base.as_str(),
+        SubjectId::session_of(SubjectId::opaque("s0"), None),
+        Event::SessionRevoked(SessionRevoked::default()),
+    )
+    .with_txn("cascade-under-fire");
+    ingest(&client, &base, &idp_key, revoke).await;
+    let delivered = || receivers.iter().map(|(_, _, _, r)| r.lock().expect("lock").len()).sum::<usize>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while delivered() < 10 {
+        assert!(Instant::now() < deadline, "nothing delivered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    hub.kill().expect("SIGKILL");
+    hub.wait().expect("reaped");
+    let before = delivered();
+    assert!(before < 2 * SESSIONS, "the cascade finished before the kill; the test proves nothing");
+
+    let mut hub = spawn_hub(dir.path(), port);
+    wait_healthy(&client, &base).await;
+    let jwks_text = client.get(format!("{base}/ssf/jwks.json")).send().await.expect("jwks").text().await.expect("text");
+    let hub_jwks = Jwks::from_json(&jwks_text).expect("jwks");
+    let expected: BTreeSet<String> = (0..SESSIONS).map(|i| format!("s{i}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut outcome = Vec::new();
+    loop {
+        outcome.clear();
+        for (audience, _, _, received) in &receivers {
+            let mut sessions = BTreeSet::new();
+            for body in received.lock().expect("lock").iter() {
+                let set = SecurityEventToken::verify(body, &hub_jwks, &Expectations::new(&base, audience))
+                    .expect("every delivered SET verifies");
+                assert_eq!(set.txn.as_deref(), Some("cascade-under-fire"));
+                let session = set.sub_id.as_complex().and_then(|c| c.session.clone()).expect("session member");
+                sessions.insert(match session {
+                    SubjectId::Opaque { id } => id,
+                    other => panic!("unexpected session subject {other:?}"),
+                });
+            }
+            outcome.push(sessions);
+        }
+        if outcome.iter().all(|sessions| *sessions == expected) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report: Value = client
+        .get(format!("{base}/admin/cascades/cascade-under-fire"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("report")
+        .json()
+        .await
+        .expect("json");
+    let _ = hub.kill();
+    let _ = hub.wait();
+    for sessions in &outcome {
+        assert_eq!(sessions, &expected, "a leaf was lost across kill -9 (delivered before the kill: {before})");
+    }
+    assert_eq!(report["total"], 2 * SESSIONS as u64, "{report}");
+}
