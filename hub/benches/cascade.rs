@@ -40,7 +40,8 @@ async fn receiver() -> String {
 }
 
 async fn admin(bench_base: &str, client: &reqwest::Client, path: &str, body: Value) -> Value {
-    let response = client.post(format!("{bench_base}{path}")).bearer_auth(ADMIN).json(&body).send().await.expect("admin");
+    let response =
+        client.post(format!("{bench_base}{path}")).bearer_auth(ADMIN).json(&body).send().await.expect("admin");
     assert!(response.status().is_success(), "{path}: {}", response.status());
     response.json().await.expect("json")
 }
@@ -63,12 +64,26 @@ async fn start() -> Bench {
     admin(&base, &client, "/admin/issuers", json!({"issuer": IDP, "jwks": jwks})).await;
     let mut streams = Vec::new();
     for i in 0..RECEIVERS {
-        let created = admin(&base, &client, "/admin/receivers", json!({"name": format!("rp{i}"), "audience": format!("https://rp{i}.bench")})).await;
+        let created = admin(
+            &base,
+            &client,
+            "/admin/receivers",
+            json!({"name": format!("rp{i}"), "audience": format!("https://rp{i}.bench")}),
+        )
+        .await;
         let token = created["token"].as_str().expect("token").to_owned();
         let body = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": receiver().await},
                           "events_requested": [REVOKED]});
-        let stream: Value = client.post(format!("{base}/ssf/streams")).bearer_auth(&token).json(&body).send().await
-            .expect("stream").json().await.expect("json");
+        let stream: Value = client
+            .post(format!("{base}/ssf/streams"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .expect("stream")
+            .json()
+            .await
+            .expect("json");
         streams.push((stream["stream_id"].as_str().expect("id").to_owned(), token));
     }
     Bench { _dir: dir, base, client, idp_key, streams }
@@ -76,9 +91,18 @@ async fn start() -> Bench {
 
 impl Bench {
     async fn ingest(&self, sub_id: SubjectId, event: Event, txn: &str) {
-        let token = SecurityEventToken::new(IDP, self.base.as_str(), sub_id, event).with_txn(txn).sign(&self.idp_key).expect("sign");
-        let response = self.client.post(format!("{}/ingest", self.base))
-            .header("content-type", "application/secevent+jwt").body(token).send().await.expect("ingest");
+        let token = SecurityEventToken::new(IDP, self.base.as_str(), sub_id, event)
+            .with_txn(txn)
+            .sign(&self.idp_key)
+            .expect("sign");
+        let response = self
+            .client
+            .post(format!("{}/ingest", self.base))
+            .header("content-type", "application/secevent+jwt")
+            .body(token)
+            .send()
+            .await
+            .expect("ingest");
         assert_eq!(response.status(), 202, "{}", response.text().await.unwrap_or_default());
     }
 
@@ -92,7 +116,9 @@ impl Bench {
         let mut calls = Vec::new();
         for (stream_id, token) in &self.streams {
             let body = json!({"stream_id": stream_id, "subject": {"format": "complex", "session": {"format": "opaque", "id": session}}});
-            calls.push(self.client.post(format!("{}/ssf/subjects/add", self.base)).bearer_auth(token).json(&body).send());
+            calls.push(
+                self.client.post(format!("{}/ssf/subjects/add", self.base)).bearer_auth(token).json(&body).send(),
+            );
         }
         for call in calls {
             assert_eq!(call.await.expect("touch").status(), 200);
@@ -107,8 +133,16 @@ impl Bench {
     async fn report_when_complete(&self, txn: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let report: Value = self.client.get(format!("{}/admin/cascades/{txn}", self.base)).bearer_auth(ADMIN)
-                .send().await.expect("report").json().await.expect("json");
+            let report: Value = self
+                .client
+                .get(format!("{}/admin/cascades/{txn}", self.base))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("report")
+                .json()
+                .await
+                .expect("json");
             if report["complete"] == true {
                 return report;
             }

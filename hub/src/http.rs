@@ -97,7 +97,7 @@ async fn list_issuers(State(hub): Shared) -> Result<Json<Value>, SsfError> {
 }
 
 async fn cascade_report(State(hub): Shared, Path(txn): Path<String>) -> Result<Json<Value>, SsfError> {
-    let report = hub.report(&txn).await.map_err(|e| SsfError::Storage(e.to_string()))?;
+    let report = hub.report(&txn).map_err(|e| SsfError::Storage(e.to_string()))?;
     let report = report.ok_or(SsfError::NotFound)?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }

@@ -8,19 +8,16 @@
 //! a revoked session plans that stream's revocation at once.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, Weak};
 
 use caep_schemas::event::{CaepCommon, Event, SessionRevoked, event_type};
 use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_schemas::subject::SubjectId;
-use caep_transmitter::outbox::{Outbox, QueuedSet, now_ms};
-use caep_transmitter::push::DeliveryObserver;
+use caep_transmitter::outbox::{Outbox, OutcomeSink, SetOutcome, now_ms};
 use caep_transmitter::registry::{StreamRecord, StreamRegistry};
 use caep_transmitter::service::{BoxFuture, Outgoing, SubjectHook, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
-use tokio::sync::Notify;
 
 use crate::cascade::{self, CascadeRecord, Leaf, LeafStatus, Outcome};
 use crate::graph::{self, Revocation, SessionRecord};
@@ -35,10 +32,12 @@ const SIGN_CHUNK: usize = 256;
 /// The hub's state.
 pub struct Hub {
     issuer: String,
+    /// Signing chunks at once: one per core, so early chunks reach the
+    /// outbox (and the wire) while later ones are still being signed.
+    signing: tokio::sync::Semaphore,
     transmitter: Arc<Transmitter>,
     store: Store,
     issuers: Issuers,
-    tracker: Arc<Tracker>,
 }
 
 /// What an event planned: its cascade and the new leaves.
@@ -76,19 +75,14 @@ impl From<StoreError> for IngestError {
 
 impl Hub {
     /// The hub over a transmitter; call [`Hub::start`] next.
-    pub fn new(
-        issuer: &str,
-        transmitter: Arc<Transmitter>,
-        store: Store,
-        issuers: Issuers,
-        tracker: Arc<Tracker>,
-    ) -> Arc<Self> {
-        Arc::new(Hub { issuer: issuer.to_owned(), transmitter, store, issuers, tracker })
+    pub fn new(issuer: &str, transmitter: Arc<Transmitter>, store: Store, issuers: Issuers) -> Arc<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let signing = tokio::sync::Semaphore::new(cores);
+        Arc::new(Hub { issuer: issuer.to_owned(), signing, transmitter, store, issuers })
     }
 
-    /// Starts the outcome tracker and re-dispatches leaves a crash left planned.
+    /// Re-dispatches leaves a crash left planned.
     pub fn start(self: &Arc<Self>) -> Result<(), StoreError> {
-        tokio::spawn(Arc::clone(&self.tracker).run());
         let planned = self.store.read(cascade::all_planned)?;
         if !planned.is_empty() {
             tracing::info!(cascades = planned.len(), "re-dispatching leaves planned before a restart");
@@ -112,11 +106,6 @@ impl Hub {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    /// The outcome tracker.
-    pub fn tracker(&self) -> &Arc<Tracker> {
-        &self.tracker
     }
 
     /// Verifies an IdP's SET and applies it. Returns after the event and its
@@ -195,10 +184,12 @@ impl Hub {
     async fn dispatch_chunk(self: &Arc<Self>, record: &CascadeRecord, leaves: Vec<Leaf>) -> Result<(), StoreError> {
         let outgoing: Vec<Outgoing> = leaves.iter().filter_map(|leaf| self.leaf_set(record, leaf)).collect();
         let transmitter = Arc::clone(&self.transmitter);
+        let permit = self.signing.acquire().await.map_err(StoreError::storage)?;
         let signed = tokio::task::spawn_blocking(move || transmitter.sign(outgoing))
             .await
             .map_err(StoreError::storage)?
             .map_err(StoreError::storage)?;
+        drop(permit);
         let signed_jtis: BTreeSet<&str> = signed.iter().map(|set| set.jti.as_str()).collect();
         // A leaf whose stream vanished or was disabled meanwhile cannot be sent.
         let dropped: Vec<Outcome> = leaves
@@ -225,7 +216,7 @@ impl Hub {
             .await?;
         self.transmitter.wake(&streams);
         if !dropped.is_empty() {
-            self.tracker.record(dropped);
+            self.store.write(Commit::Lazy, move |txn| cascade::apply_outcomes(txn, &dropped).map(drop)).await?;
         }
         Ok(())
     }
@@ -267,9 +258,8 @@ impl Hub {
         }
     }
 
-    /// The cascade report, after applying every outcome seen so far.
-    pub async fn report(&self, cascade_txn: &str) -> Result<Option<cascade::CascadeReport>, StoreError> {
-        self.tracker.flush().await?;
+    /// The cascade report.
+    pub fn report(&self, cascade_txn: &str) -> Result<Option<cascade::CascadeReport>, StoreError> {
         self.store.read(|txn| cascade::report(txn, cascade_txn))
     }
 }
@@ -609,33 +599,36 @@ fn late_touch_plan(
     Ok(plan)
 }
 
-/// Collects delivery outcomes from the transmitter and applies them to the
-/// cascades in batches (lazy commits: a lost outcome only leaves a leaf
-/// pending, and its redelivery reports it again).
-pub struct Tracker {
-    store: Store,
-    pending: Mutex<Vec<Outcome>>,
-    wake: Notify,
-}
+/// Applies delivery outcomes to cascade leaves inside the transaction that
+/// takes each SET out of the outbox, so a leaf's outcome and its SET's
+/// removal are on disk together, or neither is.
+pub struct Tracker;
 
 impl Tracker {
-    /// A tracker writing to `store`.
-    pub fn new(store: Store) -> Arc<Self> {
-        Arc::new(Tracker { store, pending: Mutex::new(Vec::new()), wake: Notify::new() })
+    /// The tracker.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Tracker)
     }
+}
 
-    fn record(&self, outcomes: Vec<Outcome>) {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(outcomes);
-        self.wake.notify_one();
-    }
-
-    /// Applies every outcome recorded so far.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        let outcomes = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+impl OutcomeSink for Tracker {
+    fn record(&self, txn: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+        let outcomes: Vec<Outcome> = outcomes
+            .iter()
+            .filter_map(|o| {
+                Some(Outcome {
+                    txn: o.set.txn.clone()?,
+                    jti: o.set.jti.clone(),
+                    delivered: o.delivered,
+                    at_ms: o.at_ms,
+                    err: o.err.map(str::to_owned),
+                })
+            })
+            .collect();
         if outcomes.is_empty() {
             return Ok(());
         }
-        let applied = self.store.write(Commit::Lazy, move |txn| cascade::apply_outcomes(txn, &outcomes)).await?;
+        let applied = cascade::apply_outcomes(txn, &outcomes)?;
         for latency in applied.leaf_latencies_ms {
             metrics::histogram!("caep_leaf_latency_seconds").record(latency as f64 / 1000.0);
         }
@@ -644,42 +637,6 @@ impl Tracker {
             tracing::info!(txn = %cascade_txn, cascade_ms = took, "cascade complete");
         }
         Ok(())
-    }
-
-    async fn run(self: Arc<Self>) {
-        loop {
-            let _ = tokio::time::timeout(Duration::from_millis(20), self.wake.notified()).await;
-            if let Err(error) = self.flush().await {
-                tracing::error!(%error, "cannot record delivery outcomes");
-            }
-        }
-    }
-}
-
-impl DeliveryObserver for Tracker {
-    fn delivered(&self, _: &str, set: &QueuedSet, acked_at_ms: u64) {
-        if let Some(txn) = &set.txn {
-            self.record(vec![Outcome {
-                txn: txn.clone(),
-                jti: set.jti.clone(),
-                delivered: true,
-                at_ms: acked_at_ms,
-                err: None,
-            }]);
-        }
-    }
-
-    fn failed(&self, _: &str, set: &QueuedSet, err: &str) {
-        if let Some(txn) = &set.txn {
-            let outcome = Outcome {
-                txn: txn.clone(),
-                jti: set.jti.clone(),
-                delivered: false,
-                at_ms: now_ms(),
-                err: Some(err.to_owned()),
-            };
-            self.record(vec![outcome]);
-        }
     }
 }
 

@@ -66,11 +66,11 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
     };
     let settings = settings(config, &issuer)?;
     let guard = PushUrlGuard::new(settings.push_allow.clone());
-    let tracker = Tracker::new(store.clone());
+    let tracker = Tracker::new();
     let touch_hook = Arc::new(TouchHook::default());
     let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone())?;
     let issuers = Issuers::load(store.clone(), guard)?;
-    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, tracker);
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers);
     touch_hook.connect(&hub);
     hub.start()?;
     let router = app(Arc::clone(&hub), admin_token);

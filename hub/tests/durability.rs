@@ -239,8 +239,13 @@ async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
         ingest(&client, &base, &idp_key, SecurityEventToken::new(IDP, base.as_str(), subject, event)).await;
         for (_, token, stream_id, _) in &receivers {
             let touch = json!({"stream_id": stream_id, "subject": {"format": "complex", "session": {"format": "opaque", "id": id}}});
-            let response =
-                client.post(format!("{base}/ssf/subjects/add")).bearer_auth(token).json(&touch).send().await.expect("touch");
+            let response = client
+                .post(format!("{base}/ssf/subjects/add"))
+                .bearer_auth(token)
+                .json(&touch)
+                .send()
+                .await
+                .expect("touch");
             assert_eq!(response.status(), 200);
         }
     }
@@ -292,19 +297,30 @@ async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let report: Value = client
-        .get(format!("{base}/admin/cascades/cascade-under-fire"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("report")
-        .json()
-        .await
-        .expect("json");
+    // Every leaf's outcome is recorded with its SET's removal from the
+    // outbox, so the report completes even across the kill.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let report: Value = client
+            .get(format!("{base}/admin/cascades/cascade-under-fire"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("report")
+            .json()
+            .await
+            .expect("json");
+        if report["complete"] == true || Instant::now() > deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let _ = hub.kill();
     let _ = hub.wait();
     for sessions in &outcome {
         assert_eq!(sessions, &expected, "a leaf was lost across kill -9 (delivered before the kill: {before})");
     }
     assert_eq!(report["total"], 2 * SESSIONS as u64, "{report}");
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(report["delivered"], report["total"], "{report}");
 }

@@ -17,10 +17,10 @@ use caep_schemas::jose::Algorithm;
 use caep_schemas::set::SecurityEventToken;
 use caep_schemas::subject::SubjectId;
 use caep_transmitter::keys::KeyStore;
-use caep_transmitter::outbox::QueuedSet;
-use caep_transmitter::push::DeliveryObserver;
+use caep_transmitter::outbox::{OutcomeSink, SetOutcome};
 use caep_transmitter::service::{NoHook, Outgoing, Transmitter, TransmitterSettings};
-use caep_transmitter::store::Store;
+use caep_transmitter::store::{Store, StoreError};
+use redb::WriteTransaction;
 use serde_json::{Value, json};
 
 const RUNS: usize = 5;
@@ -31,12 +31,16 @@ const EMIT_BATCH: usize = 500;
 #[derive(Default)]
 struct Counter(AtomicU64);
 
-impl DeliveryObserver for Counter {
-    fn delivered(&self, _: &str, _: &QueuedSet, _: u64) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    fn failed(&self, _: &str, _: &QueuedSet, err: &str) {
-        eprintln!("delivery failed: {err}");
+impl OutcomeSink for Counter {
+    fn record(&self, _: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+        for outcome in outcomes {
+            if outcome.delivered {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            } else {
+                eprintln!("delivery failed: {:?}", outcome.err);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -56,8 +60,8 @@ async fn start() -> Bench {
     let keys = Arc::new(KeyStore::open(dir.path(), Algorithm::Es256).expect("keys"));
     let store = Store::open(&dir.path().join("bench.redb")).expect("store");
     let delivered = Arc::new(Counter::default());
-    let observer: Arc<dyn DeliveryObserver> = delivered.clone();
-    let transmitter = Transmitter::open(settings, store, keys, observer, Arc::new(NoHook)).expect("open");
+    let sink: Arc<dyn OutcomeSink> = delivered.clone();
+    let transmitter = Transmitter::open(settings, store, keys, sink, Arc::new(NoHook)).expect("open");
     let app = caep_transmitter::http::router(Arc::clone(&transmitter));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Bench { _dir: dir, transmitter, delivered, base }

@@ -64,9 +64,39 @@ pub struct DeadLetter {
     pub failed_at_ms: u64,
 }
 
+/// How a SET left the outbox.
+#[derive(Clone, Debug)]
+pub struct SetOutcome<'a> {
+    pub stream_id: &'a str,
+    pub set: &'a QueuedSet,
+    /// Acknowledged by the receiver (push 2xx, poll ack); otherwise dead-lettered.
+    pub delivered: bool,
+    pub at_ms: u64,
+    pub err: Option<&'a str>,
+}
+
+/// Records delivery outcomes inside the very transaction that takes the SETs
+/// out of the outbox, so an outcome is on disk exactly when its SET is gone
+/// from the queue: a crash can lose both (and the SET is sent again) but
+/// never one without the other. The hub records leaf latencies here.
+pub trait OutcomeSink: Send + Sync {
+    /// Called inside the outbox's write transaction; must write nothing when it fails.
+    fn record(&self, txn: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError>;
+}
+
+/// A sink that records nothing.
+pub struct NoSink;
+
+impl OutcomeSink for NoSink {
+    fn record(&self, _: &WriteTransaction, _: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
 /// The outbox, with one wake-up signal per stream.
 pub struct Outbox {
     store: Store,
+    sink: Arc<dyn OutcomeSink>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
@@ -80,9 +110,9 @@ fn storage<E: std::fmt::Display>(error: E) -> StoreError {
 }
 
 impl Outbox {
-    /// The outbox in `store`.
-    pub fn new(store: Store) -> Self {
-        Outbox { store, wakers: Mutex::new(HashMap::new()) }
+    /// The outbox in `store`, reporting outcomes to `sink`.
+    pub fn new(store: Store, sink: Arc<dyn OutcomeSink>) -> Self {
+        Outbox { store, sink, wakers: Mutex::new(HashMap::new()) }
     }
 
     /// The store this outbox lives in.
@@ -166,22 +196,36 @@ impl Outbox {
         })
     }
 
-    /// Removes delivered SETs of a stream by sequence. A lost removal only
+    /// Removes SETs receivers acknowledged by push, `(stream, seq, acked_at_ms)`,
+    /// recording their outcomes in the same transaction. A lost removal only
     /// causes a redelivery of the same `jti`, so the commit is lazy.
-    pub async fn remove_delivered(&self, stream_id: &str, seqs: Vec<u64>) -> Result<(), StoreError> {
-        let stream_id = stream_id.to_owned();
+    pub async fn remove_delivered(&self, delivered: Vec<(String, u64, u64)>) -> Result<(), StoreError> {
+        let sink = Arc::clone(&self.sink);
         self.store
             .write(Commit::Lazy, move |txn| {
-                let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-                let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
-                for seq in seqs {
-                    let removed = outbox.remove((stream_id.as_str(), seq)).map_err(storage)?;
-                    if let Some(row) = removed {
-                        let row: QueuedSet = decode(row.value())?;
-                        index.remove(row.jti.as_str()).map_err(storage)?;
+                let mut removed = Vec::with_capacity(delivered.len());
+                {
+                    let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+                    let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
+                    for (stream_id, seq, at_ms) in &delivered {
+                        let Some(row) = outbox.remove((stream_id.as_str(), *seq)).map_err(storage)? else { continue };
+                        let set: QueuedSet = decode(row.value())?;
+                        drop(row);
+                        index.remove(set.jti.as_str()).map_err(storage)?;
+                        removed.push((stream_id.as_str(), set, *at_ms));
                     }
                 }
-                Ok(())
+                let outcomes: Vec<SetOutcome<'_>> = removed
+                    .iter()
+                    .map(|(stream_id, set, at_ms)| SetOutcome {
+                        stream_id,
+                        set,
+                        delivered: true,
+                        at_ms: *at_ms,
+                        err: None,
+                    })
+                    .collect();
+                sink.record(txn, &outcomes)
             })
             .await
     }
@@ -191,11 +235,12 @@ impl Outbox {
     /// receiver can acknowledge another's events. Returns the removed rows.
     pub async fn ack(&self, stream_id: &str, jtis: Vec<String>) -> Result<Vec<QueuedSet>, StoreError> {
         let stream_id = stream_id.to_owned();
+        let sink = Arc::clone(&self.sink);
         self.store
             .write(Commit::Lazy, move |txn| {
                 let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
                 let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
-                let mut acked = Vec::new();
+                let mut acked: Vec<QueuedSet> = Vec::new();
                 for jti in jtis {
                     let seq = match index.get(jti.as_str()).map_err(storage)? {
                         Some(entry) if entry.value().0 == stream_id => entry.value().1,
@@ -206,6 +251,13 @@ impl Outbox {
                         acked.push(decode(row.value())?);
                     }
                 }
+                drop((outbox, index));
+                let at_ms = now_ms();
+                let outcomes: Vec<SetOutcome<'_>> = acked
+                    .iter()
+                    .map(|set| SetOutcome { stream_id: &stream_id, set, delivered: true, at_ms, err: None })
+                    .collect();
+                sink.record(txn, &outcomes)?;
                 Ok(acked)
             })
             .await
@@ -216,6 +268,7 @@ impl Outbox {
     /// operator must be able to find them.
     pub async fn dead_letter(&self, stream_id: &str, failures: Vec<Failure>) -> Result<Vec<DeadLetter>, StoreError> {
         let stream_id = stream_id.to_owned();
+        let sink = Arc::clone(&self.sink);
         self.store
             .write(Commit::Durable, move |txn| {
                 let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
@@ -246,6 +299,18 @@ impl Outbox {
                     dead.insert((stream_id.as_str(), seq), encode(&letter)?.as_slice()).map_err(storage)?;
                     moved.push(letter);
                 }
+                drop((outbox, index, dead));
+                let outcomes: Vec<SetOutcome<'_>> = moved
+                    .iter()
+                    .map(|letter| SetOutcome {
+                        stream_id: &stream_id,
+                        set: &letter.set,
+                        delivered: false,
+                        at_ms: now,
+                        err: Some(letter.err.as_str()),
+                    })
+                    .collect();
+                sink.record(txn, &outcomes)?;
                 Ok(moved)
             })
             .await
@@ -390,7 +455,7 @@ mod tests {
     fn open() -> (tempfile::TempDir, Outbox) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("db.redb")).expect("open");
-        (dir, Outbox::new(store))
+        (dir, Outbox::new(store, Arc::new(NoSink)))
     }
 
     fn jtis(pending: &[Pending]) -> Vec<&str> {
@@ -448,7 +513,7 @@ mod tests {
         let (_dir, outbox) = open();
         outbox.enqueue(vec![set("a", "1"), set("a", "2"), set("b", "3")]).await.expect("enqueue");
         let seq = outbox.pending("a", 0, 1).expect("pending")[0].seq;
-        outbox.remove_delivered("a", vec![seq]).await.expect("remove");
+        outbox.remove_delivered(vec![("a".into(), seq, 1)]).await.expect("remove");
         assert!(outbox.ack("a", vec!["1".into()]).await.expect("ack").is_empty(), "index entry gone");
         assert_eq!(outbox.purge("a").await.expect("purge"), 1);
         assert_eq!(outbox.total_depth().expect("depth"), 1);

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::outbox::{Failure, FailureTarget, Outbox, now_ms};
-use crate::push::DeliveryObserver;
 use crate::store::StoreError;
 
 /// SETs returned when the request does not say `maxEvents`.
@@ -70,13 +69,12 @@ pub fn parse_request(body: &[u8]) -> Result<PollRequest, String> {
 /// Serves one poll of `stream_id`, waiting at most `long_poll` for SETs.
 pub async fn poll(
     outbox: &Outbox,
-    observer: &dyn DeliveryObserver,
     stream_id: &str,
     status: StreamStatus,
     request: PollRequest,
     long_poll: Duration,
 ) -> Result<PollResponse, StoreError> {
-    settle(outbox, observer, stream_id, &request).await?;
+    settle(outbox, stream_id, &request).await?;
     let max = request.max_events.map_or(DEFAULT_MAX_EVENTS, |m| m as usize).min(MAX_EVENTS_CAP);
     // Paused streams hold their SETs; an ack-only poll (maxEvents 0) asks for none.
     if max == 0 || status != StreamStatus::Enabled {
@@ -103,19 +101,13 @@ pub async fn poll(
 }
 
 /// Applies `ack` and `setErrs`; only SETs of this stream are affected.
-async fn settle(
-    outbox: &Outbox,
-    observer: &dyn DeliveryObserver,
-    stream_id: &str,
-    request: &PollRequest,
-) -> Result<(), StoreError> {
+async fn settle(outbox: &Outbox, stream_id: &str, request: &PollRequest) -> Result<(), StoreError> {
     if !request.ack.is_empty() {
         let acked_at = now_ms();
         for set in outbox.ack(stream_id, request.ack.clone()).await? {
             metrics::counter!("caep_deliveries_total", "method" => "poll", "outcome" => "delivered").increment(1);
             let latency = acked_at.saturating_sub(set.enqueued_at_ms) as f64 / 1000.0;
             metrics::histogram!("caep_delivery_latency_seconds", "method" => "poll").record(latency);
-            observer.delivered(stream_id, &set, acked_at);
         }
     }
     if !request.set_errs.is_empty() {
@@ -128,9 +120,8 @@ async fn settle(
                 description: error.description.clone(),
             })
             .collect();
-        for letter in outbox.dead_letter(stream_id, failures).await? {
+        for _ in outbox.dead_letter(stream_id, failures).await? {
             metrics::counter!("caep_deliveries_total", "method" => "poll", "outcome" => "failed").increment(1);
-            observer.failed(stream_id, &letter.set, &letter.err);
         }
     }
     Ok(())
@@ -140,14 +131,13 @@ async fn settle(
 mod tests {
     use super::*;
     use crate::outbox::NewSet;
-    use crate::push::NoObserver;
     use crate::store::Store;
     use std::sync::Arc;
 
     fn open() -> (tempfile::TempDir, Arc<Outbox>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("db.redb")).expect("open");
-        (dir, Arc::new(Outbox::new(store)))
+        (dir, Arc::new(Outbox::new(store, Arc::new(crate::outbox::NoSink))))
     }
 
     fn sets(stream: &str, jtis: &[&str]) -> Vec<NewSet> {
@@ -166,7 +156,7 @@ mod tests {
     }
 
     async fn run(outbox: &Outbox, stream: &str, request: PollRequest) -> PollResponse {
-        poll(outbox, &NoObserver, stream, StreamStatus::Enabled, request, Duration::from_secs(5)).await.expect("poll")
+        poll(outbox, stream, StreamStatus::Enabled, request, Duration::from_secs(5)).await.expect("poll")
     }
 
     #[tokio::test]
@@ -211,7 +201,7 @@ mod tests {
             let outbox = Arc::clone(&outbox);
             tokio::spawn(async move {
                 let request = PollRequest { max_events: Some(5), ..Default::default() };
-                poll(&outbox, &NoObserver, "s", StreamStatus::Enabled, request, Duration::from_secs(10)).await
+                poll(&outbox, "s", StreamStatus::Enabled, request, Duration::from_secs(10)).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -221,9 +211,8 @@ mod tests {
 
         let started = std::time::Instant::now();
         let request = PollRequest { max_events: Some(5), ..Default::default() };
-        let empty = poll(&outbox, &NoObserver, "other", StreamStatus::Enabled, request, Duration::from_millis(200))
-            .await
-            .expect("poll");
+        let empty =
+            poll(&outbox, "other", StreamStatus::Enabled, request, Duration::from_millis(200)).await.expect("poll");
         assert!(empty.sets.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(190), "waited for the long-poll bound");
     }
@@ -232,9 +221,7 @@ mod tests {
     async fn paused_streams_hold_their_sets() {
         let (_dir, outbox) = open();
         outbox.enqueue(sets("s", &["a"])).await.expect("enqueue");
-        let held = poll(&outbox, &NoObserver, "s", StreamStatus::Paused, immediate(5, &[]), Duration::ZERO)
-            .await
-            .expect("poll");
+        let held = poll(&outbox, "s", StreamStatus::Paused, immediate(5, &[]), Duration::ZERO).await.expect("poll");
         assert!(held.sets.is_empty() && !held.more_available);
         assert_eq!(run(&outbox, "s", immediate(5, &[])).await.sets.len(), 1, "delivered once enabled");
     }

@@ -16,10 +16,10 @@ use backoff::ExponentialBackoffBuilder;
 use backoff::backoff::Backoff;
 use caep_schemas::event::StreamStatus;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::outbox::{Failure, FailureTarget, Outbox, Pending, QueuedSet, now_ms};
+use crate::outbox::{Failure, FailureTarget, Outbox, Pending, now_ms};
 use crate::ssrf::PushUrlGuard;
 
 /// How many queued SETs a worker reads at once.
@@ -68,23 +68,6 @@ impl std::fmt::Debug for PushRoute {
     }
 }
 
-/// Told when a SET reaches its receiver or is given up on; the hub uses it
-/// to measure each leaf's latency.
-pub trait DeliveryObserver: Send + Sync {
-    /// The receiver acknowledged the SET (push 202 or poll ack) at `acked_at_ms`.
-    fn delivered(&self, stream_id: &str, set: &QueuedSet, acked_at_ms: u64);
-    /// The SET was dead-lettered with `err`.
-    fn failed(&self, stream_id: &str, set: &QueuedSet, err: &str);
-}
-
-/// An observer that records nothing.
-pub struct NoObserver;
-
-impl DeliveryObserver for NoObserver {
-    fn delivered(&self, _: &str, _: &QueuedSet, _: u64) {}
-    fn failed(&self, _: &str, _: &QueuedSet, _: &str) {}
-}
-
 /// The result of one POST.
 #[derive(Debug, PartialEq)]
 enum Attempt {
@@ -101,21 +84,21 @@ pub struct Pusher {
     client: reqwest::Client,
     guard: PushUrlGuard,
     outbox: Arc<Outbox>,
-    observer: Arc<dyn DeliveryObserver>,
+    /// Acknowledged SETs `(stream, seq, acked_at_ms)`, removed from the
+    /// outbox in batches by one task.
+    acknowledged: mpsc::UnboundedSender<(String, u64, u64)>,
     policy: PushPolicy,
     workers: Mutex<HashMap<String, Worker>>,
 }
 
 impl Pusher {
     /// A pusher whose HTTP client resolves names through the SSRF guard.
-    pub fn new(
-        guard: PushUrlGuard,
-        outbox: Arc<Outbox>,
-        observer: Arc<dyn DeliveryObserver>,
-        policy: PushPolicy,
-    ) -> Result<Arc<Self>, reqwest::Error> {
+    /// Must run inside a tokio runtime.
+    pub fn new(guard: PushUrlGuard, outbox: Arc<Outbox>, policy: PushPolicy) -> Result<Arc<Self>, reqwest::Error> {
         let client = guard.client_builder().build()?;
-        Ok(Arc::new(Pusher { client, guard, outbox, observer, policy, workers: Mutex::new(HashMap::new()) }))
+        let (acknowledged, queue) = mpsc::unbounded_channel();
+        tokio::spawn(remove_acknowledged(Arc::clone(&outbox), queue));
+        Ok(Arc::new(Pusher { client, guard, outbox, acknowledged, policy, workers: Mutex::new(HashMap::new()) }))
     }
 
     /// Starts delivering a stream, or updates a running worker's route.
@@ -314,14 +297,12 @@ impl Delivery {
 
     async fn delivered(self) {
         let acked_at = now_ms();
-        let outbox = &self.pusher.outbox;
-        if let Err(error) = outbox.remove_delivered(&self.stream_id, vec![self.pending.seq]).await {
-            tracing::error!(stream_id = %self.stream_id, %error, "cannot record a delivery");
-        }
         metrics::counter!("caep_deliveries_total", "method" => "push", "outcome" => "delivered").increment(1);
         let latency = acked_at.saturating_sub(self.pending.set.enqueued_at_ms);
         metrics::histogram!("caep_delivery_latency_seconds", "method" => "push").record(latency as f64 / 1000.0);
-        self.pusher.observer.delivered(&self.stream_id, &self.pending.set, acked_at);
+        if self.pusher.acknowledged.send((self.stream_id, self.pending.seq, acked_at)).is_err() {
+            tracing::error!("acknowledgement recorder stopped; the SET will be sent again after a restart");
+        }
     }
 
     async fn give_up(self, err: String, description: String) {
@@ -332,7 +313,24 @@ impl Delivery {
             tracing::error!(stream_id = %self.stream_id, %error, "cannot dead-letter a SET");
         }
         metrics::counter!("caep_deliveries_total", "method" => "push", "outcome" => "failed").increment(1);
-        self.pusher.observer.failed(&self.stream_id, &self.pending.set, &err);
+    }
+}
+
+/// Removes acknowledged SETs from the outbox, as many per transaction as
+/// have arrived, so thousands of 202s a second cost a few commits.
+async fn remove_acknowledged(outbox: Arc<Outbox>, mut queue: mpsc::UnboundedReceiver<(String, u64, u64)>) {
+    const MAX_BATCH: usize = 2048;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = outbox.remove_delivered(batch).await {
+            tracing::error!(%error, "cannot record deliveries; they will be sent again after a restart");
+        }
     }
 }
 

@@ -15,8 +15,8 @@ use ipnet::IpNet;
 use crate::error::SsfError;
 use crate::keys::KeyStore;
 use crate::metadata::{TransmitterMetadata, paths};
-use crate::outbox::{NewSet, Outbox, now_ms};
-use crate::push::{DeliveryObserver, PushPolicy, PushRoute, Pusher};
+use crate::outbox::{NewSet, Outbox, OutcomeSink, now_ms};
+use crate::push::{PushPolicy, PushRoute, Pusher};
 use crate::receivers::{Receiver, Receivers};
 use crate::registry::{StreamRecord, StreamRegistry};
 use crate::ssrf::PushUrlGuard;
@@ -118,7 +118,6 @@ pub struct Transmitter {
     streams: StreamRegistry,
     pusher: Arc<Pusher>,
     pub(crate) guard: PushUrlGuard,
-    observer: Arc<dyn DeliveryObserver>,
     subject_hook: Arc<dyn SubjectHook>,
 }
 
@@ -145,14 +144,13 @@ impl Transmitter {
         settings: TransmitterSettings,
         store: Store,
         keys: Arc<KeyStore>,
-        observer: Arc<dyn DeliveryObserver>,
+        sink: Arc<dyn OutcomeSink>,
         subject_hook: Arc<dyn SubjectHook>,
     ) -> Result<Arc<Self>, OpenError> {
         let issuer_path = issuer_path(&settings.issuer)?;
-        let outbox = Arc::new(Outbox::new(store.clone()));
+        let outbox = Arc::new(Outbox::new(store.clone(), sink));
         let guard = PushUrlGuard::new(settings.push_allow.clone());
-        let pusher =
-            Pusher::new(guard.clone(), Arc::clone(&outbox), Arc::clone(&observer), settings.push_policy.clone())?;
+        let pusher = Pusher::new(guard.clone(), Arc::clone(&outbox), settings.push_policy.clone())?;
         let transmitter = Arc::new(Transmitter {
             metadata: TransmitterMetadata::for_issuer(&settings.issuer),
             issuer_path,
@@ -163,7 +161,6 @@ impl Transmitter {
             outbox,
             pusher,
             guard,
-            observer,
             subject_hook,
         });
         for record in transmitter.streams.all() {
@@ -200,10 +197,6 @@ impl Transmitter {
     /// The outbox.
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
-    }
-
-    pub(crate) fn observer(&self) -> &dyn DeliveryObserver {
-        self.observer.as_ref()
     }
 
     pub(crate) fn subject_hook(&self) -> &dyn SubjectHook {
@@ -480,7 +473,7 @@ pub fn open_in(
     keys: Arc<KeyStore>,
 ) -> Result<Arc<Transmitter>, OpenError> {
     let store = Store::open(&data_dir.join("caep-hub.redb"))?;
-    Transmitter::open(settings, store, keys, Arc::new(crate::push::NoObserver), Arc::new(NoHook))
+    Transmitter::open(settings, store, keys, Arc::new(crate::outbox::NoSink), Arc::new(NoHook))
 }
 
 #[cfg(test)]
