@@ -129,8 +129,11 @@ impl Hub {
         let jwks = keys.get().await.map_err(|e| IngestError::Unavailable(format!("issuer keys: {e}")))?;
         match SecurityEventToken::verify(token, &jwks, &expect) {
             Err(caep_schemas::set::SetError::Jose(caep_schemas::jose::JoseError::UnknownKey { kid })) => {
-                let jwks =
-                    keys.refresh_for_unknown_kid(&kid).await.map_err(|e| rejected("invalid_key", e.to_string()))?;
+                // Rate-limited or failed refetches are transient: the IdP retries
+                // (a key rotated moments ago must not be refused for good).
+                let jwks = keys.refresh_for_unknown_kid(&kid).await.map_err(|e| {
+                    if e.is_transient() { IngestError::Unavailable(e.to_string()) } else { rejected("invalid_key", e.to_string()) }
+                })?;
                 SecurityEventToken::verify(token, &jwks, &expect).map_err(set_rejection)
             }
             other => other.map_err(set_rejection),

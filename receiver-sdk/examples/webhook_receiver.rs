@@ -24,7 +24,7 @@
 //! cargo run -p caep-receiver --example webhook_receiver
 //! ```
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -41,6 +41,7 @@ fn required(name: &str) -> Result<String, BoxError> {
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -99,7 +100,12 @@ async fn main() -> Result<(), BoxError> {
         tracing::warn!(%error, stream_id = %stream_id, "could not delete the stream");
     }
     stop_server.send(()).ok();
-    server.await??;
+    // Graceful shutdown waits for open connections; the hub may hold a
+    // keep-alive one, so do not wait for it for long.
+    match tokio::time::timeout(Duration::from_secs(3), server).await {
+        Ok(served) => served??,
+        Err(_) => tracing::debug!("push server still had open connections at exit"),
+    }
     Ok(())
 }
 

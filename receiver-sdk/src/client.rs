@@ -275,8 +275,8 @@ impl Receiver {
     pub async fn create_stream(&self, request: &StreamRequest) -> Result<StreamConfiguration, ReceiverError> {
         let url = self.configuration_endpoint()?;
         let config: StreamConfiguration = self.call_json(Method::POST, &url, Some(request.to_body(None))).await?;
-        tracing::info!(stream_id = %config.stream_id, method = ?config.delivery.as_ref().map(|d| d.method.as_str()),
-            "stream created");
+        let method = config.delivery.as_ref().map_or("", |delivery| delivery.method.as_str());
+        tracing::info!(stream_id = %config.stream_id, method, "stream created");
         Ok(config)
     }
 
@@ -338,7 +338,7 @@ impl Receiver {
     pub async fn delete_stream(&self, stream_id: &str) -> Result<(), ReceiverError> {
         let url = Self::with_stream_id(&self.configuration_endpoint()?, stream_id)?;
         self.call_empty(Method::DELETE, &url, None).await?;
-        tracing::info!(stream_id, "stream deleted");
+        tracing::info!(%stream_id, "stream deleted");
         Ok(())
     }
 
@@ -407,7 +407,7 @@ impl Receiver {
     /// As [`add_subject`](Self::add_subject).
     pub async fn touch(&self, stream_id: &str, session_id: &str) -> Result<(), ReceiverError> {
         self.add_subject(stream_id, &SubjectId::session_of(SubjectId::opaque(session_id), None)).await?;
-        tracing::debug!(stream_id, session_id, "touch reported");
+        tracing::debug!(%stream_id, %session_id, "touch reported");
         Ok(())
     }
 
@@ -443,7 +443,7 @@ impl Receiver {
         self.request_verification(stream_id, Some(&state)).await?;
         match tokio::time::timeout(timeout, &mut waiter.receiver).await {
             Ok(Ok(())) => {
-                tracing::info!(stream_id, "stream verified");
+                tracing::info!(%stream_id, "stream verified");
                 Ok(())
             }
             Ok(Err(_)) | Err(_) => Err(ReceiverError::VerificationTimeout { stream_id: stream_id.to_owned(), timeout }),
@@ -491,7 +491,7 @@ impl Verifications {
             .get(state)
             .is_some_and(|(stream_id, _)| matches!(&event.set.sub_id, SubjectId::Opaque { id } if id == stream_id));
         if matches && let Some((stream_id, sender)) = pending.remove(state) {
-            tracing::debug!(stream_id, jti = %event.set.jti, "verification SET received");
+            tracing::debug!(%stream_id, jti = %event.set.jti, "verification SET received");
             // The waiter may have timed out meanwhile; nothing to do then.
             let _ = sender.send(());
         }

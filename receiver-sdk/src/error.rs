@@ -60,11 +60,21 @@ pub enum ReceiverError {
         reason: String,
     },
     /// No keys are cached and the last fetch of the JWKS failed too recently
-    /// to try again (see [`JwksCache`](crate::jwks::JwksCache)).
-    #[error("the JWKS at {url} is unavailable (the last fetch failed; refetching is rate-limited)")]
+    /// to try again (see [`JwksCache::get`](crate::jwks::JwksCache::get)).
+    #[error("the JWKS at {url} is unavailable (the last fetch failed moments ago)")]
     JwksUnavailable {
         /// The `jwks_uri`.
         url: String,
+    },
+    /// A token names a key the cached JWKS lacks, and the JWKS was fetched
+    /// too recently to fetch it again (see
+    /// [`JwksCache::refresh_for_unknown_kid`](crate::jwks::JwksCache::refresh_for_unknown_kid)).
+    #[error("unknown key; the JWKS at {url} may be fetched again in {retry_in:?}")]
+    RefetchRateLimited {
+        /// The `jwks_uri`.
+        url: String,
+        /// Time until a refetch is allowed.
+        retry_in: Duration,
     },
     /// The transmitter's metadata names a different issuer than the one the
     /// receiver was configured with, so its SETs could not be trusted.
@@ -123,7 +133,9 @@ impl ReceiverError {
     /// failures, 429 and 5xx answers.
     pub fn is_transient(&self) -> bool {
         match self {
-            ReceiverError::Transport { .. } | ReceiverError::JwksUnavailable { .. } => true,
+            ReceiverError::Transport { .. }
+            | ReceiverError::JwksUnavailable { .. }
+            | ReceiverError::RefetchRateLimited { .. } => true,
             ReceiverError::Status { status, .. } => *status == 429 || *status >= 500,
             _ => false,
         }

@@ -26,6 +26,9 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// keeps a hostile or broken endpoint from filling memory.
 pub const DEFAULT_MAX_BODY: usize = 256 * 1024;
 
+/// How soon a fetch is retried when none has succeeded yet.
+const FAILED_FETCH_RETRY: Duration = Duration::from_secs(1);
+
 /// Where a fetched JWKS comes from.
 struct Source {
     client: reqwest::Client,
@@ -60,14 +63,15 @@ struct FetchState {
 /// use caep_receiver::jwks::JwksCache;
 /// use caep_schemas::jose::{Algorithm, Jwks, SigningKey};
 ///
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let key = SigningKey::generate(Algorithm::Es256)?;
 /// let cache = JwksCache::from_jwks(Jwks::from_keys([&key]));
 /// assert!(cache.get().await?.contains(key.kid()));
 /// // A fixed key set is never refetched: an unknown kid stays unknown.
 /// assert!(!cache.refresh_for_unknown_kid("other").await?.contains("other"));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// # }).unwrap();
+/// # Ok(())
+/// # }
 /// ```
 pub struct JwksCache {
     source: Option<Source>,
@@ -175,7 +179,8 @@ impl JwksCache {
     /// # Errors
     ///
     /// When nothing is cached and the fetch fails (transport, status, a body
-    /// that is too large or not a JWKS).
+    /// that is too large or not a JWKS), or failed less than a second ago
+    /// ([`ReceiverError::JwksUnavailable`]).
     pub async fn get(&self) -> Result<Arc<Jwks>, ReceiverError> {
         let cached = self.cached();
         let Some(source) = &self.source else {
@@ -199,40 +204,49 @@ impl JwksCache {
                     Ok(cached.jwks)
                 }
             },
+            // Nothing to verify with: retry soon, but not for every token
+            // that arrives while the endpoint is down.
+            None if state.last_attempt.is_some_and(|last| last.elapsed() < FAILED_FETCH_RETRY) => {
+                Err(ReceiverError::JwksUnavailable { url: source.uri.clone() })
+            }
             None => self.fetch_now(source, &mut state).await,
         }
     }
 
     /// Called when a token names `kid` and the cached keys lack it: refetches
     /// the JWKS unless the last fetch was less than the refetch interval ago,
-    /// and returns the (possibly unchanged) keys. The caller retries the
-    /// verification once with them.
+    /// and returns the keys. The caller retries the verification once with
+    /// them; if the key is still missing, the transmitter does not publish it.
     ///
-    /// A fixed key set is returned unchanged.
+    /// Concurrent callers share one fetch: a caller that waited for another's
+    /// fetch uses its result. A fixed key set is returned unchanged.
     ///
     /// # Errors
     ///
-    /// When the fetch fails and nothing is cached, or nothing is cached and
-    /// the rate limit forbids fetching again
-    /// ([`ReceiverError::JwksUnavailable`]).
+    /// [`ReceiverError::RefetchRateLimited`] when the key is missing and the
+    /// rate limit forbids asking again yet: the key may have been published
+    /// since (a rotation), so the caller should treat the token as "not now"
+    /// rather than refuse it for good. Fetch errors as in [`get`](Self::get).
     pub async fn refresh_for_unknown_kid(&self, kid: &str) -> Result<Arc<Jwks>, ReceiverError> {
         let Some(source) = &self.source else {
             return Ok(self.cached().map(|cached| cached.jwks).unwrap_or_default());
         };
+        let asked_at = Instant::now();
         let mut state = self.fetch.lock().await;
         let cached = self.cached();
-        // A concurrent caller's fetch may already have brought the key.
-        if let Some(cached) = &cached
-            && cached.jwks.contains(kid)
-        {
-            return Ok(Arc::clone(&cached.jwks));
+        if let Some(cached) = &cached {
+            // A concurrent caller's fetch may already have brought the key, or,
+            // having completed while we waited, shown that it is not published.
+            if cached.jwks.contains(kid) || cached.fetched_at >= asked_at {
+                return Ok(Arc::clone(&cached.jwks));
+            }
         }
-        if self.rate_limited(&state) {
+        if let Some(last) = state.last_attempt.filter(|last| last.elapsed() < self.refetch_interval) {
             tracing::debug!(jwks_uri = %source.uri, kid, "unknown kid; JWKS refetch rate-limited");
-            return match cached {
-                Some(cached) => Ok(cached.jwks),
-                None => Err(ReceiverError::JwksUnavailable { url: source.uri.clone() }),
-            };
+            return Err(ReceiverError::RefetchRateLimited {
+                url: source.uri.clone(),
+                retry_in: self.refetch_interval.saturating_sub(last.elapsed()),
+            });
         }
         tracing::info!(jwks_uri = %source.uri, kid, "unknown kid; refetching the JWKS");
         self.fetch_now(source, &mut state).await

@@ -1,4 +1,5 @@
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 //! The relying party's SDK for caep-hub (and any SSF 1.0 transmitter):
 //! verify Security Event Tokens as strictly as the standards ask, receive
 //! them by push (RFC 8935) or poll (RFC 8936), manage streams, and report

@@ -49,7 +49,9 @@ pub enum VerifyError {
         /// The `jti`.
         jti: String,
     },
-    /// The verification keys could not be fetched.
+    /// The verification keys could not be fetched, or the token names a key
+    /// the cache lacks and the JWKS may not be refetched yet (it may have
+    /// been rotated moments ago, so this is "not now", not "never").
     #[error("verification keys unavailable: {0}")]
     KeysUnavailable(#[source] ReceiverError),
 }
@@ -141,7 +143,8 @@ impl Verified {
 /// use caep_schemas::set::SecurityEventToken;
 /// use caep_schemas::subject::SubjectId;
 ///
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let key = SigningKey::generate(Algorithm::Es256)?;
 /// let verifier = SetVerifier::new(
 ///     "https://hub.example.com",
@@ -167,8 +170,8 @@ impl Verified {
 ///     JwksCache::from_jwks(Jwks::from_keys([&key])),
 /// );
 /// assert_eq!(other.verify(&token).await.unwrap_err().rfc8935_err(), "invalid_audience");
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// # }).unwrap();
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct SetVerifier {
@@ -178,6 +181,7 @@ pub struct SetVerifier {
     replay: Arc<ReplayCache>,
     max_future_skew: Duration,
     max_age: Option<Duration>,
+    algorithms: Vec<Algorithm>,
 }
 
 impl SetVerifier {
@@ -192,7 +196,24 @@ impl SetVerifier {
             replay: Arc::new(ReplayCache::default()),
             max_future_skew: DEFAULT_MAX_FUTURE_SKEW,
             max_age: None,
+            algorithms: Algorithm::ALL.to_vec(),
         }
+    }
+
+    /// Narrows the accepted algorithms (default: ES256, RS256 and EdDSA, the
+    /// only ones [`caep_schemas::jose`] knows; `none` and HMAC never pass).
+    /// The CAEP interoperability profile, for example, asks for RS256 only.
+    ///
+    /// ```
+    /// # use caep_receiver::{jwks::JwksCache, verify::SetVerifier};
+    /// use caep_schemas::jose::Algorithm;
+    /// let verifier = SetVerifier::new("https://hub.example.com", "https://rp.example.com",
+    ///     JwksCache::from_jwks(Default::default()))
+    ///     .with_algorithms(&[Algorithm::Rs256]);
+    /// ```
+    pub fn with_algorithms(mut self, algorithms: &[Algorithm]) -> Self {
+        self.algorithms = algorithms.to_vec();
+        self
     }
 
     /// Uses `replay` for `jti` de-duplication.
@@ -264,6 +285,9 @@ impl SetVerifier {
             }
             other => other.map_err(SetError::from)?,
         };
+        if !self.algorithms.contains(&jose_verified.alg) {
+            return Err(SetError::from(JoseError::UnsupportedAlgorithm { alg: jose_verified.alg.to_string() }).into());
+        }
         let set = SecurityEventToken::from_claims(jose_verified.payload)?;
         let claim = match ReplayCache::claim(&self.replay, &set.jti) {
             Claim::Fresh(claim) => claim,
@@ -293,5 +317,53 @@ impl SetVerifier {
             return Err(error.into());
         }
         Ok(Verified { set, kid: jose_verified.kid, alg: jose_verified.alg, duplicate: false, claim: Some(claim) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caep_schemas::event::{Event, SessionRevoked};
+    use caep_schemas::jose::{Jwks, SigningKey};
+    use caep_schemas::subject::SubjectId;
+
+    const ISS: &str = "https://hub.example.com";
+    const AUD: &str = "https://rp.example.com";
+
+    fn signed(key: &SigningKey, aud: &str) -> String {
+        let event = Event::SessionRevoked(SessionRevoked::default());
+        SecurityEventToken::new(ISS, aud, SubjectId::session_of(SubjectId::opaque("s"), None), event)
+            .sign(key)
+            .expect("sign")
+    }
+
+    #[tokio::test]
+    async fn the_algorithm_allowlist_can_be_narrowed() {
+        let key = SigningKey::generate(Algorithm::Es256).expect("key");
+        let verifier = SetVerifier::new(ISS, AUD, JwksCache::from_jwks(Jwks::from_keys([&key])))
+            .with_algorithms(&[Algorithm::Rs256]);
+        let error = verifier.verify(&signed(&key, AUD)).await.expect_err("ES256 refused");
+        assert_eq!(error.rfc8935_err(), "invalid_request");
+        assert!(verifier.replay_cache().is_empty(), "nothing recorded for a refused algorithm");
+    }
+
+    #[tokio::test]
+    async fn a_refused_set_is_refused_again_and_an_unaccepted_one_is_handled_again() {
+        let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+        let verifier = SetVerifier::new(ISS, AUD, JwksCache::from_jwks(Jwks::from_keys([&key])));
+        let wrong_aud = signed(&key, "https://other.example.com");
+        assert!(matches!(verifier.verify(&wrong_aud).await, Err(VerifyError::Set(SetError::WrongAudience))));
+        let again = verifier.verify(&wrong_aud).await.expect_err("still refused");
+        assert!(matches!(again, VerifyError::Repeated { err: "invalid_audience", .. }), "{again}");
+
+        let token = signed(&key, AUD);
+        let first = verifier.verify(&token).await.expect("verifies");
+        let concurrent = verifier.verify(&token).await.expect_err("a copy while the first is handled");
+        assert!(concurrent.is_transient());
+        drop(first);
+        let retried = verifier.verify(&token).await.expect("handled again after a failure");
+        assert!(!retried.duplicate);
+        retried.accept();
+        assert!(verifier.verify(&token).await.expect("duplicate").duplicate);
     }
 }
