@@ -21,17 +21,30 @@ const CASCADES: TableDefinition<&str, &[u8]> = TableDefinition::new("cascades");
 const LEAVES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("cascade_leaves");
 const PLANNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("cascade_planned");
 
-/// One cascade.
+/// One event a cascade's leaves carry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CascadeEvent {
+    pub event_type: String,
+    pub event: Value,
+}
+
+/// One cascade: everything one cause (one IdP `txn`) sent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CascadeRecord {
+    /// Where the cascade is stored and reported: the IdP's `txn`, or, when
+    /// another IdP already used that `txn`, the `txn` tagged with this IdP.
+    pub key: String,
+    /// The `txn` every leaf carries on the wire.
     pub txn: String,
     /// What the cascade started from, e.g. `session:S1` or `user:...`.
     pub root: String,
     /// The IdP that caused it.
     pub issuer: String,
-    /// Type and payload of the event every leaf carries.
+    /// The first event's type (for reports).
     pub event_type: String,
-    pub event: Value,
+    /// Every event of this cause; each leaf names the one it carries. IdPs
+    /// may send several events with one `txn` (SSF: SETs with one cause).
+    pub events: Vec<CascadeEvent>,
     pub started_at_ms: u64,
     pub total: u64,
     pub delivered: u64,
@@ -63,6 +76,9 @@ pub struct Leaf {
     pub session: SubjectId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<SubjectId>,
+    /// Index of the event it carries in the cascade's `events`.
+    #[serde(default)]
+    pub event: usize,
     pub planned_at_ms: u64,
     pub status: LeafStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,23 +98,50 @@ fn storage<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::storage(error)
 }
 
-/// A cascade by `txn`, inside a write transaction.
-pub fn cascade(txn: &WriteTransaction, id: &str) -> Result<Option<CascadeRecord>, StoreError> {
+/// A cascade by key, inside a write transaction.
+pub fn cascade(txn: &WriteTransaction, key: &str) -> Result<Option<CascadeRecord>, StoreError> {
     let table = txn.open_table(CASCADES).map_err(storage)?;
-    let row = table.get(id).map_err(storage)?;
+    let row = table.get(key).map_err(storage)?;
     row.map(|value| decode(value.value())).transpose()
 }
 
 fn put_cascade(txn: &WriteTransaction, record: &CascadeRecord) -> Result<(), StoreError> {
     let bytes = encode(record)?;
-    txn.open_table(CASCADES).map_err(storage)?.insert(record.txn.as_str(), bytes.as_slice()).map_err(storage)?;
+    txn.open_table(CASCADES).map_err(storage)?.insert(record.key.as_str(), bytes.as_slice()).map_err(storage)?;
     Ok(())
 }
 
-/// Adds leaves to a cascade (creating the cascade from `template` if it is
-/// new), all `planned`.
-pub fn plan(txn: &WriteTransaction, template: &CascadeRecord, leaves: &[Leaf]) -> Result<CascadeRecord, StoreError> {
-    let mut record = cascade(txn, &template.txn)?.unwrap_or_else(|| template.clone());
+/// The key of `issuer`'s cascade with wire `txn`: the `txn` itself unless
+/// another IdP's cascade holds it, so two IdPs never share a cascade.
+pub fn key_for(txn: &WriteTransaction, wire_txn: &str, issuer: &str) -> Result<String, StoreError> {
+    match cascade(txn, wire_txn)? {
+        Some(existing) if existing.issuer != issuer => {
+            use sha2::Digest;
+            let tag: String =
+                sha2::Sha256::digest(issuer.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
+            Ok(format!("{wire_txn}~{tag}"))
+        }
+        _ => Ok(wire_txn.to_owned()),
+    }
+}
+
+/// Adds leaves carrying `event` to the cascade `template.key` (created from
+/// `template` if new), all `planned`. Returns the cascade and the leaves,
+/// each now naming its event.
+pub fn plan(
+    txn: &WriteTransaction,
+    template: &CascadeRecord,
+    event: &CascadeEvent,
+    mut leaves: Vec<Leaf>,
+) -> Result<(CascadeRecord, Vec<Leaf>), StoreError> {
+    let mut record = cascade(txn, &template.key)?.unwrap_or_else(|| template.clone());
+    let index = match record.events.iter().position(|known| known == event) {
+        Some(index) => index,
+        None => {
+            record.events.push(event.clone());
+            record.events.len() - 1
+        }
+    };
     record.total += leaves.len() as u64;
     if !leaves.is_empty() {
         record.completed_at_ms = None;
@@ -108,27 +151,28 @@ pub fn plan(txn: &WriteTransaction, template: &CascadeRecord, leaves: &[Leaf]) -
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
         let mut planned = txn.open_table(PLANNED).map_err(storage)?;
-        for leaf in leaves {
-            table.insert((record.txn.as_str(), leaf.jti.as_str()), encode(leaf)?.as_slice()).map_err(storage)?;
-            planned.insert((record.txn.as_str(), leaf.jti.as_str()), ()).map_err(storage)?;
+        for leaf in &mut leaves {
+            leaf.event = index;
+            table.insert((record.key.as_str(), leaf.jti.as_str()), encode(&*leaf)?.as_slice()).map_err(storage)?;
+            planned.insert((record.key.as_str(), leaf.jti.as_str()), ()).map_err(storage)?;
         }
     }
     put_cascade(txn, &record)?;
-    Ok(record)
+    Ok((record, leaves))
 }
 
 /// Marks planned leaves as in the outbox.
-pub fn mark_pending(txn: &WriteTransaction, cascade_txn: &str, jtis: &[String]) -> Result<(), StoreError> {
+pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) -> Result<(), StoreError> {
     let mut planned = txn.open_table(PLANNED).map_err(storage)?;
     let mut table = txn.open_table(LEAVES).map_err(storage)?;
     for jti in jtis {
-        planned.remove((cascade_txn, jti.as_str())).map_err(storage)?;
-        let Some(row) = table.get((cascade_txn, jti.as_str())).map_err(storage)? else { continue };
+        planned.remove((cascade_key, jti.as_str())).map_err(storage)?;
+        let Some(row) = table.get((cascade_key, jti.as_str())).map_err(storage)? else { continue };
         let mut leaf: Leaf = decode(row.value())?;
         drop(row);
         if leaf.status == LeafStatus::Planned {
             leaf.status = LeafStatus::Pending;
-            table.insert((cascade_txn, jti.as_str()), encode(&leaf)?.as_slice()).map_err(storage)?;
+            table.insert((cascade_key, jti.as_str()), encode(&leaf)?.as_slice()).map_err(storage)?;
         }
     }
     Ok(())
@@ -163,6 +207,7 @@ pub fn all_planned(txn: &ReadTransaction) -> Result<Vec<(CascadeRecord, Vec<Leaf
 /// A delivery outcome reported by the transmitter.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// The cascade key (carried as the outbox row's `txn`).
     pub txn: String,
     pub jti: String,
     pub delivered: bool,
@@ -321,6 +366,7 @@ mod tests {
             session_id: "s".into(),
             session: SubjectId::opaque("s"),
             user: None,
+            event: 0,
             planned_at_ms: at,
             status: LeafStatus::Planned,
             acked_at_ms: None,
@@ -330,17 +376,42 @@ mod tests {
 
     fn template(txn: &str) -> CascadeRecord {
         CascadeRecord {
+            key: txn.into(),
             txn: txn.into(),
             root: "session:s".into(),
             issuer: "https://idp".into(),
             event_type: "x".into(),
-            event: Value::Null,
+            events: Vec::new(),
             started_at_ms: 100,
             total: 0,
             delivered: 0,
             failed: 0,
             completed_at_ms: None,
         }
+    }
+
+    fn event() -> CascadeEvent {
+        CascadeEvent { event_type: "x".into(), event: Value::Null }
+    }
+
+    #[tokio::test]
+    async fn events_sharing_a_txn_keep_their_own_event_and_other_issuers_get_their_own_cascade() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("c.redb")).expect("open");
+        let (first, second, other_key) = store
+            .write(Commit::Durable, |txn| {
+                let a = CascadeEvent { event_type: "a".into(), event: Value::Null };
+                let b = CascadeEvent { event_type: "b".into(), event: Value::Null };
+                let (_, first) = plan(txn, &template("t"), &a, vec![leaf("1", "s", 1)])?;
+                let (record, second) = plan(txn, &template("t"), &b, vec![leaf("2", "s", 1)])?;
+                assert_eq!(record.events, [a, b]);
+                let other_key = key_for(txn, "t", "https://another-idp")?;
+                Ok((first, second, other_key))
+            })
+            .await
+            .expect("plan");
+        assert_eq!((first[0].event, second[0].event), (0, 1));
+        assert!(other_key.starts_with("t~") && other_key.len() > 2, "{other_key}");
     }
 
     #[test]
@@ -358,7 +429,7 @@ mod tests {
         let store = Store::open(&dir.path().join("c.redb")).expect("open");
         store
             .write(Commit::Durable, |txn| {
-                plan(txn, &template("t1"), &[leaf("a", "s1", 100), leaf("b", "s2", 100)])?;
+                plan(txn, &template("t1"), &event(), vec![leaf("a", "s1", 100), leaf("b", "s2", 100)])?;
                 mark_pending(txn, "t1", &["a".into(), "b".into()])
             })
             .await
@@ -394,7 +465,10 @@ mod tests {
     async fn planned_leaves_are_listed_for_recovery() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("c.redb")).expect("open");
-        store.write(Commit::Durable, |txn| plan(txn, &template("t2"), &[leaf("x", "s1", 1)])).await.expect("plan");
+        store
+            .write(Commit::Durable, |txn| plan(txn, &template("t2"), &event(), vec![leaf("x", "s1", 1)]).map(drop))
+            .await
+            .expect("plan");
         let planned = store.read(all_planned).expect("read");
         assert_eq!(planned.len(), 1);
         assert_eq!(planned[0].1[0].jti, "x");

@@ -19,6 +19,8 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const CHILDREN: TableDefinition<(&str, &str), ()> = TableDefinition::new("session_children");
 const TOUCHES: TableDefinition<(&str, &str), u64> = TableDefinition::new("session_touches");
 const USER_SESSIONS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_sessions");
+/// (session, stream) pairs already sent a session-revoked: one per pair, ever.
+const REVOCATIONS_SENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("revocations_sent");
 
 /// Why and when a session was revoked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,6 +120,13 @@ pub fn touch(txn: &WriteTransaction, session_id: &str, stream_id: &str, at_ms: u
     }
     touches.insert((session_id, stream_id), at_ms).map_err(storage)?;
     Ok(true)
+}
+
+/// Marks that `stream_id` is (being) told of `session_id`'s revocation;
+/// false when it already was, so no path sends a pair twice.
+pub fn claim_revocation(txn: &WriteTransaction, session_id: &str, stream_id: &str) -> Result<bool, StoreError> {
+    let mut sent = txn.open_table(REVOCATIONS_SENT).map_err(storage)?;
+    Ok(sent.insert((session_id, stream_id), ()).map_err(storage)?.is_none())
 }
 
 /// The streams a session touched.

@@ -13,13 +13,13 @@ use std::sync::{Arc, OnceLock, Weak};
 use caep_schemas::event::{CaepCommon, Event, SessionRevoked, event_type};
 use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_schemas::subject::SubjectId;
-use caep_transmitter::outbox::{Outbox, OutcomeSink, SetOutcome, now_ms};
+use caep_transmitter::outbox::{NewSet, Outbox, OutcomeSink, SetOutcome, now_ms};
 use caep_transmitter::registry::{StreamRecord, StreamRegistry};
 use caep_transmitter::service::{BoxFuture, Outgoing, SubjectHook, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
-use crate::cascade::{self, CascadeRecord, Leaf, LeafStatus, Outcome};
+use crate::cascade::{self, CascadeEvent, CascadeRecord, Leaf, LeafStatus, Outcome};
 use crate::graph::{self, Revocation, SessionRecord};
 use crate::issuers::Issuers;
 
@@ -132,7 +132,11 @@ impl Hub {
                 // Rate-limited or failed refetches are transient: the IdP retries
                 // (a key rotated moments ago must not be refused for good).
                 let jwks = keys.refresh_for_unknown_kid(&kid).await.map_err(|e| {
-                    if e.is_transient() { IngestError::Unavailable(e.to_string()) } else { rejected("invalid_key", e.to_string()) }
+                    if e.is_transient() {
+                        IngestError::Unavailable(e.to_string())
+                    } else {
+                        rejected("invalid_key", e.to_string())
+                    }
                 })?;
                 SecurityEventToken::verify(token, &jwks, &expect).map_err(set_rejection)
             }
@@ -193,13 +197,15 @@ impl Hub {
             .map_err(StoreError::storage)?
             .map_err(StoreError::storage)?;
         drop(permit);
+        // The outbox row carries the cascade key, so outcomes find their leaf.
+        let signed: Vec<_> = signed.into_iter().map(|set| NewSet { txn: Some(record.key.clone()), ..set }).collect();
         let signed_jtis: BTreeSet<&str> = signed.iter().map(|set| set.jti.as_str()).collect();
         // A leaf whose stream vanished or was disabled meanwhile cannot be sent.
         let dropped: Vec<Outcome> = leaves
             .iter()
             .filter(|leaf| !signed_jtis.contains(leaf.jti.as_str()))
             .map(|leaf| Outcome {
-                txn: record.txn.clone(),
+                txn: record.key.clone(),
                 jti: leaf.jti.clone(),
                 delivered: false,
                 at_ms: now_ms(),
@@ -208,13 +214,13 @@ impl Hub {
             .collect();
         let streams: BTreeSet<String> = signed.iter().map(|set| set.stream_id.clone()).collect();
         let jtis: Vec<String> = signed.iter().map(|set| set.jti.clone()).collect();
-        let cascade_txn = record.txn.clone();
+        let cascade_key = record.key.clone();
         // Lazy: the durable plan already holds these leaves; a lost insert
         // leaves them planned, and start-up signs them again (same jti).
         self.store
             .write(Commit::Lazy, move |txn| {
                 Outbox::insert(txn, &signed)?;
-                cascade::mark_pending(txn, &cascade_txn, &jtis)
+                cascade::mark_pending(txn, &cascade_key, &jtis)
             })
             .await?;
         self.transmitter.wake(&streams);
@@ -226,7 +232,8 @@ impl Hub {
 
     fn leaf_set(&self, record: &CascadeRecord, leaf: &Leaf) -> Option<Outgoing> {
         let stream = self.transmitter.streams().get(&leaf.stream_id)?;
-        let event = Event::from_parts(&record.event_type, record.event.clone()).ok()?;
+        let carried = record.events.get(leaf.event)?;
+        let event = Event::from_parts(&carried.event_type, carried.event.clone()).ok()?;
         let mut set = SecurityEventToken::new(
             self.issuer.clone(),
             stream.config.aud.clone(),
@@ -357,13 +364,22 @@ impl Effect<'_> {
             revoked: revoked.clone(),
         };
         graph::insert_session(self.txn, &record)?;
-        // A session new to the graph and born revoked: touches that arrived
-        // before its establish must learn of the revocation now. (A tombstone's
-        // touches were planned when they happened.)
-        match revoked {
-            Some(revocation) if existing.is_none() => self.plan_for_revoked(&[record], &revocation),
-            _ => Ok(Plan::default()),
+        let Some(revocation) = revoked else { return Ok(Plan::default()) };
+        // Born revoked. Touches of a session new to the graph must learn of it
+        // now (a tombstone's touches were planned when they happened), and so
+        // must sessions already established under it: a child's establish can
+        // overtake its parent's, since push delivery is unordered.
+        let mut sessions = if existing.is_none() { vec![record] } else { Vec::new() };
+        for id in graph::subtree(self.txn, std::slice::from_ref(&session_id))?.into_iter().skip(1) {
+            let Some(mut descendant) = graph::session(self.txn, &id)? else { continue };
+            if descendant.revoked.is_some() || descendant.issuer != self.set.iss {
+                continue;
+            }
+            descendant.revoked = Some(revocation.clone());
+            graph::put_session(self.txn, &descendant)?;
+            sessions.push(descendant);
         }
+        self.plan_for_revoked(&sessions, &revocation)
     }
 
     fn presented(&self, audience: Option<&str>) -> Result<Plan, IngestError> {
@@ -430,7 +446,10 @@ impl Effect<'_> {
     /// Marks every session under `roots` revoked and plans one leaf per
     /// (touched stream, newly revoked session).
     fn revoke_subtrees(&self, roots: &[String], root: &str, event: SessionRevoked) -> Result<Plan, IngestError> {
-        let revocation = Revocation { txn: self.txn_id(), at_ms: self.now };
+        let wire_txn = self.txn_id();
+        let key = cascade::key_for(self.txn, &wire_txn, &self.set.iss)?;
+        // A session remembers the cascade (by key) that revoked it.
+        let revocation = Revocation { txn: key.clone(), at_ms: self.now };
         let mut newly = Vec::new();
         for session_id in graph::subtree(self.txn, roots)? {
             let Some(mut record) = graph::session(self.txn, &session_id)? else { continue };
@@ -442,10 +461,11 @@ impl Effect<'_> {
             graph::put_session(self.txn, &record)?;
             newly.push(record);
         }
-        let template = self.cascade_template(&revocation.txn, root, &Event::SessionRevoked(event));
+        let event = Event::SessionRevoked(event);
+        let template = self.cascade_template(&key, &wire_txn, root, &event);
         let leaves = plan_leaves(self.txn, self.streams, &newly, event_type::SESSION_REVOKED, self.now)?;
-        let record = cascade::plan(self.txn, &template, &leaves)?;
-        tracing::info!(txn = %revocation.txn, root, sessions = newly.len(), leaves = leaves.len(), "revocation cascade planned");
+        let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&event), leaves)?;
+        tracing::info!(txn = %wire_txn, root, sessions = newly.len(), leaves = leaves.len(), "revocation cascade planned");
         let mut plan = Plan::default();
         plan.add(record, leaves);
         Ok(plan)
@@ -458,7 +478,8 @@ impl Effect<'_> {
             return Ok(plan);
         }
         let Some(existing) = cascade::cascade(self.txn, &revocation.txn)? else { return Ok(plan) };
-        let record = cascade::plan(self.txn, &existing, &leaves)?;
+        let Some(event) = revocation_event(&existing) else { return Ok(plan) };
+        let (record, leaves) = cascade::plan(self.txn, &existing, &event, leaves)?;
         plan.add(record, leaves);
         Ok(plan)
     }
@@ -484,9 +505,10 @@ impl Effect<'_> {
             }
         }
         let txn_id = self.txn_id();
-        let template = self.cascade_template(&txn_id, &self.root_label(), &self.set.event);
+        let key = cascade::key_for(self.txn, &txn_id, &self.set.iss)?;
+        let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
         let leaves = plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now)?;
-        let record = cascade::plan(self.txn, &template, &leaves)?;
+        let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves)?;
         let mut plan = Plan::default();
         plan.add(record, leaves);
         Ok(plan)
@@ -506,13 +528,14 @@ impl Effect<'_> {
         }
     }
 
-    fn cascade_template(&self, txn_id: &str, root: &str, event: &Event) -> CascadeRecord {
+    fn cascade_template(&self, key: &str, wire_txn: &str, root: &str, event: &Event) -> CascadeRecord {
         CascadeRecord {
-            txn: txn_id.to_owned(),
+            key: key.to_owned(),
+            txn: wire_txn.to_owned(),
             root: root.to_owned(),
             issuer: self.set.iss.clone(),
             event_type: event.type_uri().to_owned(),
-            event: event.payload(),
+            events: Vec::new(),
             started_at_ms: self.now,
             total: 0,
             delivered: 0,
@@ -520,6 +543,15 @@ impl Effect<'_> {
             completed_at_ms: None,
         }
     }
+}
+
+fn carried_event(event: &Event) -> CascadeEvent {
+    CascadeEvent { event_type: event.type_uri().to_owned(), event: event.payload() }
+}
+
+/// The session-revoked event a revocation cascade carries.
+fn revocation_event(cascade: &CascadeRecord) -> Option<CascadeEvent> {
+    cascade.events.iter().find(|e| e.event_type == event_type::SESSION_REVOKED).cloned()
 }
 
 fn short_type(uri: &str) -> &str {
@@ -549,6 +581,11 @@ fn plan_leaves(
             .collect();
         targets.extend(takes_all.iter().cloned());
         for stream_id in targets {
+            if event_type == event_type::SESSION_REVOKED
+                && !graph::claim_revocation(txn, &session.session_id, &stream_id)?
+            {
+                continue;
+            }
             leaves.push(new_leaf(
                 stream_id,
                 session.session_id.clone(),
@@ -568,6 +605,7 @@ fn new_leaf(stream_id: String, session_id: String, session: SubjectId, user: Opt
         session_id,
         session,
         user,
+        event: 0, // set by cascade::plan
         planned_at_ms: now,
         status: LeafStatus::Planned,
         acked_at_ms: None,
@@ -575,8 +613,8 @@ fn new_leaf(stream_id: String, session_id: String, session: SubjectId, user: Opt
     }
 }
 
-/// Records a touch; when the session is already revoked and the stream is
-/// new to it, plans that stream's revocation leaf in the revoking cascade.
+/// Records a touch; when the session is already revoked and the stream was
+/// never told, plans that stream's revocation leaf in the revoking cascade.
 fn late_touch_plan(
     txn: &WriteTransaction,
     streams: &StreamRegistry,
@@ -586,19 +624,22 @@ fn late_touch_plan(
     now: u64,
 ) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
-    if !graph::touch(txn, session_id, stream_id, now)? {
-        return Ok(plan);
-    }
+    graph::touch(txn, session_id, stream_id, now)?;
     let Some(record) = graph::session(txn, session_id)? else { return Ok(plan) };
     let Some(revocation) = record.revoked.clone() else { return Ok(plan) };
     if !streams.get(stream_id).is_some_and(|s| s.delivers(event_type::SESSION_REVOKED)) {
         return Ok(plan);
     }
+    // Told already (by the cascade, at birth, or by an earlier touch)?
+    if !graph::claim_revocation(txn, session_id, stream_id)? {
+        return Ok(plan);
+    }
     let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
+    let Some(event) = revocation_event(&existing) else { return Ok(plan) };
     let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), session.clone(), record.user.clone(), now);
-    tracing::info!(txn = %revocation.txn, session_id, stream_id, "touch by a revoked session: revocation sent");
-    let updated = cascade::plan(txn, &existing, std::slice::from_ref(&leaf))?;
-    plan.add(updated, vec![leaf]);
+    tracing::info!(txn = %existing.txn, session_id, stream_id, "touch by a revoked session: revocation sent");
+    let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
+    plan.add(updated, leaves);
     Ok(plan)
 }
 

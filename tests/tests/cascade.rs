@@ -1,0 +1,1093 @@
+//! Revocation cascades end to end: a simulated IdP (its own ES256 key,
+//! registered at `POST /admin/issuers`) pushes signed SETs to the hub's
+//! `/ingest`; real relying parties receive the hub's SETs by push (scripted
+//! recorders on loopback) or poll (RFC 8936 with acknowledgement), and every
+//! SET is verified against the hub's JWKS with the RP's own audience.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use caep_schemas::event::{Event, event_type};
+use caep_schemas::jose::{Algorithm, Jwks, SigningKey};
+use caep_schemas::set::{SET_TYP, SecurityEventToken, now_secs};
+use caep_schemas::subject::SubjectId;
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+use support::{Body, CREDENTIAL_CHANGE, Hub, POLL, PUSH, PushReceiver, Reply, SESSION_REVOKED, TICK, WAIT};
+
+/// The simulated identity provider's issuer.
+const IDP: &str = "https://idp.example";
+/// How long "nothing more arrives" is watched for.
+const QUIET: Duration = Duration::from_millis(600);
+
+// ---------------------------------------------------------------- subjects
+
+fn session(id: &str) -> Value {
+    json!({"format": "opaque", "id": id})
+}
+
+fn email(address: &str) -> Value {
+    json!({"format": "email", "email": address})
+}
+
+fn iss_sub(sub: &str) -> Value {
+    json!({"format": "iss_sub", "iss": IDP, "sub": sub})
+}
+
+/// The `sub_id` of a session-scoped SET: complex `{session, user}`.
+fn session_of(id: &str, user: &Value) -> Value {
+    json!({"format": "complex", "session": session(id), "user": user})
+}
+
+// ---------------------------------------------------------------- the IdP
+
+/// An identity provider trusted by the hub, pushing SETs to `/ingest`.
+struct Idp {
+    issuer: String,
+    key: SigningKey,
+    /// The hub's issuer URL: the `aud` of every SET the IdP sends it.
+    hub_issuer: String,
+}
+
+impl Idp {
+    /// Generates a key and registers the IdP with it (201).
+    async fn register(hub: &Hub, issuer: &str) -> Idp {
+        let key = SigningKey::generate(Algorithm::Es256).expect("IdP key");
+        let body = json!({"issuer": issuer, "jwks": Jwks::from_keys([&key]).to_json()});
+        let created = hub.admin(Method::POST, "/admin/issuers", Body::Json(body)).await.expect(201).json();
+        assert_eq!(created["issuer"], issuer, "{created}");
+        Idp { issuer: issuer.to_owned(), key, hub_issuer: hub.issuer.clone() }
+    }
+
+    /// A SET from this IdP to the hub.
+    fn set(&self, sub_id: Value, event_type: &str, payload: Value) -> SecurityEventToken {
+        let sub_id = SubjectId::from_value(sub_id).expect("sub_id");
+        let event = Event::from_parts(event_type, payload).expect("event payload");
+        SecurityEventToken::new(self.issuer.clone(), self.hub_issuer.clone(), sub_id, event)
+    }
+
+    fn sign(&self, set: &SecurityEventToken) -> String {
+        set.sign(&self.key).expect("IdP signs")
+    }
+
+    /// Signs and pushes `set`; 202 expected.
+    async fn send(&self, hub: &Hub, set: &SecurityEventToken) {
+        let reply = ingest(hub, &self.sign(set)).await;
+        assert_eq!(reply.status, 202, "IdP SET refused: {}", reply.text);
+        assert!(reply.text.is_empty(), "202 with a body: {}", reply.text);
+    }
+
+    /// `session-established` of `id` for `user`, under `parent` if given.
+    async fn establish(&self, hub: &Hub, id: &str, user: &Value, parent: Option<&str>) {
+        let mut payload = json!({"authority": "delegated"});
+        if let Some(parent) = parent {
+            payload["parent_session"] = session(parent);
+        }
+        self.send(hub, &self.set(session_of(id, user), event_type::SESSION_ESTABLISHED, payload)).await;
+    }
+
+    /// `session-presented`: session `id` reached the RP with `audience`.
+    async fn presented(&self, hub: &Hub, id: &str, user: &Value, audience: &str) {
+        let set = self.set(session_of(id, user), event_type::SESSION_PRESENTED, json!({"audience": audience}));
+        self.send(hub, &set).await;
+    }
+}
+
+/// `POST {issuer}/ingest` with `Content-Type: application/secevent+jwt`.
+async fn ingest(hub: &Hub, token: &str) -> Reply {
+    ingest_as(hub, token, Some("application/secevent+jwt")).await
+}
+
+/// `POST {issuer}/ingest` with the given body and Content-Type.
+async fn ingest_as(hub: &Hub, body: &str, content_type: Option<&str>) -> Reply {
+    let mut request =
+        hub.http.post(format!("{}/ingest", hub.issuer)).header("accept", "application/json").body(body.to_owned());
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.expect("ingest request");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("ingest response body");
+    Reply { status, headers, text }
+}
+
+// ---------------------------------------------------------------- relying parties
+
+/// How an RP gets its SETs.
+enum Inbox {
+    Push(PushReceiver),
+    /// RFC 8936: polled, each SET acknowledged at once; kept by jti (a
+    /// redelivery of an unacknowledged SET is not a second SET).
+    Poll {
+        url: String,
+        got: Mutex<Vec<(String, String)>>,
+    },
+}
+
+/// A relying party with one stream.
+struct Relying {
+    name: String,
+    rp: support::Rp,
+    stream_id: String,
+    inbox: Inbox,
+}
+
+impl Relying {
+    /// A receiver with one stream requesting `events`; push or poll;
+    /// `default_subjects: ALL` when `all`.
+    async fn new(hub: &Hub, name: &str, push: bool, events: &[&str], all: bool) -> Relying {
+        let rp = hub.receiver(name).await;
+        let mut body = json!({"events_requested": events});
+        if all {
+            body["default_subjects"] = json!("ALL");
+        }
+        let receiver = if push { Some(PushReceiver::accepting().await) } else { None };
+        if let Some(receiver) = &receiver {
+            body["delivery"] = json!({"method": PUSH, "endpoint_url": receiver.url});
+        }
+        let config = hub.create_stream(&rp, body).await;
+        let stream_id = config["stream_id"].as_str().expect("stream_id").to_owned();
+        if all {
+            assert_eq!(config["default_subjects"], "ALL", "{config}");
+        }
+        let inbox = match receiver {
+            Some(receiver) => Inbox::Push(receiver),
+            None => {
+                assert_eq!(config["delivery"]["method"], POLL);
+                let url = config["delivery"]["endpoint_url"].as_str().expect("poll endpoint_url").to_owned();
+                Inbox::Poll { url, got: Mutex::new(Vec::new()) }
+            }
+        };
+        Relying { name: name.to_owned(), rp, stream_id, inbox }
+    }
+
+    /// The RP reports that session `id` reached it (SSF add-subject with a
+    /// complex `session` subject).
+    async fn add_subject(&self, hub: &Hub, id: &str) {
+        let subject = json!({"format": "complex", "session": session(id)});
+        let body = json!({"stream_id": self.stream_id, "subject": subject});
+        hub.post(&hub.endpoint("add_subject_endpoint"), &self.rp.token, body).await.expect(200);
+    }
+
+    /// Every SET received so far (compact form); a poll RP polls once and
+    /// acknowledges what it got.
+    async fn received(&self, hub: &Hub) -> Vec<String> {
+        match &self.inbox {
+            Inbox::Push(receiver) => receiver.requests().into_iter().map(|request| request.body).collect(),
+            Inbox::Poll { url, got } => {
+                let response = hub.poll(&self.rp, url, json!({"returnImmediately": true, "maxEvents": 500})).await;
+                let sets: Vec<(String, String)> = response["sets"]
+                    .as_object()
+                    .expect("sets")
+                    .iter()
+                    .map(|(jti, token)| (jti.clone(), token.as_str().expect("SET string").to_owned()))
+                    .collect();
+                if !sets.is_empty() {
+                    let ack: Vec<&String> = sets.iter().map(|(jti, _)| jti).collect();
+                    let body = json!({"ack": ack, "maxEvents": 0, "returnImmediately": true});
+                    hub.poll(&self.rp, url, body).await;
+                }
+                let mut got = got.lock().expect("inbox lock");
+                for (jti, token) in sets {
+                    if !got.iter().any(|(seen, _)| *seen == jti) {
+                        got.push((jti, token));
+                    }
+                }
+                got.iter().map(|(_, token)| token.clone()).collect()
+            }
+        }
+    }
+
+    /// Waits until `count` SETs arrived, then watches for [`QUIET`] that no
+    /// more come; returns them verified as this RP must verify them.
+    async fn settle(&self, hub: &Hub, count: usize) -> Vec<SecurityEventToken> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.received(hub).await;
+            assert!(got.len() <= count, "{} got {} SETs, expected {count}: {:#?}", self.name, got.len(), claims(&got));
+            if got.len() == count {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} got {} of {count} SETs in {WAIT:?}", self.name, got.len());
+            tokio::time::sleep(TICK).await;
+        }
+        let quiet = Instant::now() + QUIET;
+        while Instant::now() < quiet {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let got = self.received(hub).await;
+            assert_eq!(got.len(), count, "{} got more SETs than expected: {:#?}", self.name, claims(&got));
+        }
+        let got = self.received(hub).await;
+        got.iter().map(|token| hub.verify_set(token, &self.rp)).collect()
+    }
+}
+
+/// Payloads of compact SETs, for failure messages.
+fn claims(tokens: &[String]) -> Vec<Value> {
+    tokens
+        .iter()
+        .map(|token| {
+            let payload = token.split('.').nth(1).unwrap_or_default();
+            let bytes = URL_SAFE_NO_PAD.decode(payload).unwrap_or_default();
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        })
+        .collect()
+}
+
+/// The session id a hub SET is about.
+fn session_id(set: &SecurityEventToken) -> String {
+    let session = set.sub_id.as_complex().and_then(|c| c.session.clone()).expect("sub_id has a session");
+    match session {
+        SubjectId::Opaque { id } => id,
+        other => panic!("session is not opaque: {other:?}"),
+    }
+}
+
+/// Asserts a hub session-revoked SET: `sub_id` complex `{session, user}`,
+/// the cascade's `txn`.
+#[track_caller]
+fn assert_revoked_set(set: &SecurityEventToken, id: &str, user: &Value, txn: &str) {
+    assert_eq!(set.event.type_uri(), SESSION_REVOKED, "{set:?}");
+    assert_eq!(set.sub_id.to_value(), session_of(id, user), "sub_id of the revocation of {id}");
+    assert_eq!(set.txn.as_deref(), Some(txn), "txn of the revocation of {id}");
+}
+
+/// (session id → jtis) of the SETs an RP got.
+fn by_session(sets: &[SecurityEventToken]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut map: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for set in sets {
+        map.entry(session_id(set)).or_default().insert(set.jti.clone());
+    }
+    map
+}
+
+fn ids(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+// ---------------------------------------------------------------- operator views
+
+/// `GET /admin/sessions/{id}`; 200 expected.
+async fn session_view(hub: &Hub, id: &str) -> Value {
+    hub.admin(Method::GET, &format!("/admin/sessions/{id}"), Body::None).await.expect(200).json()
+}
+
+/// The `revoked` member of a session (None when absent or null).
+async fn revoked(hub: &Hub, id: &str) -> Option<Value> {
+    let view = session_view(hub, id).await;
+    view["session"].get("revoked").filter(|r| !r.is_null()).cloned()
+}
+
+async fn assert_revoked_by(hub: &Hub, id: &str, txn: &str) {
+    let revocation = revoked(hub, id).await.unwrap_or_else(|| panic!("session {id} is not revoked"));
+    assert_eq!(revocation["txn"], txn, "session {id} revoked by another cascade: {revocation}");
+}
+
+async fn assert_not_revoked(hub: &Hub, id: &str) {
+    if let Some(revocation) = revoked(hub, id).await {
+        panic!("session {id} was revoked: {revocation}");
+    }
+}
+
+/// `GET /admin/cascades/{txn}`, waiting until it reports `total` leaves, all
+/// acknowledged (complete).
+async fn complete_cascade(hub: &Hub, txn: &str, total: u64) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = hub.admin(Method::GET, &format!("/admin/cascades/{txn}"), Body::None).await;
+        let report = if reply.status == 200 { reply.json() } else { Value::Null };
+        if report["total"] == total && report["complete"] == true {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "cascade {txn} never completed with {total} leaves: {}", reply.text);
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// Asserts the report's counters and latencies for a complete cascade, and
+/// returns its leaves as (stream_id, session_id) → jti.
+#[track_caller]
+fn check_report(report: &Value, txn: &str, total: u64) -> BTreeMap<(String, String), String> {
+    assert_eq!(report["txn"], txn, "{report:#}");
+    assert_eq!(report["total"], total, "{report:#}");
+    assert_eq!(report["delivered"], total, "{report:#}");
+    assert_eq!(report["pending"], 0, "{report:#}");
+    assert_eq!(report["failed"], 0, "{report:#}");
+    assert_eq!(report["complete"], true, "{report:#}");
+    assert!(report["started_at"].as_u64().is_some_and(|t| t > 0), "{report:#}");
+    if total > 0 {
+        for member in ["p50_ms", "p99_ms", "max_ms", "cascade_ms"] {
+            assert!(report[member].is_u64(), "{member} missing: {report:#}");
+        }
+        assert!(report["p50_ms"].as_u64() <= report["p99_ms"].as_u64(), "{report:#}");
+        assert!(report["p99_ms"].as_u64() <= report["max_ms"].as_u64(), "{report:#}");
+    }
+    let leaves = report["leaves"].as_array().expect("leaves");
+    assert_eq!(leaves.len() as u64, total, "{report:#}");
+    let mut pairs = BTreeMap::new();
+    for leaf in leaves {
+        assert_eq!(leaf["status"], "delivered", "{leaf}");
+        assert!(leaf["latency_ms"].is_u64(), "leaf without latency: {leaf}");
+        let key = (
+            leaf["stream_id"].as_str().expect("stream_id").to_owned(),
+            leaf["session_id"].as_str().expect("session_id").to_owned(),
+        );
+        let jti = leaf["jti"].as_str().expect("jti").to_owned();
+        assert!(pairs.insert(key.clone(), jti).is_none(), "two leaves for {key:?}: {report:#}");
+    }
+    pairs
+}
+
+/// (stream, session) → jti of what the RPs received, asserting no pair got
+/// two SETs and no jti was reused.
+fn received_pairs(got: &[(&Relying, &[SecurityEventToken])]) -> BTreeMap<(String, String), String> {
+    let mut pairs = BTreeMap::new();
+    let mut jtis = BTreeSet::new();
+    for (rp, sets) in got {
+        for set in *sets {
+            assert!(jtis.insert(set.jti.clone()), "jti {} received twice", set.jti);
+            let key = (rp.stream_id.clone(), session_id(set));
+            assert!(pairs.insert(key.clone(), set.jti.clone()).is_none(), "{} got two SETs about {}", rp.name, key.1);
+        }
+    }
+    pairs
+}
+
+fn pairs_of(expected: &[(&Relying, &str)]) -> BTreeSet<(String, String)> {
+    expected.iter().map(|(rp, id)| (rp.stream_id.clone(), (*id).to_owned())).collect()
+}
+
+// ---------------------------------------------------------------- 1. exact leaf set
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    let bob = email("bob@example.com");
+
+    // R → {A, B}, A → {A1, A2}, A1 → {A1a}, B → {B1}; X → {X1} (bob).
+    for (id, parent) in
+        [("R", None), ("A", Some("R")), ("B", Some("R")), ("A1", Some("A")), ("A2", Some("A")), ("A1a", Some("A1"))]
+    {
+        idp.establish(&hub, id, &alice, parent).await;
+    }
+    idp.establish(&hub, "B1", &alice, Some("B")).await;
+    idp.establish(&hub, "X", &bob, None).await;
+    idp.establish(&hub, "X1", &bob, Some("X")).await;
+
+    let pusher = Relying::new(&hub, "pusher", true, &[SESSION_REVOKED], false).await;
+    let poller = Relying::new(&hub, "poller", false, &[SESSION_REVOKED, CREDENTIAL_CHANGE], false).await;
+    let everything = Relying::new(&hub, "everything", true, &[SESSION_REVOKED], true).await;
+    let uninterested = Relying::new(&hub, "uninterested", false, &[CREDENTIAL_CHANGE], false).await;
+
+    pusher.add_subject(&hub, "A1").await;
+    pusher.add_subject(&hub, "B1").await;
+    idp.presented(&hub, "R", &alice, &pusher.rp.audience).await;
+    idp.presented(&hub, "A", &alice, &poller.rp.audience).await;
+    poller.add_subject(&hub, "A1a").await;
+    poller.add_subject(&hub, "A2").await;
+    idp.presented(&hub, "X1", &bob, &poller.rp.audience).await;
+    everything.add_subject(&hub, "X").await;
+    uninterested.add_subject(&hub, "A").await;
+    idp.presented(&hub, "A1", &alice, &uninterested.rp.audience).await;
+    idp.presented(&hub, "A1a", &alice, &uninterested.rp.audience).await;
+
+    // Nothing is sent before a revocation.
+    for rp in [&pusher, &poller, &everything, &uninterested] {
+        assert!(rp.received(&hub).await.is_empty(), "{} got a SET before any revocation", rp.name);
+    }
+
+    let event_timestamp = now_secs() - 30;
+    let reason = "Agent exceeded its delegated scope";
+    let payload = json!({
+        "event_timestamp": event_timestamp,
+        "initiating_entity": "policy",
+        "reason_admin": {"en": reason},
+    });
+    let revoke = idp.set(session_of("A", &alice), SESSION_REVOKED, payload).with_txn("txn-A");
+    idp.send(&hub, &revoke).await;
+
+    let pusher_sets = pusher.settle(&hub, 1).await;
+    let poller_sets = poller.settle(&hub, 3).await;
+    let everything_sets = everything.settle(&hub, 4).await;
+    let uninterested_sets = uninterested.settle(&hub, 0).await;
+    assert!(uninterested_sets.is_empty());
+
+    let expected = pairs_of(&[
+        (&pusher, "A1"),
+        (&poller, "A"),
+        (&poller, "A2"),
+        (&poller, "A1a"),
+        (&everything, "A"),
+        (&everything, "A1"),
+        (&everything, "A2"),
+        (&everything, "A1a"),
+    ]);
+    let got = received_pairs(&[
+        (&pusher, &pusher_sets),
+        (&poller, &poller_sets),
+        (&everything, &everything_sets),
+        (&uninterested, &uninterested_sets),
+    ]);
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), expected);
+
+    for set in pusher_sets.iter().chain(&poller_sets).chain(&everything_sets) {
+        let id = session_id(set);
+        assert_revoked_set(set, &id, &alice, "txn-A");
+        let payload = set.event.payload();
+        assert_eq!(payload["event_timestamp"], event_timestamp, "{payload}");
+        assert_eq!(payload["initiating_entity"], "policy", "{payload}");
+        assert_eq!(payload["reason_admin"], json!({"en": reason}), "{payload}");
+    }
+
+    // The cascade report: the same leaves, all delivered, with latencies.
+    let report = complete_cascade(&hub, "txn-A", 8).await;
+    let leaves = check_report(&report, "txn-A", 8);
+    assert_eq!(leaves, got, "the report's leaves are not what the RPs received");
+
+    // The graph: the subtree revoked by txn-A, the rest untouched.
+    for id in ["A", "A1", "A2", "A1a"] {
+        assert_revoked_by(&hub, id, "txn-A").await;
+    }
+    for id in ["R", "B", "B1", "X", "X1"] {
+        assert_not_revoked(&hub, id).await;
+    }
+    let view = session_view(&hub, "A1a").await;
+    assert_eq!(view["session"]["session_id"], "A1a", "{view:#}");
+    assert_eq!(view["session"]["parent"], "A1", "{view:#}");
+    let touched: BTreeSet<&str> =
+        view["touches"].as_array().expect("touches").iter().map(|t| t["stream_id"].as_str().expect("id")).collect();
+    assert_eq!(touched, [poller.stream_id.as_str(), uninterested.stream_id.as_str()].into_iter().collect());
+    let view = session_view(&hub, "A").await;
+    let subtree: BTreeSet<&str> =
+        view["subtree"].as_array().expect("subtree").iter().map(|s| s["session_id"].as_str().expect("id")).collect();
+    assert_eq!(subtree, ["A", "A1", "A2", "A1a"].into_iter().collect(), "{view:#}");
+    hub.admin(Method::GET, "/admin/sessions/nope", Body::None).await.expect(404);
+    hub.admin(Method::GET, "/admin/cascades/no-such-txn", Body::None).await.expect(404);
+}
+
+// ---------------------------------------------------------------- 2. user-level revocation
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_user_revokes_all_and_only_that_users_sessions() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    let bob = email("bob@example.com");
+    let carol = iss_sub("carol");
+    let dave = iss_sub("dave");
+
+    idp.establish(&hub, "U1", &alice, None).await;
+    idp.establish(&hub, "U1a", &alice, Some("U1")).await;
+    idp.establish(&hub, "U2", &alice, None).await;
+    idp.establish(&hub, "V1", &bob, None).await;
+    idp.establish(&hub, "W1", &carol, None).await;
+    idp.establish(&hub, "W1a", &carol, Some("W1")).await;
+    idp.establish(&hub, "W2", &carol, None).await;
+    idp.establish(&hub, "Z1", &dave, None).await;
+
+    let everything = Relying::new(&hub, "everything", true, &[SESSION_REVOKED], true).await;
+    let poller = Relying::new(&hub, "poller", false, &[SESSION_REVOKED], false).await;
+    for id in ["U1a", "V1", "W2", "Z1"] {
+        poller.add_subject(&hub, id).await;
+    }
+
+    // session-revoked about a user only: every session of alice, two roots.
+    let payload = json!({"initiating_entity": "admin", "reason_admin": {"en": "offboarded"}});
+    let user_only = json!({"format": "complex", "user": alice});
+    idp.send(&hub, &idp.set(user_only, SESSION_REVOKED, payload).with_txn("txn-alice")).await;
+
+    let everything_sets = everything.settle(&hub, 3).await;
+    let poller_sets = poller.settle(&hub, 1).await;
+    assert_eq!(by_session(&everything_sets).keys().cloned().collect::<BTreeSet<_>>(), ids(&["U1", "U1a", "U2"]));
+    assert_eq!(by_session(&poller_sets).keys().cloned().collect::<BTreeSet<_>>(), ids(&["U1a"]));
+    for set in everything_sets.iter().chain(&poller_sets) {
+        assert_revoked_set(set, &session_id(set), &alice, "txn-alice");
+        assert_eq!(set.event.payload()["initiating_entity"], "admin");
+        assert_eq!(set.event.payload()["reason_admin"], json!({"en": "offboarded"}));
+    }
+    for id in ["U1", "U1a", "U2"] {
+        assert_revoked_by(&hub, id, "txn-alice").await;
+    }
+    for id in ["V1", "W1", "W1a", "W2", "Z1"] {
+        assert_not_revoked(&hub, id).await;
+    }
+    check_report(&complete_cascade(&hub, "txn-alice", 4).await, "txn-alice", 4);
+
+    // RISC account-disabled about an iss_sub user: the same, with its txn.
+    let disabled =
+        idp.set(carol.clone(), event_type::ACCOUNT_DISABLED, json!({"reason": "hijacking"})).with_txn("txn-carol");
+    idp.send(&hub, &disabled).await;
+
+    let everything_sets = everything.settle(&hub, 6).await;
+    let poller_sets = poller.settle(&hub, 2).await;
+    let carol_sets: Vec<&SecurityEventToken> =
+        everything_sets.iter().chain(&poller_sets).filter(|s| s.txn.as_deref() == Some("txn-carol")).collect();
+    assert_eq!(carol_sets.len(), 4, "{carol_sets:#?}");
+    let mut carol_pairs = BTreeSet::new();
+    for set in &carol_sets {
+        assert_revoked_set(set, &session_id(set), &carol, "txn-carol");
+        let from_everything = everything_sets.iter().any(|s| s.jti == set.jti);
+        carol_pairs.insert((from_everything, session_id(set)));
+    }
+    let expected: BTreeSet<(bool, String)> =
+        [(true, "W1"), (true, "W1a"), (true, "W2"), (false, "W2")].map(|(e, id)| (e, id.to_owned())).into();
+    assert_eq!(carol_pairs, expected);
+    for id in ["W1", "W1a", "W2"] {
+        assert_revoked_by(&hub, id, "txn-carol").await;
+    }
+    for id in ["V1", "Z1"] {
+        assert_not_revoked(&hub, id).await;
+    }
+    check_report(&complete_cascade(&hub, "txn-carol", 4).await, "txn-carol", 4);
+
+    // RISC credential-compromise about an email user.
+    let compromise = idp.set(bob.clone(), event_type::CREDENTIAL_COMPROMISE, json!({"credential_type": "password"}));
+    idp.send(&hub, &compromise.with_txn("txn-bob")).await;
+    let everything_sets = everything.settle(&hub, 7).await;
+    let poller_sets = poller.settle(&hub, 3).await;
+    let bob_sets: Vec<&SecurityEventToken> =
+        everything_sets.iter().chain(&poller_sets).filter(|s| s.txn.as_deref() == Some("txn-bob")).collect();
+    assert_eq!(bob_sets.len(), 2, "{bob_sets:#?}");
+    for set in bob_sets {
+        assert_revoked_set(set, "V1", &bob, "txn-bob");
+    }
+    assert_revoked_by(&hub, "V1", "txn-bob").await;
+
+    // RISC account-purged without a txn: one new txn for the whole cascade.
+    idp.send(&hub, &idp.set(dave.clone(), event_type::ACCOUNT_PURGED, json!({}))).await;
+    let everything_sets = everything.settle(&hub, 8).await;
+    let poller_sets = poller.settle(&hub, 4).await;
+    let dave_sets: Vec<&SecurityEventToken> =
+        everything_sets.iter().chain(&poller_sets).filter(|s| session_id(s) == "Z1").collect();
+    assert_eq!(dave_sets.len(), 2, "{dave_sets:#?}");
+    let txn = dave_sets[0].txn.clone().expect("a txn");
+    assert!(!txn.is_empty() && !["txn-alice", "txn-carol", "txn-bob"].contains(&txn.as_str()), "txn {txn}");
+    for set in dave_sets {
+        assert_revoked_set(set, "Z1", &dave, &txn);
+    }
+    assert_revoked_by(&hub, "Z1", &txn).await;
+    check_report(&complete_cascade(&hub, &txn, 2).await, &txn, 2);
+}
+
+// ---------------------------------------------------------------- 3. late spawn, late touch
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_born_or_touched_after_a_revocation_are_revoked_at_once() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    for (id, parent) in [("R", None), ("A", Some("R")), ("A1", Some("A")), ("A2", Some("A"))] {
+        idp.establish(&hub, id, &alice, parent).await;
+    }
+    let pusher = Relying::new(&hub, "pusher", true, &[SESSION_REVOKED], false).await;
+    let late = Relying::new(&hub, "late", false, &[SESSION_REVOKED], false).await;
+    let everything = Relying::new(&hub, "everything", true, &[SESSION_REVOKED], true).await;
+    pusher.add_subject(&hub, "A1").await;
+
+    let revoke = idp.set(session_of("A", &alice), SESSION_REVOKED, json!({"initiating_entity": "policy"}));
+    idp.send(&hub, &revoke.with_txn("txn-A")).await;
+    pusher.settle(&hub, 1).await;
+    everything.settle(&hub, 3).await;
+    late.settle(&hub, 0).await;
+    check_report(&complete_cascade(&hub, "txn-A", 4).await, "txn-A", 4);
+
+    // A3 spawned under the revoked A: revoked at birth, by txn-A; the
+    // ALL stream learns of it at once.
+    idp.establish(&hub, "A3", &alice, Some("A")).await;
+    assert_revoked_by(&hub, "A3", "txn-A").await;
+    // A grandchild under the born-revoked A3 too.
+    idp.establish(&hub, "A3x", &alice, Some("A3")).await;
+    assert_revoked_by(&hub, "A3x", "txn-A").await;
+    assert_not_revoked(&hub, "R").await;
+    let everything_sets = everything.settle(&hub, 5).await;
+    let born: BTreeSet<String> = everything_sets.iter().map(session_id).collect();
+    assert_eq!(born, ids(&["A", "A1", "A2", "A3", "A3x"]));
+    for set in &everything_sets {
+        assert_revoked_set(set, &session_id(set), &alice, "txn-A");
+    }
+    check_report(&complete_cascade(&hub, "txn-A", 6).await, "txn-A", 6);
+
+    // An RP touching A3 learns at once that it is revoked, in txn-A.
+    late.add_subject(&hub, "A3").await;
+    let late_sets = late.settle(&hub, 1).await;
+    assert_revoked_set(&late_sets[0], "A3", &alice, "txn-A");
+    assert_eq!(late_sets[0].event.payload()["initiating_entity"], "policy");
+    check_report(&complete_cascade(&hub, "txn-A", 7).await, "txn-A", 7);
+
+    // Its first touch of the already-revoked A2 (reported by the IdP) too.
+    idp.presented(&hub, "A2", &alice, &late.rp.audience).await;
+    let late_sets = late.settle(&hub, 2).await;
+    let a2 = late_sets.iter().find(|s| session_id(s) == "A2").expect("revocation of A2");
+    assert_revoked_set(a2, "A2", &alice, "txn-A");
+
+    // A second touch of the same pair sends nothing more.
+    late.add_subject(&hub, "A3").await;
+    late.add_subject(&hub, "A2").await;
+    idp.presented(&hub, "A3", &alice, &late.rp.audience).await;
+    late.settle(&hub, 2).await;
+    pusher.settle(&hub, 1).await;
+    everything.settle(&hub, 5).await;
+    let report = complete_cascade(&hub, "txn-A", 8).await;
+    let leaves = check_report(&report, "txn-A", 8);
+    let expected = pairs_of(&[
+        (&pusher, "A1"),
+        (&everything, "A"),
+        (&everything, "A1"),
+        (&everything, "A2"),
+        (&everything, "A3"),
+        (&everything, "A3x"),
+        (&late, "A3"),
+        (&late, "A2"),
+    ]);
+    assert_eq!(leaves.keys().cloned().collect::<BTreeSet<_>>(), expected);
+}
+
+// ---------------------------------------------------------------- 4. replay
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_idp_set_has_no_second_effect() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    idp.establish(&hub, "R", &alice, None).await;
+    idp.establish(&hub, "A", &alice, Some("R")).await;
+    let pusher = Relying::new(&hub, "pusher", true, &[SESSION_REVOKED], false).await;
+    let poller = Relying::new(&hub, "poller", false, &[SESSION_REVOKED], true).await;
+    pusher.add_subject(&hub, "A").await;
+
+    let token = idp.sign(&idp.set(session_of("A", &alice), SESSION_REVOKED, json!({})).with_txn("txn-replay"));
+    ingest(&hub, &token).await.expect(202);
+    pusher.settle(&hub, 1).await;
+    poller.settle(&hub, 1).await;
+    check_report(&complete_cascade(&hub, "txn-replay", 2).await, "txn-replay", 2);
+
+    // The very same SET again: the same answer, nothing more.
+    let again = ingest(&hub, &token).await.expect(202);
+    assert!(again.text.is_empty(), "{}", again.text);
+    pusher.settle(&hub, 1).await;
+    poller.settle(&hub, 1).await;
+    check_report(&complete_cascade(&hub, "txn-replay", 2).await, "txn-replay", 2);
+
+    // A replayed establish of A (an IdP retry) does not un-revoke it.
+    let establish =
+        idp.set(session_of("A", &alice), event_type::SESSION_ESTABLISHED, json!({"parent_session": session("R")}));
+    let establish = idp.sign(&establish);
+    ingest(&hub, &establish).await.expect(202);
+    ingest(&hub, &establish).await.expect(202);
+    assert_revoked_by(&hub, "A", "txn-replay").await;
+
+    // A new SET revoking the already revoked A: no second round of leaves.
+    idp.send(&hub, &idp.set(session_of("A", &alice), SESSION_REVOKED, json!({})).with_txn("txn-again")).await;
+    pusher.settle(&hub, 1).await;
+    poller.settle(&hub, 1).await;
+    assert_revoked_by(&hub, "A", "txn-replay").await;
+    check_report(&complete_cascade(&hub, "txn-replay", 2).await, "txn-replay", 2);
+}
+
+// ---------------------------------------------------------------- 5. forged and malformed IdP SETs
+
+/// `header.payload.signature` with `header` replaced.
+fn with_header(token: &str, header: &Value) -> String {
+    let mut parts = token.split('.');
+    let (_, payload, signature) = (parts.next(), parts.next().expect("payload"), parts.next().expect("signature"));
+    let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(header).expect("header JSON"));
+    format!("{header}.{payload}.{signature}")
+}
+
+/// `token` with the signature of `other`.
+fn with_signature_of(token: &str, other: &str) -> String {
+    let (signed, _) = token.rsplit_once('.').expect("compact JWS");
+    let (_, signature) = other.rsplit_once('.').expect("compact JWS");
+    format!("{signed}.{signature}")
+}
+
+#[track_caller]
+fn assert_refused(reply: &Reply, err: &str, what: &str) {
+    assert_eq!(reply.status, 400, "{what}: {} {}", reply.status, reply.text);
+    let body = reply.json();
+    assert_eq!(body["err"], err, "{what}: {body}");
+    assert!(body["description"].as_str().is_some_and(|d| !d.is_empty()), "{what}: no description: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_idp_sets_are_refused_and_change_nothing() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let other_idp = Idp::register(&hub, "https://other-idp.example").await;
+    let alice = email("alice@example.com");
+    idp.establish(&hub, "S", &alice, None).await;
+    idp.establish(&hub, "S1", &alice, Some("S")).await;
+    let pusher = Relying::new(&hub, "pusher", true, &[SESSION_REVOKED], true).await;
+    pusher.add_subject(&hub, "S1").await;
+
+    let set = idp.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-S");
+    let valid = idp.sign(&set);
+    let stranger = SigningKey::generate(Algorithm::Es256).expect("key");
+    let kid = idp.key.kid().to_owned();
+
+    let mut cases: Vec<(&str, String, Option<&str>, &str)> = Vec::new();
+    let secevent = Some("application/secevent+jwt");
+    cases.push(("signed by an unregistered key", set.sign(&stranger).expect("sign"), secevent, "invalid_key"));
+    cases.push((
+        "the IdP's kid with another key's signature",
+        with_signature_of(&valid, &set.sign(&stranger).expect("sign")),
+        secevent,
+        "invalid_key",
+    ));
+    let other_set = idp.set(session_of("S1", &alice), SESSION_REVOKED, json!({}));
+    cases.push((
+        "the IdP's signature of another SET",
+        with_signature_of(&valid, &idp.sign(&other_set)),
+        secevent,
+        "invalid_key",
+    ));
+    let mut unknown_issuer = set.clone();
+    unknown_issuer.iss = "https://rogue-idp.example".into();
+    cases.push(("an unknown issuer", idp.sign(&unknown_issuer), secevent, "invalid_issuer"));
+    let mut wrong_aud = set.clone();
+    wrong_aud.aud = "https://some-other-hub.example".into();
+    cases.push(("another audience", idp.sign(&wrong_aud), secevent, "invalid_audience"));
+    let none_header = json!({"alg": "none", "typ": SET_TYP});
+    let unsigned = with_header(&valid, &none_header);
+    let (unsigned, _) = unsigned.rsplit_once('.').expect("JWS");
+    cases.push(("alg none, no signature", format!("{unsigned}."), secevent, "invalid_request"));
+    let none_with_kid = json!({"alg": "none", "kid": kid, "typ": SET_TYP});
+    cases.push(("alg none with the IdP's kid", with_header(&valid, &none_with_kid), secevent, "invalid_request"));
+    let hs256 = json!({"alg": "HS256", "kid": kid, "typ": SET_TYP});
+    cases.push(("alg HS256", with_header(&valid, &hs256), secevent, "invalid_request"));
+    cases.push(("no typ", with_header(&valid, &json!({"alg": "ES256", "kid": kid})), secevent, "invalid_request"));
+    cases.push((
+        "typ JWT, properly signed",
+        idp.key.sign("JWT", &set.to_claims()).expect("sign"),
+        secevent,
+        "invalid_request",
+    ));
+    let mut with_sub = set.to_claims();
+    with_sub.insert("sub".into(), json!("alice"));
+    cases.push(("a `sub` claim", idp.key.sign(SET_TYP, &with_sub).expect("sign"), secevent, "invalid_request"));
+    let mut two_events = set.to_claims();
+    let mut events = Map::new();
+    events.insert(SESSION_REVOKED.into(), json!({}));
+    events.insert(CREDENTIAL_CHANGE.into(), json!({"credential_type": "password", "change_type": "update"}));
+    two_events.insert("events".into(), Value::Object(events));
+    cases.push(("two events", idp.key.sign(SET_TYP, &two_events).expect("sign"), secevent, "invalid_request"));
+    let mut future = set.clone();
+    future.iat = now_secs() + 3600;
+    cases.push(("iat an hour ahead", idp.sign(&future), secevent, "invalid_request"));
+    let mut stale = set.clone();
+    stale.iat = now_secs() - 3 * 24 * 3600;
+    cases.push(("iat three days old", idp.sign(&stale), secevent, "invalid_request"));
+    cases.push(("claiming the IdP, signed by another trusted IdP", other_idp.sign(&set), secevent, "invalid_key"));
+    let mut no_iss = set.to_claims();
+    no_iss.remove("iss");
+    cases.push(("no iss", idp.key.sign(SET_TYP, &no_iss).expect("sign"), secevent, "invalid_request"));
+    // Another trusted IdP acting on this IdP's session.
+    let hijack = other_idp.set(session_of("S", &alice), SESSION_REVOKED, json!({}));
+    cases.push(("another IdP's revocation of S", other_idp.sign(&hijack), secevent, "invalid_request"));
+    cases.push(("garbage", "garbage".into(), secevent, "invalid_request"));
+    cases.push(("three garbage parts", "a.b.c".into(), secevent, "invalid_request"));
+    cases.push(("an empty body", String::new(), secevent, "invalid_request"));
+    cases.push(("Content-Type application/json", valid.clone(), Some("application/json"), "invalid_request"));
+    cases.push(("Content-Type application/jwt", valid.clone(), Some("application/jwt"), "invalid_request"));
+    cases.push(("Content-Type text/plain", valid.clone(), Some("text/plain"), "invalid_request"));
+    cases.push(("no Content-Type", valid.clone(), None, "invalid_request"));
+
+    for (what, body, content_type, err) in &cases {
+        let reply = ingest_as(&hub, body, *content_type).await;
+        assert_refused(&reply, err, what);
+    }
+
+    // Nothing changed: S and S1 stand, nobody was told anything.
+    assert_not_revoked(&hub, "S").await;
+    assert_not_revoked(&hub, "S1").await;
+    pusher.settle(&hub, 0).await;
+    hub.admin(Method::GET, "/admin/cascades/txn-S", Body::None).await.expect(404);
+
+    // The genuine SET, refused above only for its Content-Type, still works:
+    // the refusals recorded nothing (not even its jti).
+    ingest(&hub, &valid).await.expect(202);
+    let sets = pusher.settle(&hub, 2).await;
+    for set in &sets {
+        assert_revoked_set(set, &session_id(set), &alice, "txn-S");
+    }
+    assert_revoked_by(&hub, "S1", "txn-S").await;
+}
+
+// ---------------------------------------------------------------- 6. race
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_leaf_escapes_a_revocation_racing_spawns_and_touches() {
+    const CHILDREN: usize = 50;
+    let hub = Arc::new(Hub::start().await);
+    let idp = Arc::new(Idp::register(&hub, IDP).await);
+    let alice = email("alice@example.com");
+    for (id, parent) in [("R", None), ("R-a", Some("R")), ("R-b", Some("R")), ("R-a-1", Some("R-a"))] {
+        idp.establish(&hub, id, &alice, parent).await;
+    }
+    let parents = ["R", "R-a", "R-b", "R-a-1"];
+    let pusher = Arc::new(Relying::new(&hub, "pusher", true, &[SESSION_REVOKED], false).await);
+    let poller = Arc::new(Relying::new(&hub, "poller", false, &[SESSION_REVOKED], false).await);
+    let child = |i: usize| format!("C{i:02}");
+
+    // Child i is spawned under a node of R's tree and touched by one RP,
+    // half by add-subject, half by the IdP's session-presented.
+    let mut tasks = Vec::new();
+    let mut touched_by: BTreeMap<String, Arc<Relying>> = BTreeMap::new();
+    for i in 0..CHILDREN {
+        let (hub_s, idp_s, id, user, parent) =
+            (Arc::clone(&hub), Arc::clone(&idp), child(i), alice.clone(), parents[i % parents.len()]);
+        tasks.push(tokio::spawn(async move { idp_s.establish(&hub_s, &id, &user, Some(parent)).await }));
+        let rp = if i % 2 == 0 { Arc::clone(&pusher) } else { Arc::clone(&poller) };
+        touched_by.insert(child(i), Arc::clone(&rp));
+        let (hub_t, idp_t, id, user) = (Arc::clone(&hub), Arc::clone(&idp), child(i), alice.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 4 < 2 {
+                rp.add_subject(&hub_t, &id).await;
+            } else {
+                idp_t.presented(&hub_t, &id, &user, &rp.rp.audience).await;
+            }
+        }));
+        if i == CHILDREN / 2 {
+            let (hub_r, idp_r, user) = (Arc::clone(&hub), Arc::clone(&idp), alice.clone());
+            tasks.push(tokio::spawn(async move {
+                let revoke = idp_r.set(session_of("R", &user), SESSION_REVOKED, json!({})).with_txn("txn-race");
+                idp_r.send(&hub_r, &revoke).await;
+            }));
+        }
+    }
+    let all = async {
+        for task in tasks {
+            task.await.expect("task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), all).await.expect("spawns, touches and the revocation finish");
+
+    // Every session under R is revoked, by the one cascade.
+    for id in parents.iter().map(|p| (*p).to_owned()).chain((0..CHILDREN).map(child)) {
+        assert_revoked_by(&hub, &id, "txn-race").await;
+    }
+    let view = session_view(&hub, "R").await;
+    assert_eq!(view["subtree"].as_array().map(Vec::len), Some(parents.len() + CHILDREN), "{view:#}");
+
+    // Every (touching stream, child) pair got exactly one revocation.
+    let pusher_sets = pusher.settle(&hub, CHILDREN / 2).await;
+    let poller_sets = poller.settle(&hub, CHILDREN / 2).await;
+    for (rp, sets) in [(&pusher, &pusher_sets), (&poller, &poller_sets)] {
+        let got = by_session(sets);
+        let expected: BTreeSet<String> =
+            touched_by.iter().filter(|(_, by)| by.stream_id == rp.stream_id).map(|(id, _)| id.clone()).collect();
+        assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), expected, "{}", rp.name);
+        for (id, jtis) in &got {
+            assert_eq!(jtis.len(), 1, "{} got {} revocations of {id}", rp.name, jtis.len());
+        }
+        for set in sets.iter() {
+            assert_revoked_set(set, &session_id(set), &alice, "txn-race");
+        }
+    }
+    let got = received_pairs(&[(&pusher, &pusher_sets), (&poller, &poller_sets)]);
+    let leaves = check_report(&complete_cascade(&hub, "txn-race", CHILDREN as u64).await, "txn-race", CHILDREN as u64);
+    assert_eq!(leaves, got);
+}
+
+// ---------------------------------------------------------------- 7. forwarding
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_caep_events_reach_the_streams_that_touched_the_session_or_its_descendants() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    for (id, parent) in [("F", None), ("F1", Some("F")), ("F1a", Some("F1")), ("F2", Some("F"))] {
+        idp.establish(&hub, id, &alice, parent).await;
+    }
+    let both = [SESSION_REVOKED, CREDENTIAL_CHANGE];
+    let on_f1 = Relying::new(&hub, "on-f1", true, &both, false).await;
+    let on_f1a = Relying::new(&hub, "on-f1a", false, &[CREDENTIAL_CHANGE], false).await;
+    let on_parent = Relying::new(&hub, "on-parent", true, &[CREDENTIAL_CHANGE], false).await;
+    let revocations_only = Relying::new(&hub, "revocations-only", true, &[SESSION_REVOKED], false).await;
+    let on_sibling = Relying::new(&hub, "on-sibling", false, &[CREDENTIAL_CHANGE], false).await;
+    let everything = Relying::new(&hub, "everything", true, &both, true).await;
+    on_f1.add_subject(&hub, "F1").await;
+    idp.presented(&hub, "F1a", &alice, &on_f1a.rp.audience).await;
+    on_parent.add_subject(&hub, "F").await;
+    revocations_only.add_subject(&hub, "F1").await;
+    on_sibling.add_subject(&hub, "F2").await;
+
+    let event_timestamp = now_secs() - 5;
+    let payload = json!({
+        "credential_type": "fido2-roaming",
+        "change_type": "revoke",
+        "friendly_name": "Alice's key",
+        "initiating_entity": "user",
+        "event_timestamp": event_timestamp,
+    });
+    let change = idp.set(session_of("F1", &alice), CREDENTIAL_CHANGE, payload.clone()).with_txn("txn-cc");
+    idp.send(&hub, &change).await;
+
+    let on_f1_sets = on_f1.settle(&hub, 1).await;
+    let on_f1a_sets = on_f1a.settle(&hub, 1).await;
+    let everything_sets = everything.settle(&hub, 2).await;
+    let nothing =
+        [on_parent.settle(&hub, 0).await, revocations_only.settle(&hub, 0).await, on_sibling.settle(&hub, 0).await];
+    assert!(nothing.iter().all(Vec::is_empty));
+
+    let got = received_pairs(&[(&on_f1, &on_f1_sets), (&on_f1a, &on_f1a_sets), (&everything, &everything_sets)]);
+    let expected = pairs_of(&[(&on_f1, "F1"), (&on_f1a, "F1a"), (&everything, "F1"), (&everything, "F1a")]);
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    for set in on_f1_sets.iter().chain(&on_f1a_sets).chain(&everything_sets) {
+        assert_eq!(set.event.type_uri(), CREDENTIAL_CHANGE);
+        assert_eq!(set.sub_id.to_value(), session_of(&session_id(set), &alice));
+        assert_eq!(set.txn.as_deref(), Some("txn-cc"));
+        assert_eq!(set.event.payload(), payload, "the IdP's event is carried as is");
+    }
+    let leaves = check_report(&complete_cascade(&hub, "txn-cc", 4).await, "txn-cc", 4);
+    assert_eq!(leaves, got);
+    for id in ["F", "F1", "F1a", "F2"] {
+        assert_not_revoked(&hub, id).await;
+    }
+}
+
+// ---------------------------------------------------------------- 8. one SET per (stream, session)
+
+// PRODUCT BUG (see report): hub/src/hub.rs `late_touch_plan` plans a new
+// revocation leaf whenever the (session, stream) touch is new, without
+// looking at whether the stream already got that session's revocation as a
+// `default_subjects: ALL` stream (those get leaves without a touch being
+// recorded): an ALL stream that later touches a revoked session is sent a
+// second session-revoked SET, with a new jti, for the same session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    for (id, parent) in [("R", None), ("A", Some("R")), ("A1", Some("A"))] {
+        idp.establish(&hub, id, &alice, parent).await;
+    }
+    let everything = Relying::new(&hub, "everything", true, &[SESSION_REVOKED], true).await;
+    let poller = Relying::new(&hub, "poller", false, &[SESSION_REVOKED], false).await;
+    poller.add_subject(&hub, "A1").await;
+
+    idp.send(&hub, &idp.set(session_of("A", &alice), SESSION_REVOKED, json!({})).with_txn("txn-A")).await;
+    everything.settle(&hub, 2).await;
+    poller.settle(&hub, 1).await;
+    check_report(&complete_cascade(&hub, "txn-A", 3).await, "txn-A", 3);
+
+    // The ALL stream's RP now reports that A1 and A reached it: it knows already.
+    everything.add_subject(&hub, "A1").await;
+    idp.presented(&hub, "A", &alice, &everything.rp.audience).await;
+    let sets = everything.settle(&hub, 2).await;
+    let got = by_session(&sets);
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), ids(&["A", "A1"]));
+    assert!(got.values().all(|jtis| jtis.len() == 1), "one session-revoked per (stream, session): {got:?}");
+    check_report(&complete_cascade(&hub, "txn-A", 3).await, "txn-A", 3);
+}
+
+// ---------------------------------------------------------------- 9. out-of-order establishes
+
+// PRODUCT BUG (see report): hub/src/hub.rs `Effect::establish` decides
+// "revoked at birth" from the parent record only, and never looks at the
+// new session's existing children: when an IdP's pushes arrive out of order
+// (RFC 8935 gives no ordering; a retried push overtakes), a sub-agent
+// session established before its parent is not revoked when the parent is
+// then established under a revoked ancestor, and its RPs are never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_established_before_its_parent_inherits_the_parents_revocation() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    idp.establish(&hub, "R", &alice, None).await;
+    let everything = Relying::new(&hub, "everything", true, &[SESSION_REVOKED], true).await;
+    let poller = Relying::new(&hub, "poller", false, &[SESSION_REVOKED], false).await;
+
+    // P's children arrive before P itself: C1 before the revocation, C2 after.
+    idp.establish(&hub, "C1", &alice, Some("P")).await;
+    poller.add_subject(&hub, "C1").await;
+    idp.send(&hub, &idp.set(session_of("R", &alice), SESSION_REVOKED, json!({})).with_txn("txn-R")).await;
+    everything.settle(&hub, 1).await;
+    idp.establish(&hub, "C2", &alice, Some("P")).await;
+    poller.add_subject(&hub, "C2").await;
+    // P, under the revoked R, is revoked at birth, and so is all of its subtree.
+    idp.establish(&hub, "P", &alice, Some("R")).await;
+    assert_revoked_by(&hub, "P", "txn-R").await;
+    let view = session_view(&hub, "P").await;
+    let subtree: BTreeSet<&str> =
+        view["subtree"].as_array().expect("subtree").iter().map(|s| s["session_id"].as_str().expect("id")).collect();
+    assert_eq!(subtree, ["P", "C1", "C2"].into_iter().collect(), "{view:#}");
+    for id in ["C1", "C2"] {
+        let revocation = revoked(&hub, id).await;
+        assert!(
+            revocation.as_ref().is_some_and(|r| r["txn"] == "txn-R"),
+            "{id}, a child of the revoked P, escaped the revocation: {:#}",
+            session_view(&hub, id).await
+        );
+    }
+    let everything_sets = everything.settle(&hub, 4).await;
+    assert_eq!(by_session(&everything_sets).keys().cloned().collect::<BTreeSet<_>>(), ids(&["R", "P", "C1", "C2"]));
+    let poller_sets = poller.settle(&hub, 2).await;
+    assert_eq!(by_session(&poller_sets).keys().cloned().collect::<BTreeSet<_>>(), ids(&["C1", "C2"]));
+    for set in everything_sets.iter().chain(&poller_sets) {
+        assert_revoked_set(set, &session_id(set), &alice, "txn-R");
+    }
+}
+
+// ---------------------------------------------------------------- 10. one txn, several events
+
+// PRODUCT BUG (see report): hub/src/cascade.rs `plan` keys cascades by the
+// IdP's `txn` alone and, when a cascade with that txn exists, keeps the
+// existing record (its event type and payload) and only appends the new
+// leaves; hub/src/hub.rs `Hub::leaf_set` then builds every leaf's event from
+// that record. SSF shares one `txn` among SETs with one cause, so an IdP's
+// credential-change and session-revoked for one incident share a txn, and
+// the second event's leaves go out as the first event's type: here the
+// revocation reaches the RP as a credential-change (and, the other way
+// round, a credential-change as a session-revoked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sharing_one_idp_txn_keep_their_own_type() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    idp.establish(&hub, "A", &alice, None).await;
+    idp.establish(&hub, "B", &alice, None).await;
+    let rp = Relying::new(&hub, "rp", true, &[SESSION_REVOKED, CREDENTIAL_CHANGE], false).await;
+    rp.add_subject(&hub, "A").await;
+    rp.add_subject(&hub, "B").await;
+    let change = json!({"credential_type": "password", "change_type": "revoke", "initiating_entity": "system"});
+
+    // One incident about A: its credential is revoked, then its session.
+    idp.send(&hub, &idp.set(session_of("A", &alice), CREDENTIAL_CHANGE, change.clone()).with_txn("incident-A")).await;
+    rp.settle(&hub, 1).await;
+    let revoke = json!({"initiating_entity": "policy", "reason_admin": {"en": "credential revoked"}});
+    idp.send(&hub, &idp.set(session_of("A", &alice), SESSION_REVOKED, revoke.clone()).with_txn("incident-A")).await;
+    // The other order about B.
+    idp.send(&hub, &idp.set(session_of("B", &alice), SESSION_REVOKED, revoke.clone()).with_txn("incident-B")).await;
+    rp.settle(&hub, 3).await;
+    idp.send(&hub, &idp.set(session_of("B", &alice), CREDENTIAL_CHANGE, change.clone()).with_txn("incident-B")).await;
+
+    let sets = rp.settle(&hub, 4).await;
+    let mut kinds: Vec<(String, String, String)> = sets
+        .iter()
+        .map(|s| (session_id(s), s.event.type_uri().to_owned(), s.txn.clone().unwrap_or_default()))
+        .collect();
+    kinds.sort();
+    let mut expected: Vec<(String, String, String)> = [
+        ("A", CREDENTIAL_CHANGE, "incident-A"),
+        ("A", SESSION_REVOKED, "incident-A"),
+        ("B", SESSION_REVOKED, "incident-B"),
+        ("B", CREDENTIAL_CHANGE, "incident-B"),
+    ]
+    .map(|(id, kind, txn)| (id.to_owned(), kind.to_owned(), txn.to_owned()))
+    .into();
+    expected.sort();
+    assert_eq!(kinds, expected, "each event reaches the RP as itself");
+    for set in &sets {
+        let want = if set.event.type_uri() == SESSION_REVOKED { &revoke } else { &change };
+        assert_eq!(set.event.payload()["initiating_entity"], want["initiating_entity"], "{set:?}");
+    }
+}
