@@ -16,6 +16,10 @@ use caep_schemas::set::SecurityEventToken;
 use caep_schemas::subject::SubjectId;
 use serde_json::{Value, json};
 
+/// The same allocator as the `caep-hub` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RUNS: usize = 3;
 const RECEIVERS: usize = 10;
 const SMALL_CASCADES: usize = 100;
@@ -193,12 +197,14 @@ fn main() {
         for run in 0..RUNS {
             let root = big_tree(&bench, run).await;
             let txn = format!("big-{run}");
+            let posted = Instant::now();
             bench.revoke(&root, &txn).await;
+            let planned_ms = posted.elapsed().as_millis();
             let report = bench.report_when_complete(&txn).await;
             assert_eq!(report["total"], 1000 * RECEIVERS as u64, "every leaf planned");
             assert_eq!(report["delivered"], report["total"], "every leaf delivered");
             let (ms, p50, p99) = (report["cascade_ms"].as_f64().unwrap_or(f64::NAN), report["p50_ms"].as_f64().unwrap_or(f64::NAN), report["p99_ms"].as_f64().unwrap_or(f64::NAN));
-            println!("run {}: 10,000 leaves: last leaf after {ms:.0} ms, leaf p50 {p50:.0} ms, p99 {p99:.0} ms", run + 1);
+            println!("run {}: 10,000 leaves: plan committed (202) after {planned_ms} ms, last leaf after {ms:.0} ms, leaf p50 {p50:.0} ms, p99 {p99:.0} ms", run + 1);
             total_ms.push(ms);
             p50s.push(p50);
             p99s.push(p99);

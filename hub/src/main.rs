@@ -11,6 +11,11 @@ use caep_schemas::jose::Algorithm;
 use caep_transmitter::keys::KeyStore;
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the hub allocates many small, short-lived buffers from many
+/// threads (SETs, JSON, HTTP), where glibc's allocator contends.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Continuous access evaluation (CAEP) event hub: ingests IdP security events
 /// and cascades session revocations to every relying party an agent touched.
 ///

@@ -106,7 +106,7 @@ fn operator_view(transmitter: &Transmitter, record: &StreamRecord) -> Value {
         "reason": record.reason,
         "events_delivered": record.config.events_delivered,
         "all_subjects": record.all_subjects,
-        "subjects": transmitter.streams().subjects(&record.config.stream_id).len(),
+        "subjects": transmitter.streams().subject_count(&record.config.stream_id),
         "queued": transmitter.outbox().depth(&record.config.stream_id).unwrap_or(0),
     })
 }

@@ -4,7 +4,7 @@
 //! Invariant: the cache changes only after the write that it mirrors has
 //! committed, so nothing is routed by a change that could still be lost.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use caep_schemas::event::StreamStatus;
@@ -50,7 +50,8 @@ pub struct StreamRegistry {
     /// commit order.
     changing: tokio::sync::Mutex<()>,
     cache: RwLock<HashMap<String, Arc<StreamRecord>>>,
-    subjects: RwLock<HashMap<String, Vec<SubjectId>>>,
+    /// stream → subject key → subject; keyed so adding one is O(log n).
+    subjects: RwLock<HashMap<String, BTreeMap<String, SubjectId>>>,
 }
 
 fn storage<E: std::fmt::Display>(error: E) -> StoreError {
@@ -68,7 +69,7 @@ impl StreamRegistry {
     pub fn load(store: Store) -> Result<Self, StoreError> {
         let (cache, subjects) = store.read(|txn| {
             let mut cache = HashMap::new();
-            let mut subjects: HashMap<String, Vec<SubjectId>> = HashMap::new();
+            let mut subjects: HashMap<String, BTreeMap<String, SubjectId>> = HashMap::new();
             match txn.open_table(STREAMS) {
                 Ok(table) => {
                     for row in table.iter().map_err(storage)? {
@@ -84,7 +85,8 @@ impl StreamRegistry {
                     for row in table.iter().map_err(storage)? {
                         let (key, value) = row.map_err(storage)?;
                         let subject: SubjectId = decode(value.value())?;
-                        subjects.entry(key.value().0.to_owned()).or_default().push(subject);
+                        let (stream_id, subject_key) = key.value();
+                        subjects.entry(stream_id.to_owned()).or_default().insert(subject_key.to_owned(), subject);
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -197,10 +199,7 @@ impl StreamRegistry {
             })
             .await?;
         let mut subjects = self.subjects.write().unwrap_or_else(|p| p.into_inner());
-        let list = subjects.entry(stream_id.to_owned()).or_default();
-        if !list.contains(&subject) {
-            list.push(subject);
-        }
+        subjects.entry(stream_id.to_owned()).or_default().insert(subject_key(&subject), subject);
         Ok(())
     }
 
@@ -215,14 +214,20 @@ impl StreamRegistry {
             })
             .await?;
         if let Some(list) = self.subjects.write().unwrap_or_else(|p| p.into_inner()).get_mut(stream_id) {
-            list.retain(|s| s != subject);
+            list.remove(&subject_key(subject));
         }
         Ok(())
     }
 
+    /// How many subjects were added to a stream.
+    pub fn subject_count(&self, stream_id: &str) -> usize {
+        self.subjects.read().unwrap_or_else(|p| p.into_inner()).get(stream_id).map_or(0, BTreeMap::len)
+    }
+
     /// The subjects added to a stream.
     pub fn subjects(&self, stream_id: &str) -> Vec<SubjectId> {
-        self.subjects.read().unwrap_or_else(|p| p.into_inner()).get(stream_id).cloned().unwrap_or_default()
+        let subjects = self.subjects.read().unwrap_or_else(|p| p.into_inner());
+        subjects.get(stream_id).map(|list| list.values().cloned().collect()).unwrap_or_default()
     }
 
     /// Streams that should get an event of `event_type` about `subject`:
@@ -237,7 +242,7 @@ impl StreamRegistry {
                 record.all_subjects
                     || subjects
                         .get(&record.config.stream_id)
-                        .is_some_and(|list| list.iter().any(|added| added.matches(subject)))
+                        .is_some_and(|list| list.values().any(|added| added.matches(subject)))
             })
             .collect()
     }
