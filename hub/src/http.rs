@@ -14,8 +14,9 @@ use caep_transmitter::error::SsfError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::effects::IngestError;
 use crate::graph;
-use crate::hub::{Hub, IngestError};
+use crate::hub::Hub;
 use crate::issuers::IssuerError;
 
 /// Largest SET accepted at `/ingest`.

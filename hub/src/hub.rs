@@ -1,37 +1,34 @@
-//! The hub: what an IdP event does to the session graph, and the cascade of
-//! SETs it causes.
-//!
-//! An IdP event's effects (graph changes and the cascade plan) are decided
-//! and written in one transaction of the store's single writer, so they are
-//! serialized with every concurrent spawn, touch and revocation: a session
-//! established under a revoked ancestor is revoked at birth, and a touch by
-//! a revoked session plans that stream's revocation at once.
+//! The hub: verifies IdP events, hands them to the event log (whose effects
+//! live in `effects.rs`), and dispatches the cascades they plan: signing
+//! leaves and putting them in the outbox. It also records RP touches and
+//! applies delivery outcomes to leaves.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock, Weak};
 
-use caep_schemas::event::{CaepCommon, Event, SessionRevoked, event_type};
-use caep_schemas::set::{SecurityEventToken, new_id};
+use caep_schemas::event::Event;
+use caep_schemas::set::SecurityEventToken;
 use caep_schemas::subject::SubjectId;
 use caep_transmitter::outbox::{NewSet, Outbox, OutcomeSink, SetOutcome, now_ms};
-use caep_transmitter::registry::{StreamRecord, StreamRegistry};
+use caep_transmitter::registry::StreamRecord;
 use caep_transmitter::service::{BoxFuture, Outgoing, SubjectHook, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError};
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::WriteTransaction;
 
-use crate::cascade::{self, CascadeEvent, CascadeRecord, Leaf, LeafStatus, Outcome};
-use crate::graph::{self, Revocation, SessionRecord};
+use crate::cascade::{self, CascadeRecord, Leaf, Outcome};
+use crate::effects::{IngestError, late_touch_plan, rejected};
+use crate::graph;
 use crate::issuers::Issuers;
+use crate::log::EventLog;
 
-/// `(iss, jti)` of every IdP SET ingested: a replay gets the first answer
-/// and has no second effect.
-const INGESTED: TableDefinition<(&str, &str), u64> = TableDefinition::new("ingested_jtis");
 /// Leaves signed per blocking task.
 const SIGN_CHUNK: usize = 256;
 
 /// The hub's state.
 pub struct Hub {
     issuer: String,
+    /// Where verified events take effect (the embedded log by default).
+    log: Box<dyn EventLog>,
     /// Signing chunks at once: one per core, so early chunks reach the
     /// outbox (and the wire) while later ones are still being signed.
     signing: tokio::sync::Semaphore,
@@ -40,45 +37,18 @@ pub struct Hub {
     issuers: Issuers,
 }
 
-/// What an event planned: its cascade and the new leaves.
-#[derive(Debug, Default)]
-pub struct Plan {
-    pub cascades: Vec<(CascadeRecord, Vec<Leaf>)>,
-}
-
-impl Plan {
-    fn add(&mut self, cascade: CascadeRecord, leaves: Vec<Leaf>) {
-        self.cascades.push((cascade, leaves));
-    }
-}
-
-/// Why an IdP event was refused, as RFC 8935 error JSON.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    /// 400 with `{"err", "description"}`.
-    #[error("{err}: {description}")]
-    Rejected { err: &'static str, description: String },
-    /// The hub could not process it now (storage, key fetch); the IdP retries.
-    #[error("temporarily unavailable: {0}")]
-    Unavailable(String),
-}
-
-fn rejected(err: &'static str, description: impl Into<String>) -> IngestError {
-    IngestError::Rejected { err, description: description.into() }
-}
-
-impl From<StoreError> for IngestError {
-    fn from(error: StoreError) -> Self {
-        IngestError::Unavailable(error.to_string())
-    }
-}
-
 impl Hub {
     /// The hub over a transmitter; call [`Hub::start`] next.
-    pub fn new(issuer: &str, transmitter: Arc<Transmitter>, store: Store, issuers: Issuers) -> Arc<Self> {
+    pub fn new(
+        issuer: &str,
+        transmitter: Arc<Transmitter>,
+        store: Store,
+        issuers: Issuers,
+        log: Box<dyn EventLog>,
+    ) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let signing = tokio::sync::Semaphore::new(cores);
-        Arc::new(Hub { issuer: issuer.to_owned(), signing, transmitter, store, issuers })
+        Arc::new(Hub { issuer: issuer.to_owned(), log, signing, transmitter, store, issuers })
     }
 
     /// Re-dispatches leaves a crash left planned.
@@ -113,8 +83,7 @@ impl Hub {
     pub async fn ingest(self: &Arc<Self>, token: &str) -> Result<(), IngestError> {
         let received_at = now_ms();
         let set = self.verify(token).await?;
-        let this = Arc::clone(self);
-        let plan = self.store.write(Commit::Durable, move |txn| Ok(this.apply(txn, &set, received_at))).await??;
+        let plan = self.log.append(set, received_at).await?;
         for (record, leaves) in plan.cascades {
             self.dispatch(record, leaves);
         }
@@ -141,36 +110,6 @@ impl Hub {
                 SecurityEventToken::verify(token, &jwks, &expect).map_err(set_rejection)
             }
             other => other.map_err(set_rejection),
-        }
-    }
-
-    /// Decides and writes an event's effects. Never writes when it refuses.
-    fn apply(&self, txn: &WriteTransaction, set: &SecurityEventToken, now: u64) -> Result<Plan, IngestError> {
-        let mut ingested = txn.open_table(INGESTED).map_err(StoreError::storage)?;
-        if ingested.get((set.iss.as_str(), set.jti.as_str())).map_err(StoreError::storage)?.is_some() {
-            tracing::debug!(iss = %set.iss, jti = %set.jti, "replayed IdP SET: no second effect");
-            return Ok(Plan::default());
-        }
-        let plan = self.effects(txn, set, now)?;
-        ingested.insert((set.iss.as_str(), set.jti.as_str()), now).map_err(StoreError::storage)?;
-        Ok(plan)
-    }
-
-    fn effects(&self, txn: &WriteTransaction, set: &SecurityEventToken, now: u64) -> Result<Plan, IngestError> {
-        let ctx = Effect { txn, set, now, streams: self.transmitter.streams() };
-        match &set.event {
-            Event::SessionEstablished(established) => ctx.establish(established),
-            Event::SessionPresented(presented) => ctx.presented(presented.audience.as_deref()),
-            Event::SessionRevoked(revoked) => ctx.revoke(revoked.common.clone()),
-            Event::AccountDisabled(_) | Event::AccountPurged(_) | Event::CredentialCompromise(_) => {
-                ctx.revoke_user_from_risc()
-            }
-            Event::CredentialChange(_)
-            | Event::TokenClaimsChange(_)
-            | Event::AssuranceLevelChange(_)
-            | Event::DeviceComplianceChange(_)
-            | Event::RiskLevelChange(_) => ctx.forward(),
-            _ => Ok(Plan::default()),
         }
     }
 
@@ -292,355 +231,6 @@ fn unverified_issuer(token: &str) -> Result<String, IngestError> {
         Some(serde_json::Value::String(iss)) => Ok(iss.clone()),
         _ => Err(rejected("invalid_request", "claim `iss` is missing")),
     }
-}
-
-/// One event's effect computation, inside the writer's transaction.
-struct Effect<'a> {
-    txn: &'a WriteTransaction,
-    set: &'a SecurityEventToken,
-    now: u64,
-    streams: &'a StreamRegistry,
-}
-
-impl Effect<'_> {
-    fn txn_id(&self) -> String {
-        self.set.txn.clone().unwrap_or_else(new_id)
-    }
-
-    /// The session named by a complex `sub_id`, with its user.
-    fn session_subject(&self) -> Option<(SubjectId, Option<SubjectId>)> {
-        let complex = self.set.sub_id.as_complex()?;
-        Some((complex.session.clone()?, complex.user.clone()))
-    }
-
-    /// A user named by `sub_id`: iss_sub, email, or complex with only `user`.
-    fn user_subject(&self) -> Option<SubjectId> {
-        match &self.set.sub_id {
-            SubjectId::IssSub { .. } | SubjectId::Email { .. } => Some(self.set.sub_id.clone()),
-            SubjectId::Complex(complex) if complex.session.is_none() => complex.user.clone(),
-            _ => None,
-        }
-    }
-
-    /// A session record, refusing sessions another IdP established.
-    fn own_session(&self, session_id: &str) -> Result<Option<SessionRecord>, IngestError> {
-        match graph::session(self.txn, session_id)? {
-            Some(record) if record.issuer != self.set.iss => {
-                Err(rejected("invalid_request", format!("session `{session_id}` belongs to another issuer")))
-            }
-            other => Ok(other),
-        }
-    }
-
-    fn establish(&self, event: &caep_schemas::event::SessionEstablished) -> Result<Plan, IngestError> {
-        let (subject, user) = self
-            .session_subject()
-            .ok_or_else(|| rejected("invalid_request", "session-established needs a complex sub_id with `session`"))?;
-        let session_id = graph::session_key(&subject);
-        let parent = event.parent_session.as_ref().map(graph::session_key);
-        if parent.as_deref() == Some(session_id.as_str()) {
-            return Err(rejected("invalid_request", "a session cannot be its own parent"));
-        }
-        let existing = self.own_session(&session_id)?;
-        let parent_record = match &parent {
-            Some(parent) => self.own_session(parent)?,
-            None => None,
-        };
-        // Revoked at birth: under a revoked ancestor, or revoked before the
-        // IdP's establish arrived (a tombstone).
-        let revoked =
-            existing.as_ref().and_then(|e| e.revoked.clone()).or_else(|| parent_record.and_then(|p| p.revoked));
-        if existing.as_ref().is_some_and(|e| e.revoked.is_none()) {
-            return Ok(Plan::default()); // established already: idempotent
-        }
-        let record = SessionRecord {
-            session_id: session_id.clone(),
-            subject,
-            issuer: self.set.iss.clone(),
-            user,
-            parent,
-            authority: event.authority,
-            established_at_ms: self.now,
-            revoked: revoked.clone(),
-        };
-        graph::insert_session(self.txn, &record)?;
-        let Some(revocation) = revoked else { return Ok(Plan::default()) };
-        // Born revoked. Touches of a session new to the graph must learn of it
-        // now (a tombstone's touches were planned when they happened), and so
-        // must sessions already established under it: a child's establish can
-        // overtake its parent's, since push delivery is unordered.
-        let mut sessions = if existing.is_none() { vec![record] } else { Vec::new() };
-        for id in graph::subtree(self.txn, std::slice::from_ref(&session_id))?.into_iter().skip(1) {
-            let Some(mut descendant) = graph::session(self.txn, &id)? else { continue };
-            if descendant.revoked.is_some() || descendant.issuer != self.set.iss {
-                continue;
-            }
-            descendant.revoked = Some(revocation.clone());
-            graph::put_session(self.txn, &descendant)?;
-            sessions.push(descendant);
-        }
-        self.plan_for_revoked(&sessions, &revocation)
-    }
-
-    fn presented(&self, audience: Option<&str>) -> Result<Plan, IngestError> {
-        let (Some((subject, _)), Some(audience)) = (self.session_subject(), audience) else {
-            return Ok(Plan::default());
-        };
-        let session_id = graph::session_key(&subject);
-        self.own_session(&session_id)?;
-        let mut plan = Plan::default();
-        for stream in self.streams.all().iter().filter(|s| s.config.aud.contains(audience)) {
-            let late =
-                late_touch_plan(self.txn, self.streams, &session_id, &subject, &stream.config.stream_id, self.now)?;
-            plan.cascades.extend(late.cascades);
-        }
-        Ok(plan)
-    }
-
-    fn revoke(&self, common: CaepCommon) -> Result<Plan, IngestError> {
-        let roots = match (self.session_subject(), self.user_subject()) {
-            (Some((subject, user)), _) => vec![self.session_root(subject, user)?],
-            (None, Some(user)) => graph::sessions_of_user(self.txn, &self.set.iss, &user)?,
-            (None, None) => return Ok(Plan::default()),
-        };
-        let event = SessionRevoked { common: self.carried(common), ..SessionRevoked::default() };
-        let root = self.root_label();
-        self.revoke_subtrees(&roots, &root, event)
-    }
-
-    fn revoke_user_from_risc(&self) -> Result<Plan, IngestError> {
-        let Some(user) = self.user_subject() else { return Ok(Plan::default()) };
-        let roots = graph::sessions_of_user(self.txn, &self.set.iss, &user)?;
-        let reason = format!("{} at the identity provider", short_type(self.set.event.type_uri()));
-        let common = CaepCommon {
-            event_timestamp: self.set.event.event_timestamp().or(Some(self.set.iat)),
-            initiating_entity: Some(caep_schemas::event::InitiatingEntity::Policy),
-            reason_admin: Some([("en".to_owned(), reason)].into()),
-            reason_user: None,
-        };
-        let event = SessionRevoked { common, ..SessionRevoked::default() };
-        self.revoke_subtrees(&roots, &self.root_label(), event)
-    }
-
-    /// A revoked session's id, creating a tombstone when the IdP revokes a
-    /// session it has not established (yet): a later establish or touch of it
-    /// is then revoked at birth.
-    fn session_root(&self, subject: SubjectId, user: Option<SubjectId>) -> Result<String, IngestError> {
-        let session_id = graph::session_key(&subject);
-        if self.own_session(&session_id)?.is_none() {
-            let tombstone = SessionRecord {
-                session_id: session_id.clone(),
-                subject,
-                issuer: self.set.iss.clone(),
-                user,
-                parent: None,
-                authority: None,
-                established_at_ms: self.now,
-                revoked: None,
-            };
-            graph::insert_session(self.txn, &tombstone)?;
-        }
-        Ok(session_id)
-    }
-
-    /// Marks every session under `roots` revoked and plans one leaf per
-    /// (touched stream, newly revoked session).
-    fn revoke_subtrees(&self, roots: &[String], root: &str, event: SessionRevoked) -> Result<Plan, IngestError> {
-        let wire_txn = self.txn_id();
-        let key = cascade::key_for(self.txn, &wire_txn, &self.set.iss)?;
-        // A session remembers the cascade (by key) that revoked it.
-        let revocation = Revocation { txn: key.clone(), at_ms: self.now };
-        let mut newly = Vec::new();
-        for session_id in graph::subtree(self.txn, roots)? {
-            let Some(mut record) = graph::session(self.txn, &session_id)? else { continue };
-            // Another IdP's sessions under this one are not this IdP's to revoke.
-            if record.revoked.is_some() || record.issuer != self.set.iss {
-                continue;
-            }
-            record.revoked = Some(revocation.clone());
-            graph::put_session(self.txn, &record)?;
-            newly.push(record);
-        }
-        let event = Event::SessionRevoked(event);
-        let template = self.cascade_template(&key, &wire_txn, root, &event);
-        let leaves = plan_leaves(self.txn, self.streams, &newly, event_type::SESSION_REVOKED, self.now)?;
-        let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&event), leaves)?;
-        tracing::info!(txn = %wire_txn, root, sessions = newly.len(), leaves = leaves.len(), "revocation cascade planned");
-        let mut plan = Plan::default();
-        plan.add(record, leaves);
-        Ok(plan)
-    }
-
-    fn plan_for_revoked(&self, sessions: &[SessionRecord], revocation: &Revocation) -> Result<Plan, IngestError> {
-        let leaves = plan_leaves(self.txn, self.streams, sessions, event_type::SESSION_REVOKED, self.now)?;
-        let mut plan = Plan::default();
-        if leaves.is_empty() {
-            return Ok(plan);
-        }
-        let Some(existing) = cascade::cascade(self.txn, &revocation.txn)? else { return Ok(plan) };
-        let Some(event) = revocation_event(&existing) else { return Ok(plan) };
-        let (record, leaves) = cascade::plan(self.txn, &existing, &event, leaves)?;
-        plan.add(record, leaves);
-        Ok(plan)
-    }
-
-    /// Other CAEP events about a session (or a user's sessions) go to the
-    /// streams that touched it and its descendants.
-    fn forward(&self) -> Result<Plan, IngestError> {
-        let roots = match (self.session_subject(), self.user_subject()) {
-            (Some((subject, _)), _) => {
-                let id = graph::session_key(&subject);
-                if self.own_session(&id)?.is_none() {
-                    return Ok(Plan::default());
-                }
-                vec![id]
-            }
-            (None, Some(user)) => graph::sessions_of_user(self.txn, &self.set.iss, &user)?,
-            (None, None) => return Ok(Plan::default()),
-        };
-        let mut sessions = Vec::new();
-        for id in graph::subtree(self.txn, &roots)? {
-            if let Some(record) = graph::session(self.txn, &id)?.filter(|r| r.issuer == self.set.iss) {
-                sessions.push(record);
-            }
-        }
-        let txn_id = self.txn_id();
-        let key = cascade::key_for(self.txn, &txn_id, &self.set.iss)?;
-        let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
-        let leaves = plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now)?;
-        let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves)?;
-        let mut plan = Plan::default();
-        plan.add(record, leaves);
-        Ok(plan)
-    }
-
-    /// The origin's common members, carried onto every leaf; the event time
-    /// defaults to the IdP SET's `iat`.
-    fn carried(&self, mut common: CaepCommon) -> CaepCommon {
-        common.event_timestamp = common.event_timestamp.or(Some(self.set.iat));
-        common
-    }
-
-    fn root_label(&self) -> String {
-        match self.session_subject() {
-            Some((subject, _)) => format!("session:{}", graph::session_key(&subject)),
-            None => format!("subject:{}", self.set.sub_id.to_value()),
-        }
-    }
-
-    fn cascade_template(&self, key: &str, wire_txn: &str, root: &str, event: &Event) -> CascadeRecord {
-        CascadeRecord {
-            key: key.to_owned(),
-            txn: wire_txn.to_owned(),
-            root: root.to_owned(),
-            issuer: self.set.iss.clone(),
-            event_type: event.type_uri().to_owned(),
-            events: Vec::new(),
-            started_at_ms: self.now,
-            total: 0,
-            delivered: 0,
-            failed: 0,
-            completed_at_ms: None,
-        }
-    }
-}
-
-fn carried_event(event: &Event) -> CascadeEvent {
-    CascadeEvent { event_type: event.type_uri().to_owned(), event: event.payload() }
-}
-
-/// The session-revoked event a revocation cascade carries.
-fn revocation_event(cascade: &CascadeRecord) -> Option<CascadeEvent> {
-    cascade.events.iter().find(|e| e.event_type == event_type::SESSION_REVOKED).cloned()
-}
-
-fn short_type(uri: &str) -> &str {
-    uri.rsplit('/').next().unwrap_or(uri)
-}
-
-/// One leaf per (stream that wants `event_type` about the session, session):
-/// streams the session touched, plus streams that take every subject.
-fn plan_leaves(
-    txn: &WriteTransaction,
-    streams: &StreamRegistry,
-    sessions: &[SessionRecord],
-    event_type: &str,
-    now: u64,
-) -> Result<Vec<Leaf>, StoreError> {
-    let takes_all: Vec<String> = streams
-        .all()
-        .iter()
-        .filter(|s| s.all_subjects && s.delivers(event_type))
-        .map(|s| s.config.stream_id.clone())
-        .collect();
-    let mut leaves = Vec::new();
-    for session in sessions {
-        let mut targets: BTreeSet<String> = graph::touched_streams(txn, &session.session_id)?
-            .into_iter()
-            .filter(|id| streams.get(id).is_some_and(|s| s.delivers(event_type)))
-            .collect();
-        targets.extend(takes_all.iter().cloned());
-        for stream_id in targets {
-            if event_type == event_type::SESSION_REVOKED
-                && !graph::claim_revocation(txn, &session.session_id, &stream_id)?
-            {
-                continue;
-            }
-            leaves.push(new_leaf(
-                stream_id,
-                session.session_id.clone(),
-                session.subject.clone(),
-                session.user.clone(),
-                now,
-            ));
-        }
-    }
-    Ok(leaves)
-}
-
-fn new_leaf(stream_id: String, session_id: String, session: SubjectId, user: Option<SubjectId>, now: u64) -> Leaf {
-    Leaf {
-        jti: new_id(),
-        stream_id,
-        session_id,
-        session,
-        user,
-        event: 0, // set by cascade::plan
-        planned_at_ms: now,
-        status: LeafStatus::Planned,
-        acked_at_ms: None,
-        err: None,
-    }
-}
-
-/// Records a touch; when the session is already revoked and the stream was
-/// never told, plans that stream's revocation leaf in the revoking cascade.
-fn late_touch_plan(
-    txn: &WriteTransaction,
-    streams: &StreamRegistry,
-    session_id: &str,
-    session: &SubjectId,
-    stream_id: &str,
-    now: u64,
-) -> Result<Plan, StoreError> {
-    let mut plan = Plan::default();
-    graph::touch(txn, session_id, stream_id, now)?;
-    let Some(record) = graph::session(txn, session_id)? else { return Ok(plan) };
-    let Some(revocation) = record.revoked.clone() else { return Ok(plan) };
-    if !streams.get(stream_id).is_some_and(|s| s.delivers(event_type::SESSION_REVOKED)) {
-        return Ok(plan);
-    }
-    // Told already (by the cascade, at birth, or by an earlier touch)?
-    if !graph::claim_revocation(txn, session_id, stream_id)? {
-        return Ok(plan);
-    }
-    let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
-    let Some(event) = revocation_event(&existing) else { return Ok(plan) };
-    let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), session.clone(), record.user.clone(), now);
-    tracing::info!(txn = %existing.txn, session_id, stream_id, "touch by a revoked session: revocation sent");
-    let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
-    plan.add(updated, leaves);
-    Ok(plan)
 }
 
 /// Applies delivery outcomes to cascade leaves inside the transaction that

@@ -6,10 +6,12 @@
 pub mod admin_token;
 pub mod cascade;
 pub mod config;
+pub mod effects;
 pub mod error;
 pub mod graph;
 pub mod http;
 pub mod hub;
 pub mod issuers;
+pub mod log;
 pub mod metrics;
 pub mod server;

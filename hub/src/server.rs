@@ -26,6 +26,7 @@ use crate::config::HubConfig;
 use crate::error::StartError;
 use crate::hub::{Hub, TouchHook, Tracker};
 use crate::issuers::Issuers;
+use crate::log::LocalLog;
 
 /// The redb file inside the data directory.
 pub const DATABASE_FILE: &str = "caep-hub.redb";
@@ -70,7 +71,8 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
     let touch_hook = Arc::new(TouchHook::default());
     let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone())?;
     let issuers = Issuers::load(store.clone(), guard)?;
-    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers);
+    let log = Box::new(LocalLog::new(store.clone(), Arc::clone(&transmitter)));
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log);
     touch_hook.connect(&hub);
     hub.start()?;
     let router = app(Arc::clone(&hub), admin_token);
