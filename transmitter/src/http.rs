@@ -273,8 +273,9 @@ async fn poll_stream(
         return Err(SsfError::NotFound);
     }
     let request = poll::parse_request(&body).map_err(SsfError::BadRequest)?;
-    let response = poll::poll(transmitter.outbox(), &stream_id, record.status, request, transmitter.settings.long_poll)
-        .await
-        .map_err(store_error)?;
+    let response =
+        poll::poll(transmitter.outbox().as_ref(), &stream_id, record.status, request, transmitter.settings.long_poll)
+            .await
+            .map_err(store_error)?;
     Ok(Json(response))
 }

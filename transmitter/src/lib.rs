@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod outbox;
 pub mod poll;
 pub mod push;
+pub mod queue;
 pub mod receivers;
 pub mod registry;
 pub mod service;

@@ -12,7 +12,8 @@ use caep_schemas::event::StreamStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::outbox::{Failure, FailureTarget, Outbox, now_ms};
+use crate::outbox::{Failure, FailureTarget, now_ms};
+use crate::queue::DeliveryQueue;
 use crate::store::StoreError;
 
 /// SETs returned when the request does not say `maxEvents`.
@@ -68,7 +69,7 @@ pub fn parse_request(body: &[u8]) -> Result<PollRequest, String> {
 
 /// Serves one poll of `stream_id`, waiting at most `long_poll` for SETs.
 pub async fn poll(
-    outbox: &Outbox,
+    outbox: &dyn DeliveryQueue,
     stream_id: &str,
     status: StreamStatus,
     request: PollRequest,
@@ -101,7 +102,7 @@ pub async fn poll(
 }
 
 /// Applies `ack` and `setErrs`; only SETs of this stream are affected.
-async fn settle(outbox: &Outbox, stream_id: &str, request: &PollRequest) -> Result<(), StoreError> {
+async fn settle(outbox: &dyn DeliveryQueue, stream_id: &str, request: &PollRequest) -> Result<(), StoreError> {
     if !request.ack.is_empty() {
         let acked_at = now_ms();
         for set in outbox.ack(stream_id, request.ack.clone()).await? {
@@ -130,7 +131,7 @@ async fn settle(outbox: &Outbox, stream_id: &str, request: &PollRequest) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::NewSet;
+    use crate::outbox::{NewSet, Outbox};
     use crate::store::Store;
     use std::sync::Arc;
 
@@ -201,7 +202,7 @@ mod tests {
             let outbox = Arc::clone(&outbox);
             tokio::spawn(async move {
                 let request = PollRequest { max_events: Some(5), ..Default::default() };
-                poll(&outbox, "s", StreamStatus::Enabled, request, Duration::from_secs(10)).await
+                poll(outbox.as_ref(), "s", StreamStatus::Enabled, request, Duration::from_secs(10)).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -211,8 +212,9 @@ mod tests {
 
         let started = std::time::Instant::now();
         let request = PollRequest { max_events: Some(5), ..Default::default() };
-        let empty =
-            poll(&outbox, "other", StreamStatus::Enabled, request, Duration::from_millis(200)).await.expect("poll");
+        let empty = poll(outbox.as_ref(), "other", StreamStatus::Enabled, request, Duration::from_millis(200))
+            .await
+            .expect("poll");
         assert!(empty.sets.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(190), "waited for the long-poll bound");
     }
@@ -221,7 +223,8 @@ mod tests {
     async fn paused_streams_hold_their_sets() {
         let (_dir, outbox) = open();
         outbox.enqueue(sets("s", &["a"])).await.expect("enqueue");
-        let held = poll(&outbox, "s", StreamStatus::Paused, immediate(5, &[]), Duration::ZERO).await.expect("poll");
+        let held =
+            poll(outbox.as_ref(), "s", StreamStatus::Paused, immediate(5, &[]), Duration::ZERO).await.expect("poll");
         assert!(held.sets.is_empty() && !held.more_available);
         assert_eq!(run(&outbox, "s", immediate(5, &[])).await.sets.len(), 1, "delivered once enabled");
     }

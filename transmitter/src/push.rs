@@ -19,7 +19,8 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::outbox::{Failure, FailureTarget, Outbox, Pending, now_ms};
+use crate::outbox::{Failure, FailureTarget, Pending, now_ms};
+use crate::queue::DeliveryQueue;
 use crate::ssrf::PushUrlGuard;
 
 /// How many queued SETs a worker reads at once.
@@ -83,7 +84,7 @@ type Worker = (watch::Sender<PushRoute>, JoinHandle<()>);
 pub struct Pusher {
     client: reqwest::Client,
     guard: PushUrlGuard,
-    outbox: Arc<Outbox>,
+    queue: Arc<dyn DeliveryQueue>,
     /// Acknowledged SETs `(stream, seq, acked_at_ms)`, removed from the
     /// outbox in batches by one task.
     acknowledged: mpsc::UnboundedSender<(String, u64, u64)>,
@@ -94,11 +95,15 @@ pub struct Pusher {
 impl Pusher {
     /// A pusher whose HTTP client resolves names through the SSRF guard.
     /// Must run inside a tokio runtime.
-    pub fn new(guard: PushUrlGuard, outbox: Arc<Outbox>, policy: PushPolicy) -> Result<Arc<Self>, reqwest::Error> {
+    pub fn new(
+        guard: PushUrlGuard,
+        queue: Arc<dyn DeliveryQueue>,
+        policy: PushPolicy,
+    ) -> Result<Arc<Self>, reqwest::Error> {
         let client = guard.client_builder().build()?;
-        let (acknowledged, queue) = mpsc::unbounded_channel();
-        tokio::spawn(remove_acknowledged(Arc::clone(&outbox), queue));
-        Ok(Arc::new(Pusher { client, guard, outbox, acknowledged, policy, workers: Mutex::new(HashMap::new()) }))
+        let (acknowledged, acks) = mpsc::unbounded_channel();
+        tokio::spawn(remove_acknowledged(Arc::clone(&queue), acks));
+        Ok(Arc::new(Pusher { client, guard, queue, acknowledged, policy, workers: Mutex::new(HashMap::new()) }))
     }
 
     /// Starts delivering a stream, or updates a running worker's route.
@@ -108,7 +113,7 @@ impl Pusher {
             && !handle.is_finished()
         {
             sender.send_replace(route);
-            self.outbox.wake(stream_id);
+            self.queue.waker(stream_id).notify_one();
             return;
         }
         let (sender, receiver) = watch::channel(route);
@@ -191,7 +196,7 @@ struct StreamWorker {
 impl StreamWorker {
     async fn run(mut self) {
         let in_flight = Arc::new(Semaphore::new(self.pusher.policy.max_in_flight_per_stream.max(1)));
-        let waker = self.pusher.outbox.waker(&self.stream_id);
+        let waker = self.pusher.queue.waker(&self.stream_id);
         // Highest sequence handed to a delivery task; rows stay in the outbox
         // until delivered, so a restart starts from zero and resends them.
         let mut cursor = 0;
@@ -202,7 +207,7 @@ impl StreamWorker {
                 }
                 continue;
             }
-            let batch = match self.pusher.outbox.pending(&self.stream_id, cursor, READ_BATCH) {
+            let batch = match self.pusher.queue.pending(&self.stream_id, cursor, READ_BATCH) {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::error!(stream_id = %self.stream_id, %error, "cannot read the outbox");
@@ -309,7 +314,7 @@ impl Delivery {
         tracing::warn!(stream_id = %self.stream_id, jti = %self.pending.set.jti, %err, %description,
             "push delivery failed permanently; dead-lettered");
         let failure = Failure { target: FailureTarget::Seq(self.pending.seq), err: err.clone(), description };
-        if let Err(error) = self.pusher.outbox.dead_letter(&self.stream_id, vec![failure]).await {
+        if let Err(error) = self.pusher.queue.dead_letter(&self.stream_id, vec![failure]).await {
             tracing::error!(stream_id = %self.stream_id, %error, "cannot dead-letter a SET");
         }
         metrics::counter!("caep_deliveries_total", "method" => "push", "outcome" => "failed").increment(1);
@@ -318,17 +323,17 @@ impl Delivery {
 
 /// Removes acknowledged SETs from the outbox, as many per transaction as
 /// have arrived, so thousands of 202s a second cost a few commits.
-async fn remove_acknowledged(outbox: Arc<Outbox>, mut queue: mpsc::UnboundedReceiver<(String, u64, u64)>) {
+async fn remove_acknowledged(queue: Arc<dyn DeliveryQueue>, mut acks: mpsc::UnboundedReceiver<(String, u64, u64)>) {
     const MAX_BATCH: usize = 2048;
-    while let Some(first) = queue.recv().await {
+    while let Some(first) = acks.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
+            match acks.try_recv() {
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
-        if let Err(error) = outbox.remove_delivered(batch).await {
+        if let Err(error) = queue.remove_delivered(batch).await {
             tracing::error!(%error, "cannot record deliveries; they will be sent again after a restart");
         }
     }

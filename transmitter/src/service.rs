@@ -17,6 +17,7 @@ use crate::keys::KeyStore;
 use crate::metadata::{TransmitterMetadata, paths};
 use crate::outbox::{NewSet, Outbox, OutcomeSink, now_ms};
 use crate::push::{PushPolicy, PushRoute, Pusher};
+use crate::queue::DeliveryQueue;
 use crate::receivers::{Receiver, Receivers};
 use crate::registry::{StreamRecord, StreamRegistry};
 use crate::ssrf::PushUrlGuard;
@@ -150,7 +151,8 @@ impl Transmitter {
         let issuer_path = issuer_path(&settings.issuer)?;
         let outbox = Arc::new(Outbox::new(store.clone(), sink));
         let guard = PushUrlGuard::new(settings.push_allow.clone());
-        let pusher = Pusher::new(guard.clone(), Arc::clone(&outbox), settings.push_policy.clone())?;
+        let queue: Arc<dyn DeliveryQueue> = outbox.clone();
+        let pusher = Pusher::new(guard.clone(), queue, settings.push_policy.clone())?;
         let transmitter = Arc::new(Transmitter {
             metadata: TransmitterMetadata::for_issuer(&settings.issuer),
             issuer_path,
