@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 
-use caep_schemas::subject::SubjectId;
 use caep_transmitter::store::{StoreError, decode, encode};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -19,7 +18,6 @@ use serde_json::Value;
 
 const CASCADES: TableDefinition<&str, &[u8]> = TableDefinition::new("cascades");
 const LEAVES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("cascade_leaves");
-const PLANNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("cascade_planned");
 
 /// One event a cascade's leaves carry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +45,10 @@ pub struct CascadeRecord {
     pub events: Vec<CascadeEvent>,
     pub started_at_ms: u64,
     pub total: u64,
+    /// Leaves still `planned` (not yet in the outbox): what a restart must
+    /// sign again.
+    #[serde(default)]
+    pub undispatched: u64,
     pub delivered: u64,
     pub failed: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,10 +74,9 @@ pub enum LeafStatus {
 pub struct Leaf {
     pub jti: String,
     pub stream_id: String,
+    /// The session's id; its subject and user are read from the graph when
+    /// the leaf is signed, rather than copied into every leaf.
     pub session_id: String,
-    pub session: SubjectId,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<SubjectId>,
     /// Index of the event it carries in the cascade's `events`.
     #[serde(default)]
     pub event: usize,
@@ -143,6 +144,7 @@ pub fn plan(
         }
     };
     record.total += leaves.len() as u64;
+    record.undispatched += leaves.len() as u64;
     if !leaves.is_empty() {
         record.completed_at_ms = None;
     } else if record.total == 0 {
@@ -150,11 +152,9 @@ pub fn plan(
     }
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
-        let mut planned = txn.open_table(PLANNED).map_err(storage)?;
         for leaf in &mut leaves {
             leaf.event = index;
             table.insert((record.key.as_str(), leaf.jti.as_str()), encode(&*leaf)?.as_slice()).map_err(storage)?;
-            planned.insert((record.key.as_str(), leaf.jti.as_str()), ()).map_err(storage)?;
         }
     }
     put_cascade(txn, &record)?;
@@ -163,43 +163,54 @@ pub fn plan(
 
 /// Marks planned leaves as in the outbox.
 pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) -> Result<(), StoreError> {
-    let mut planned = txn.open_table(PLANNED).map_err(storage)?;
-    let mut table = txn.open_table(LEAVES).map_err(storage)?;
-    for jti in jtis {
-        planned.remove((cascade_key, jti.as_str())).map_err(storage)?;
-        let Some(row) = table.get((cascade_key, jti.as_str())).map_err(storage)? else { continue };
-        let mut leaf: Leaf = decode(row.value())?;
-        drop(row);
-        if leaf.status == LeafStatus::Planned {
-            leaf.status = LeafStatus::Pending;
-            table.insert((cascade_key, jti.as_str()), encode(&leaf)?.as_slice()).map_err(storage)?;
+    let mut moved = 0;
+    {
+        let mut table = txn.open_table(LEAVES).map_err(storage)?;
+        for jti in jtis {
+            let Some(row) = table.get((cascade_key, jti.as_str())).map_err(storage)? else { continue };
+            let mut leaf: Leaf = decode(row.value())?;
+            drop(row);
+            if leaf.status == LeafStatus::Planned {
+                leaf.status = LeafStatus::Pending;
+                table.insert((cascade_key, jti.as_str()), encode(&leaf)?.as_slice()).map_err(storage)?;
+                moved += 1;
+            }
         }
+    }
+    if moved > 0
+        && let Some(mut record) = cascade(txn, cascade_key)?
+    {
+        record.undispatched = record.undispatched.saturating_sub(moved);
+        put_cascade(txn, &record)?;
     }
     Ok(())
 }
 
 /// Every leaf still planned, with its cascade (the restart recovery list).
 pub fn all_planned(txn: &ReadTransaction) -> Result<Vec<(CascadeRecord, Vec<Leaf>)>, StoreError> {
-    let planned = match txn.open_table(PLANNED) {
+    let cascades = match txn.open_table(CASCADES) {
         Ok(table) => table,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(error) => return Err(storage(error)),
     };
-    let cascades = txn.open_table(CASCADES).map_err(storage)?;
     let leaves = txn.open_table(LEAVES).map_err(storage)?;
-    let mut grouped: BTreeMap<String, Vec<Leaf>> = BTreeMap::new();
-    for row in planned.iter().map_err(storage)? {
-        let (key, _) = row.map_err(storage)?;
-        let (cascade_txn, jti) = key.value();
-        if let Some(leaf) = leaves.get((cascade_txn, jti)).map_err(storage)? {
-            grouped.entry(cascade_txn.to_owned()).or_default().push(decode(leaf.value())?);
-        }
-    }
     let mut out = Vec::new();
-    for (cascade_txn, list) in grouped {
-        if let Some(row) = cascades.get(cascade_txn.as_str()).map_err(storage)? {
-            out.push((decode(row.value())?, list));
+    for row in cascades.iter().map_err(storage)? {
+        let (_, value) = row.map_err(storage)?;
+        let record: CascadeRecord = decode(value.value())?;
+        if record.undispatched == 0 {
+            continue;
         }
+        let key = record.key.as_str();
+        let mut planned = Vec::new();
+        for leaf in leaves.range((key, "")..(key, "\u{10FFFF}")).map_err(storage)? {
+            let (_, value) = leaf.map_err(storage)?;
+            let leaf: Leaf = decode(value.value())?;
+            if leaf.status == LeafStatus::Planned {
+                planned.push(leaf);
+            }
+        }
+        out.push((record, planned));
     }
     Ok(out)
 }
@@ -364,8 +375,6 @@ mod tests {
             jti: jti.into(),
             stream_id: stream.into(),
             session_id: "s".into(),
-            session: SubjectId::opaque("s"),
-            user: None,
             event: 0,
             planned_at_ms: at,
             status: LeafStatus::Planned,
@@ -384,6 +393,7 @@ mod tests {
             events: Vec::new(),
             started_at_ms: 100,
             total: 0,
+            undispatched: 0,
             delivered: 0,
             failed: 0,
             completed_at_ms: None,

@@ -192,8 +192,7 @@ impl Effect<'_> {
         self.own_session(&session_id)?;
         let mut plan = Plan::default();
         for stream in self.streams.all().iter().filter(|s| s.config.aud.contains(audience)) {
-            let late =
-                late_touch_plan(self.txn, self.streams, &session_id, &subject, &stream.config.stream_id, self.now)?;
+            let late = late_touch_plan(self.txn, self.streams, &session_id, &stream.config.stream_id, self.now)?;
             plan.cascades.extend(late.cascades);
         }
         Ok(plan)
@@ -340,6 +339,7 @@ impl Effect<'_> {
             events: Vec::new(),
             started_at_ms: self.now,
             total: 0,
+            undispatched: 0,
             delivered: 0,
             failed: 0,
             completed_at_ms: None,
@@ -388,25 +388,17 @@ fn plan_leaves(
             {
                 continue;
             }
-            leaves.push(new_leaf(
-                stream_id,
-                session.session_id.clone(),
-                session.subject.clone(),
-                session.user.clone(),
-                now,
-            ));
+            leaves.push(new_leaf(stream_id, session.session_id.clone(), now));
         }
     }
     Ok(leaves)
 }
 
-fn new_leaf(stream_id: String, session_id: String, session: SubjectId, user: Option<SubjectId>, now: u64) -> Leaf {
+fn new_leaf(stream_id: String, session_id: String, now: u64) -> Leaf {
     Leaf {
         jti: new_id(),
         stream_id,
         session_id,
-        session,
-        user,
         event: 0, // set by cascade::plan
         planned_at_ms: now,
         status: LeafStatus::Planned,
@@ -421,7 +413,6 @@ pub(crate) fn late_touch_plan(
     txn: &WriteTransaction,
     streams: &StreamRegistry,
     session_id: &str,
-    session: &SubjectId,
     stream_id: &str,
     now: u64,
 ) -> Result<Plan, StoreError> {
@@ -438,7 +429,7 @@ pub(crate) fn late_touch_plan(
     }
     let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
     let Some(event) = revocation_event(&existing) else { return Ok(plan) };
-    let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), session.clone(), record.user.clone(), now);
+    let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), now);
     tracing::info!(txn = %existing.txn, session_id, stream_id, "touch by a revoked session: revocation sent");
     let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
     plan.add(updated, leaves);

@@ -3,7 +3,7 @@
 //! leaves and putting them in the outbox. It also records RP touches and
 //! applies delivery outcomes to leaves.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock, Weak};
 
 use caep_schemas::event::Event;
@@ -128,7 +128,8 @@ impl Hub {
     }
 
     async fn dispatch_chunk(self: &Arc<Self>, record: &CascadeRecord, leaves: Vec<Leaf>) -> Result<(), StoreError> {
-        let outgoing: Vec<Outgoing> = leaves.iter().filter_map(|leaf| self.leaf_set(record, leaf)).collect();
+        let sessions = self.store.read(|txn| sessions_of(txn, &leaves))?;
+        let outgoing: Vec<Outgoing> = leaves.iter().filter_map(|leaf| self.leaf_set(record, leaf, &sessions)).collect();
         let transmitter = Arc::clone(&self.transmitter);
         let permit = self.signing.acquire().await.map_err(StoreError::storage)?;
         let signed = tokio::task::spawn_blocking(move || transmitter.sign(outgoing))
@@ -169,14 +170,14 @@ impl Hub {
         Ok(())
     }
 
-    fn leaf_set(&self, record: &CascadeRecord, leaf: &Leaf) -> Option<Outgoing> {
+    fn leaf_set(&self, record: &CascadeRecord, leaf: &Leaf, sessions: &SessionSubjects) -> Option<Outgoing> {
         let stream = self.transmitter.streams().get(&leaf.stream_id)?;
         let carried = record.events.get(leaf.event)?;
         let event = Event::from_parts(&carried.event_type, carried.event.clone()).ok()?;
         let mut set = SecurityEventToken::new(
             self.issuer.clone(),
             stream.config.aud.clone(),
-            SubjectId::session_of(leaf.session.clone(), leaf.user.clone()),
+            session_subject(leaf, sessions),
             event,
         );
         set.jti = leaf.jti.clone();
@@ -194,7 +195,7 @@ impl Hub {
             .store
             .write(Commit::Durable, move |txn| {
                 let key = graph::session_key(&session);
-                late_touch_plan(txn, this.transmitter.streams(), &key, &session, &stream_id, now)
+                late_touch_plan(txn, this.transmitter.streams(), &key, &stream_id, now)
             })
             .await;
         match planned {
@@ -210,6 +211,29 @@ impl Hub {
     /// The cascade report.
     pub fn report(&self, cascade_txn: &str) -> Result<Option<cascade::CascadeReport>, StoreError> {
         self.store.read(|txn| cascade::report(txn, cascade_txn))
+    }
+}
+
+/// Session id → (session subject, user), for the leaves being signed.
+type SessionSubjects = HashMap<String, (SubjectId, Option<SubjectId>)>;
+
+fn sessions_of(txn: &redb::ReadTransaction, leaves: &[Leaf]) -> Result<SessionSubjects, StoreError> {
+    let mut found = SessionSubjects::new();
+    for leaf in leaves {
+        if !found.contains_key(&leaf.session_id)
+            && let Some(record) = graph::session_in(txn, &leaf.session_id)?
+        {
+            found.insert(leaf.session_id.clone(), (record.subject, record.user));
+        }
+    }
+    Ok(found)
+}
+
+/// The leaf's `sub_id`: complex `{session, user}` as the IdP named them.
+fn session_subject(leaf: &Leaf, sessions: &SessionSubjects) -> SubjectId {
+    match sessions.get(&leaf.session_id) {
+        Some((session, user)) => SubjectId::session_of(session.clone(), user.clone()),
+        None => SubjectId::session_of(SubjectId::opaque(&leaf.session_id), None),
     }
 }
 
