@@ -13,7 +13,7 @@ use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_schemas::subject::SubjectId;
 use caep_transmitter::registry::StreamRegistry;
 use caep_transmitter::store::StoreError;
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use crate::cascade::{self, CascadeEvent, CascadeRecord, Leaf, LeafStatus};
 use crate::graph::{self, Revocation, SessionRecord};
@@ -21,6 +21,20 @@ use crate::graph::{self, Revocation, SessionRecord};
 /// `(iss, jti)` of every IdP SET ingested: a replay gets the first answer
 /// and has no second effect.
 const INGESTED: TableDefinition<(&str, &str), u64> = TableDefinition::new("ingested_jtis");
+
+/// The oldest `iat` ingest accepts; a replay older than this is refused by
+/// its `iat` alone, so its `(iss, jti)` record is no longer needed.
+pub const MAX_SET_AGE_SECS: i64 = 24 * 3600;
+
+/// Forgets `(iss, jti)` records older than the accepted SET age (plus an
+/// hour of margin for clock skew). Returns how many were removed.
+pub fn prune_ingested(txn: &WriteTransaction, now_ms: u64) -> Result<u64, StoreError> {
+    let horizon = now_ms.saturating_sub((MAX_SET_AGE_SECS as u64 + 3600) * 1000);
+    let mut ingested = txn.open_table(INGESTED).map_err(StoreError::storage)?;
+    let before = ingested.len().map_err(StoreError::storage)?;
+    ingested.retain(|_, received_at| received_at >= horizon).map_err(StoreError::storage)?;
+    Ok(before - ingested.len().map_err(StoreError::storage)?)
+}
 
 /// What an event planned: its cascade and the new leaves.
 #[derive(Debug, Default)]
@@ -434,4 +448,37 @@ pub(crate) fn late_touch_plan(
     let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
     plan.add(updated, leaves);
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caep_transmitter::store::{Commit, Store};
+
+    #[tokio::test]
+    async fn replay_records_older_than_the_accepted_age_are_pruned() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("p.redb")).expect("open");
+        let day_ms = 24 * 3600 * 1000;
+        let now = 10 * day_ms;
+        let removed = store
+            .write(Commit::Durable, move |txn| {
+                {
+                    let mut table = txn.open_table(INGESTED).map_err(StoreError::storage)?;
+                    table.insert(("https://idp", "old"), now - 2 * day_ms).map_err(StoreError::storage)?;
+                    table.insert(("https://idp", "recent"), now - day_ms).map_err(StoreError::storage)?;
+                }
+                prune_ingested(txn, now)
+            })
+            .await
+            .expect("prune");
+        assert_eq!(removed, 1, "only the record beyond 25 h goes");
+        let kept = store
+            .read(|txn| {
+                let table = txn.open_table(INGESTED).map_err(StoreError::storage)?;
+                Ok(table.get(("https://idp", "recent")).map_err(StoreError::storage)?.is_some())
+            })
+            .expect("read");
+        assert!(kept, "a record young enough to stop a replay is kept");
+    }
 }

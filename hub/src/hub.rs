@@ -51,8 +51,21 @@ impl Hub {
         Arc::new(Hub { issuer: issuer.to_owned(), log, signing, transmitter, store, issuers })
     }
 
-    /// Re-dispatches leaves a crash left planned.
+    /// Re-dispatches leaves a crash left planned, and starts the hourly
+    /// pruning of replay records no SET can still need.
     pub fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                match store.write(Commit::Lazy, |txn| crate::effects::prune_ingested(txn, now_ms())).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "pruned old IdP replay records"),
+                    Err(error) => tracing::warn!(%error, "cannot prune IdP replay records"),
+                }
+            }
+        });
         let planned = self.store.read(cascade::all_planned)?;
         if !planned.is_empty() {
             tracing::info!(cascades = planned.len(), "re-dispatching leaves planned before a restart");
@@ -94,7 +107,7 @@ impl Hub {
         let issuer = unverified_issuer(token)?;
         let keys = self.issuers.keys_for(&issuer).ok_or_else(|| rejected("invalid_issuer", "issuer is not trusted"))?;
         let mut expect = caep_schemas::set::Expectations::new(&issuer, &self.issuer);
-        expect.max_age_secs = Some(24 * 3600);
+        expect.max_age_secs = Some(crate::effects::MAX_SET_AGE_SECS);
         let jwks = keys.get().await.map_err(|e| IngestError::Unavailable(format!("issuer keys: {e}")))?;
         match SecurityEventToken::verify(token, &jwks, &expect) {
             Err(caep_schemas::set::SetError::Jose(caep_schemas::jose::JoseError::UnknownKey { kid })) => {
