@@ -12,44 +12,7 @@ use caep_schemas::event::{StreamStatus, event_type};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-/// RFC 8935 push delivery method URN.
-pub const PUSH_METHOD: &str = "urn:ietf:rfc:8935";
-/// RFC 8936 poll delivery method URN.
-pub const POLL_METHOD: &str = "urn:ietf:rfc:8936";
-
-/// A transmitter's configuration metadata (`/.well-known/ssf-configuration`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TransmitterMetadata {
-    /// `1_0` for SSF 1.0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spec_version: Option<String>,
-    /// The issuer: every SET's `iss`.
-    pub issuer: String,
-    /// Where the signing keys are published.
-    pub jwks_uri: String,
-    /// Delivery method URNs the transmitter supports.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub delivery_methods_supported: Vec<String>,
-    /// Stream create/read/update/replace/delete.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub configuration_endpoint: Option<String>,
-    /// Stream status read/update.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status_endpoint: Option<String>,
-    /// Add a subject to a stream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub add_subject_endpoint: Option<String>,
-    /// Remove a subject from a stream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remove_subject_endpoint: Option<String>,
-    /// Request a verification SET.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verification_endpoint: Option<String>,
-    /// Members the rest of the document holds that the SDK does not model
-    /// (`authorization_schemes`, `default_subjects`, ...).
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
+pub use caep_schemas::ssf::{POLL_METHOD, PUSH_METHOD, TransmitterMetadata};
 
 /// How a stream's SETs reach the receiver, as the transmitter returns it.
 /// `Debug` redacts `authorization_header`.

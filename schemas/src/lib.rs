@@ -9,4 +9,5 @@ pub mod event;
 pub mod jose;
 pub mod json_schema;
 pub mod set;
+pub mod ssf;
 pub mod subject;

@@ -1,12 +1,8 @@
 //! Transmitter configuration metadata (SSF 1.0 §7.1) and where each
 //! endpoint lives under the issuer.
 
-use serde::{Deserialize, Serialize};
+pub use caep_schemas::ssf::{AuthorizationScheme, DefaultSubjects, POLL_METHOD, PUSH_METHOD, TransmitterMetadata};
 
-/// RFC 8935 push delivery method URN.
-pub const PUSH_METHOD: &str = "urn:ietf:rfc:8935";
-/// RFC 8936 poll delivery method URN.
-pub const POLL_METHOD: &str = "urn:ietf:rfc:8936";
 /// OAuth 2.0 (RFC 6749) bearer tokens, the authorization scheme the hub uses.
 pub const OAUTH_SPEC_URN: &str = "urn:ietf:rfc:6749";
 
@@ -26,67 +22,25 @@ pub mod paths {
     pub const POLL: &str = "/ssf/poll/{stream_id}";
 }
 
-/// `authorization_schemes` entry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuthorizationScheme {
-    pub spec_urn: String,
-}
-
-/// `default_subjects`: whether a new stream gets every subject or none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum DefaultSubjects {
-    All,
-    None,
-}
-
-/// The transmitter configuration metadata document. Empty arrays and absent
-/// values are omitted, as SSF 1.0 §7.1 asks.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TransmitterMetadata {
-    pub spec_version: String,
-    pub issuer: String,
-    pub jwks_uri: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub delivery_methods_supported: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub configuration_endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status_endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub add_subject_endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remove_subject_endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verification_endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub critical_subject_members: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub authorization_schemes: Vec<AuthorizationScheme>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_subjects: Option<DefaultSubjects>,
-}
-
-impl TransmitterMetadata {
-    /// The hub's metadata for `issuer` (no trailing slash expected; one is
-    /// tolerated). Every endpoint is an absolute URL under the issuer.
-    pub fn for_issuer(issuer: &str) -> Self {
-        let base = issuer.trim_end_matches('/');
-        let url = |path: &str| format!("{base}{path}");
-        TransmitterMetadata {
-            spec_version: "1_0".into(),
-            issuer: issuer.to_owned(),
-            jwks_uri: url(paths::JWKS),
-            delivery_methods_supported: vec![PUSH_METHOD.into(), POLL_METHOD.into()],
-            configuration_endpoint: Some(url(paths::STREAMS)),
-            status_endpoint: Some(url(paths::STATUS)),
-            add_subject_endpoint: Some(url(paths::ADD_SUBJECT)),
-            remove_subject_endpoint: Some(url(paths::REMOVE_SUBJECT)),
-            verification_endpoint: Some(url(paths::VERIFY)),
-            critical_subject_members: Vec::new(),
-            authorization_schemes: vec![AuthorizationScheme { spec_urn: OAUTH_SPEC_URN.into() }],
-            default_subjects: Some(DefaultSubjects::None),
-        }
+/// The hub's metadata for `issuer` (no trailing slash expected; one is
+/// tolerated). Every endpoint is an absolute URL under the issuer.
+pub fn for_issuer(issuer: &str) -> TransmitterMetadata {
+    let base = issuer.trim_end_matches('/');
+    let url = |path: &str| format!("{base}{path}");
+    TransmitterMetadata {
+        spec_version: "1_0".into(),
+        issuer: issuer.to_owned(),
+        jwks_uri: url(paths::JWKS),
+        delivery_methods_supported: vec![PUSH_METHOD.into(), POLL_METHOD.into()],
+        configuration_endpoint: Some(url(paths::STREAMS)),
+        status_endpoint: Some(url(paths::STATUS)),
+        add_subject_endpoint: Some(url(paths::ADD_SUBJECT)),
+        remove_subject_endpoint: Some(url(paths::REMOVE_SUBJECT)),
+        verification_endpoint: Some(url(paths::VERIFY)),
+        critical_subject_members: Vec::new(),
+        authorization_schemes: vec![AuthorizationScheme { spec_urn: OAUTH_SPEC_URN.into() }],
+        default_subjects: Some(DefaultSubjects::None),
+        extra: serde_json::Map::new(),
     }
 }
 
@@ -103,7 +57,7 @@ mod tests {
 
     #[test]
     fn endpoints_are_absolute_under_the_issuer() {
-        let metadata = TransmitterMetadata::for_issuer("https://hub.example.com/tenant-a");
+        let metadata = for_issuer("https://hub.example.com/tenant-a");
         assert_eq!(metadata.jwks_uri, "https://hub.example.com/tenant-a/ssf/jwks.json");
         assert_eq!(metadata.configuration_endpoint.as_deref(), Some("https://hub.example.com/tenant-a/ssf/streams"));
         let json = serde_json::to_value(&metadata).expect("serializes");

@@ -154,7 +154,7 @@ impl Transmitter {
         let queue: Arc<dyn DeliveryQueue> = outbox.clone();
         let pusher = Pusher::new(guard.clone(), queue, settings.push_policy.clone())?;
         let transmitter = Arc::new(Transmitter {
-            metadata: TransmitterMetadata::for_issuer(&settings.issuer),
+            metadata: crate::metadata::for_issuer(&settings.issuer),
             issuer_path,
             receivers: Receivers::new(store.clone()),
             streams: StreamRegistry::load(store)?,
