@@ -1,2 +1,12 @@
 #![forbid(unsafe_code)]
-//! Revocation-cascade drills (filled by the drills issue).
+#![deny(missing_docs)]
+//! Revocation-cascade drills against a caep-hub: an agent forest built from
+//! parameters, real receivers (push and poll, built on the receiver SDK), a
+//! simulated IdP signing SETs, faults, and exactness accounting of every
+//! leaf. The `caep-drill` binary runs them; see the crate README.
+
+pub mod accounting;
+pub mod drill;
+pub mod forest;
+pub mod hub;
+pub mod plot;

@@ -1,0 +1,361 @@
+#![forbid(unsafe_code)]
+//! `caep-drill`: a revocation-cascade drill against a caep-hub with real
+//! receivers, faults, exactness checks, a report and a plot.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use caep_simulations::drill::{self, DrillConfig, DrillReport, Faults, HubTarget, Scenario};
+use caep_simulations::forest::ForestParams;
+use caep_simulations::hub::{SpawnedHub, locate_hub_bin};
+use clap::Parser;
+
+/// Revocation-cascade drill: builds an agent forest, starts real receivers
+/// (push and poll) on loopback, establishes and touches every session
+/// through a simulated IdP, revokes, and checks that every expected leaf
+/// arrived exactly. Exits 1 when a leaf is lost or unexpected.
+#[derive(Debug, Parser)]
+#[command(name = "caep-drill", version)]
+struct Args {
+    /// Sessions in total.
+    #[arg(long, default_value_t = 200)]
+    sessions: usize,
+    /// Depth of each agent tree (0: roots only).
+    #[arg(long, default_value_t = 3)]
+    depth: usize,
+    /// Sub-agents per session above the last level.
+    #[arg(long, default_value_t = 4)]
+    fanout: usize,
+    /// Receivers (relying parties), each with one stream.
+    #[arg(long, default_value_t = 8)]
+    receivers: usize,
+    /// Distinct receivers each session touches.
+    #[arg(long, default_value_t = 3)]
+    touches_per_session: usize,
+    /// Relative share of delegated sessions.
+    #[arg(long, default_value_t = 0.5)]
+    delegated: f64,
+    /// Relative share of bounded sessions.
+    #[arg(long, default_value_t = 0.3)]
+    bounded: f64,
+    /// Relative share of autonomous sessions.
+    #[arg(long, default_value_t = 0.2)]
+    autonomous: f64,
+    /// Users owning the trees.
+    #[arg(long, default_value_t = 4)]
+    users: usize,
+    /// Share of receivers that poll (RFC 8936); the rest are pushed to (RFC 8935).
+    #[arg(long, default_value_t = 0.25)]
+    poll_share: f64,
+    /// Seed of the forest.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Revocations: every root; or first a mid-tree session, a user (RISC account-disabled), or both.
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    scenario: Scenario,
+    /// The default fault mix: flaky, slow and down push receivers, and a hub SIGKILL at a third of the leaves.
+    #[arg(long)]
+    faults: bool,
+    /// Push receivers that fail the first --flaky-failures times per SET (answering 503).
+    #[arg(long)]
+    flaky: Option<usize>,
+    /// Failures per SET of a flaky receiver.
+    #[arg(long, default_value_t = 2)]
+    flaky_failures: u32,
+    /// Push receivers that answer slowly.
+    #[arg(long)]
+    slow: Option<usize>,
+    /// Handler delay of a slow receiver (ms).
+    #[arg(long, default_value_t = 20)]
+    slow_ms: u64,
+    /// Push receivers down when the first revocation is posted, back after --down-ms.
+    #[arg(long)]
+    down: Option<usize>,
+    /// How long down receivers stay down (ms).
+    #[arg(long, default_value_t = 1500)]
+    down_ms: u64,
+    /// SIGKILL the drill's hub after this many leaves were delivered, then restart it on the same data dir and port.
+    #[arg(long)]
+    kill_hub_at: Option<usize>,
+    /// Drill an existing hub at this URL instead of starting one (it must allow 127.0.0.0/8 push endpoints).
+    #[arg(long, requires = "admin_token")]
+    hub: Option<String>,
+    /// Admin token of --hub.
+    #[arg(long, env = "CAEP_DRILL_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// The caep-hub binary to start (default: next to this executable).
+    #[arg(long)]
+    hub_bin: Option<PathBuf>,
+    /// Longest wait for one revocation's leaves (s).
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// Concurrent IdP and touch requests during setup.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the leaf-latency CDF (SVG) to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Benchmark preset: --runs drills of every root (no faults) on one hub; prints the medians.
+    #[arg(long)]
+    bench: bool,
+    /// Runs of --bench.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Self-test: receiver 0 acknowledges but does not record its first N leaves (they must be reported lost).
+    #[arg(long, default_value_t = 0, hide = true)]
+    self_test_drop: usize,
+    /// Self-test: N leaves are left out of the expectation (they must be reported unexpected).
+    #[arg(long, default_value_t = 0, hide = true)]
+    self_test_forget: usize,
+}
+
+impl Args {
+    fn config(&self, run_id: String) -> DrillConfig {
+        let mut faults = if self.faults { Faults::default_mix(self.receivers) } else { Faults::default() };
+        if let Some(n) = self.flaky {
+            faults.flaky_receivers = n;
+        }
+        if let Some(n) = self.slow {
+            faults.slow_receivers = n;
+        }
+        if let Some(n) = self.down {
+            faults.down_receivers = n;
+        }
+        faults.flaky_failures = self.flaky_failures;
+        faults.slow_ms = self.slow_ms;
+        faults.down_ms = self.down_ms;
+        faults.kill_hub_at = self.kill_hub_at;
+        DrillConfig {
+            forest: ForestParams {
+                sessions: self.sessions,
+                depth: self.depth,
+                fanout: self.fanout,
+                receivers: self.receivers,
+                touches_per_session: self.touches_per_session,
+                authority_shares: [self.delegated, self.bounded, self.autonomous],
+                users: self.users,
+                seed: self.seed,
+            },
+            poll_share: self.poll_share,
+            scenario: self.scenario,
+            faults,
+            kill_hub_default: self.faults,
+            timeout: Duration::from_secs(self.timeout_secs),
+            concurrency: self.concurrency,
+            progress: !self.quiet,
+            run_id,
+            drop_deliveries: self.self_test_drop,
+            forget_expected: self.self_test_forget,
+        }
+    }
+}
+
+fn run_id(suffix: &str) -> String {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("d{}{suffix}", ms % 100_000_000)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "caep_simulations=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("caep-drill: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(main_async(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("caep-drill: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Ok(exact?).
+async fn main_async(args: Args) -> anyhow::Result<bool> {
+    let mut spawned = match &args.hub {
+        Some(_) => None,
+        None => {
+            let bin = locate_hub_bin(args.hub_bin.as_deref())?;
+            let token = format!("drill-admin-{}", run_id(""));
+            Some(SpawnedHub::start(bin, token).await?)
+        }
+    };
+    let (url, admin_token) = match (&args.hub, &spawned) {
+        (Some(url), _) => (url.trim_end_matches('/').to_owned(), args.admin_token.clone().unwrap_or_default()),
+        (None, Some(hub)) => (hub.url(), hub_token(hub)),
+        (None, None) => anyhow::bail!("no hub"),
+    };
+    if args.bench {
+        return bench(&args, &url, &admin_token, spawned.as_mut()).await;
+    }
+    let config = args.config(run_id(""));
+    let target = HubTarget { url: url.clone(), admin_token, spawned: spawned.as_mut() };
+    let report = drill::run(&config, target).await?;
+    print_summary(&report, &url);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "caep-drill: {} leaves ({} sessions × {} receivers){}",
+            report.outcome.delivered_leaves,
+            report.sessions,
+            report.receivers,
+            if report.faults.any() { ", with faults" } else { "" }
+        );
+        caep_simulations::plot::latency_cdf(path, &report.latencies, &title)?;
+    }
+    Ok(report.outcome.is_exact())
+}
+
+fn hub_token(hub: &SpawnedHub) -> String {
+    hub.admin_token().to_owned()
+}
+
+fn print_summary(report: &DrillReport, url: &str) {
+    let o = &report.outcome;
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ms"));
+    println!();
+    println!("caep-drill against {url}");
+    println!(
+        "  forest: {} sessions, {} receivers ({} poll), {} touches; setup {:.1} s",
+        report.sessions,
+        report.receivers,
+        report.poll_receivers,
+        report.touches,
+        report.setup_ms / 1000.0
+    );
+    if report.faults.any() {
+        let f = &report.faults;
+        println!(
+            "  faults: {} flaky (×{}), {} slow ({} ms), {} down ({} ms), hub SIGKILL at {} → {} kill(s)",
+            f.flaky_receivers,
+            f.flaky_failures,
+            f.slow_receivers,
+            f.slow_ms,
+            f.down_receivers,
+            f.down_ms,
+            f.kill_hub_at.map_or_else(|| "-".to_owned(), |n| format!("{n} leaves")),
+            report.hub_kills
+        );
+    }
+    println!();
+    println!("  {:<8} {:<24} {:>9} {:>14} {:>12}", "phase", "txn", "leaves", "hub cascade", "drill wall");
+    for phase in &report.phases {
+        println!(
+            "  {:<8} {:<24} {:>9} {:>14} {:>12}",
+            phase.name,
+            phase.txn,
+            phase.expected_leaves,
+            ms(phase.hub_cascade_ms),
+            format!("{:.0} ms", phase.wall_ms)
+        );
+    }
+    println!();
+    let rows: [(&str, String); 11] = [
+        ("expected leaves", o.expected_leaves.to_string()),
+        ("delivered leaves", o.delivered_leaves.to_string()),
+        ("lost leaves", o.lost_leaves.to_string()),
+        ("unexpected leaves", o.unexpected_leaves.to_string()),
+        (
+            "duplicate deliveries",
+            format!("{} ({} retries of an acknowledged jti)", o.duplicate_deliveries, o.retried_jtis),
+        ),
+        ("wrong txn", o.wrong_txn.to_string()),
+        (
+            "leaf latency",
+            format!(
+                "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                o.latency_ms.p50, o.latency_ms.p90, o.latency_ms.p99, o.latency_ms.max
+            ),
+        ),
+        ("cascade (roots, hub)", ms(report.cascade_ms)),
+        ("throughput", format!("{:.0} SETs/s", report.sets_per_second)),
+        ("hub restarts", report.hub_kills.to_string()),
+        ("verdict", if o.is_exact() { "EXACT".to_owned() } else { "FAILED".to_owned() }),
+    ];
+    for (name, value) in rows {
+        println!("  {name:<22} {value}");
+    }
+    for leaf in &o.lost_sample {
+        println!("  lost: receiver {} session {}", leaf.receiver, leaf.session);
+    }
+    for leaf in &o.unexpected_sample {
+        println!("  unexpected: receiver {} session {}", leaf.receiver, leaf.session);
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+async fn bench(
+    args: &Args,
+    url: &str,
+    admin_token: &str,
+    mut spawned: Option<&mut SpawnedHub>,
+) -> anyhow::Result<bool> {
+    let runs = args.runs.max(1);
+    println!(
+        "caep-drill --bench: {runs} runs of {} sessions × {} receivers ({:.0}% poll), every root revoked",
+        args.sessions,
+        args.receivers,
+        args.poll_share * 100.0
+    );
+    let (mut cascade, mut p50, mut p99, mut rate) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut exact = true;
+    for run in 0..runs {
+        let mut config = args.config(run_id(&format!("b{run}")));
+        config.scenario = Scenario::Roots;
+        config.faults = Faults::default();
+        config.kill_hub_default = false;
+        let target =
+            HubTarget { url: url.to_owned(), admin_token: admin_token.to_owned(), spawned: spawned.as_deref_mut() };
+        let report = drill::run(&config, target).await?;
+        let o = &report.outcome;
+        exact &= o.is_exact();
+        let c = report.cascade_ms.or(report.phases.last().map(|p| p.wall_ms)).unwrap_or(f64::NAN);
+        println!(
+            "run {}: {} leaves, lost {}, unexpected {}; cascade {c:.0} ms, leaf p50 {:.0} ms, p99 {:.0} ms, {:.0} SETs/s",
+            run + 1,
+            o.delivered_leaves,
+            o.lost_leaves,
+            o.unexpected_leaves,
+            o.latency_ms.p50,
+            o.latency_ms.p99,
+            report.sets_per_second
+        );
+        cascade.push(c);
+        p50.push(o.latency_ms.p50);
+        p99.push(o.latency_ms.p99);
+        rate.push(report.sets_per_second);
+    }
+    println!(
+        "median of {runs}: cascade {:.0} ms, leaf p50 {:.0} ms, leaf p99 {:.0} ms, {:.0} SETs/s",
+        median(cascade),
+        median(p50),
+        median(p99),
+        median(rate)
+    );
+    Ok(exact)
+}

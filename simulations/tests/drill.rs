@@ -1,0 +1,134 @@
+//! End-to-end drills: the real `caep-drill` binary against the real
+//! `caep-hub` binary, with real push and poll receivers on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+const DRILL: &str = env!("CARGO_BIN_EXE_caep-drill");
+
+/// Serializes the drills: they share two cores and one hub build.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// `<target>/<profile>/caep-hub`, built with `cargo build -p caep-hub` when
+/// missing (another package's binary is not built for this one's tests).
+fn hub_bin() -> PathBuf {
+    let drill = PathBuf::from(DRILL);
+    let profile_dir = drill.parent().expect("the drill binary has a directory");
+    let bin = profile_dir.join(format!("caep-hub{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "caep-hub", "--bin", "caep-hub", "--manifest-path"]).arg(&manifest);
+        build.arg("--target-dir").arg(target_dir);
+        if profile_dir.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build -p caep-hub");
+        assert!(status.success(), "cargo build -p caep-hub failed");
+    }
+    assert!(bin.is_file(), "no caep-hub at {}", bin.display());
+    bin
+}
+
+/// Runs the drill with `args`; returns its exit code and its JSON report.
+fn drill(args: &[&str]) -> (i32, Value) {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let hub = hub_bin();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_path = dir.path().join("report.json");
+    let plot_path = dir.path().join("latency.svg");
+    let output = Command::new(DRILL)
+        .args(args)
+        .arg("--quiet")
+        .arg("--hub-bin")
+        .arg(&hub)
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--plot")
+        .arg(&plot_path)
+        .output()
+        .expect("running caep-drill");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let text = std::fs::read_to_string(&json_path)
+        .unwrap_or_else(|error| panic!("no JSON report ({error}); stdout:\n{stdout}\nstderr:\n{stderr}"));
+    let report: Value = serde_json::from_str(&text).expect("the report is JSON");
+    let svg = std::fs::read_to_string(&plot_path).expect("the plot is written");
+    assert!(svg.starts_with("<svg") && svg.contains("p99"), "an SVG CDF with the percentiles");
+    println!("{stdout}");
+    (output.status.code().unwrap_or(-1), report)
+}
+
+fn count(report: &Value, key: &str) -> u64 {
+    report[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {report}"))
+}
+
+#[test]
+fn small_drill_is_exact_across_every_scenario() {
+    let (code, report) =
+        drill(&["--sessions", "60", "--receivers", "4", "--poll-share", "0.5", "--depth", "2", "--scenario", "all"]);
+    assert_eq!(count(&report, "expected_leaves"), 180, "60 sessions × 3 touches: {report}");
+    assert_eq!(count(&report, "delivered_leaves"), 180, "{report}");
+    assert_eq!(count(&report, "lost_leaves"), 0, "{report}");
+    assert_eq!(count(&report, "unexpected_leaves"), 0, "{report}");
+    assert_eq!(count(&report, "wrong_txn"), 0, "{report}");
+    assert_eq!(report["phases"].as_array().map(Vec::len), Some(3), "mid, user, roots: {report}");
+    for phase in report["phases"].as_array().into_iter().flatten() {
+        assert!(count(phase, "expected_leaves") > 0, "every phase revokes something: {report}");
+    }
+    assert!(report["latency_ms"]["p99"].as_f64().is_some_and(|p99| p99 > 0.0));
+    assert!(report["cascade_ms"].as_f64().is_some(), "the hub's cascade report was read");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn faults_and_a_hub_sigkill_lose_nothing() {
+    let (code, report) = drill(&[
+        "--sessions",
+        "80",
+        "--receivers",
+        "5",
+        "--poll-share",
+        "0.4",
+        "--scenario",
+        "roots",
+        "--faults",
+        "--down-ms",
+        "800",
+    ]);
+    assert_eq!(report["faults"]["hub_kills"], 1, "the hub was killed and restarted: {report}");
+    assert_eq!(report["faults"]["flaky_receivers"], 1, "{report}");
+    assert_eq!(report["faults"]["down_receivers"], 1, "{report}");
+    assert_eq!(count(&report, "lost_leaves"), 0, "{report}");
+    assert_eq!(count(&report, "unexpected_leaves"), 0, "{report}");
+    assert_eq!(count(&report, "delivered_leaves"), count(&report, "expected_leaves"));
+    assert!(count(&report, "duplicate_deliveries") >= count(&report, "retried_jtis"), "{report}");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_dropped_leaf_is_lost_and_an_extra_one_unexpected_and_the_exit_status_says_so() {
+    let (code, report) = drill(&[
+        "--sessions",
+        "20",
+        "--receivers",
+        "2",
+        "--poll-share",
+        "0",
+        "--scenario",
+        "roots",
+        "--timeout-secs",
+        "3",
+        "--self-test-drop",
+        "1",
+        "--self-test-forget",
+        "1",
+    ]);
+    assert_eq!(count(&report, "lost_leaves"), 1, "{report}");
+    assert_eq!(count(&report, "unexpected_leaves"), 1, "{report}");
+    assert_eq!(code, 1, "loss or unexpected leaves fail the drill");
+}
