@@ -161,9 +161,10 @@ pub fn plan(
     Ok((record, leaves))
 }
 
-/// Marks planned leaves as in the outbox.
-pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) -> Result<(), StoreError> {
-    let mut moved = 0;
+/// Marks planned leaves as in the outbox; returns the `jti`s that were still
+/// planned (only those may be enqueued, so a retried dispatch enqueues none twice).
+pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) -> Result<Vec<String>, StoreError> {
+    let mut moved = Vec::new();
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
         for jti in jtis {
@@ -173,17 +174,17 @@ pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) 
             if leaf.status == LeafStatus::Planned {
                 leaf.status = LeafStatus::Pending;
                 table.insert((cascade_key, jti.as_str()), encode(&leaf)?.as_slice()).map_err(storage)?;
-                moved += 1;
+                moved.push(jti.clone());
             }
         }
     }
-    if moved > 0
+    if !moved.is_empty()
         && let Some(mut record) = cascade(txn, cascade_key)?
     {
-        record.undispatched = record.undispatched.saturating_sub(moved);
+        record.undispatched = record.undispatched.saturating_sub(moved.len() as u64);
         put_cascade(txn, &record)?;
     }
-    Ok(())
+    Ok(moved)
 }
 
 /// Every leaf still planned, with its cascade (the restart recovery list).
@@ -440,7 +441,10 @@ mod tests {
         store
             .write(Commit::Durable, |txn| {
                 plan(txn, &template("t1"), &event(), vec![leaf("a", "s1", 100), leaf("b", "s2", 100)])?;
-                mark_pending(txn, "t1", &["a".into(), "b".into()])
+                let moved = mark_pending(txn, "t1", &["a".into(), "b".into()])?;
+                assert_eq!(moved.len(), 2);
+                assert!(mark_pending(txn, "t1", &["a".into()])?.is_empty(), "a pending leaf is not moved twice");
+                Ok(())
             })
             .await
             .expect("plan");

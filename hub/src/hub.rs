@@ -23,6 +23,8 @@ use crate::log::EventLog;
 
 /// Leaves signed per blocking task.
 const SIGN_CHUNK: usize = 256;
+/// Tries to put a chunk of leaves in the outbox before leaving it to restart.
+const DISPATCH_ATTEMPTS: u32 = 8;
 
 /// The hub's state.
 pub struct Hub {
@@ -133,8 +135,22 @@ impl Hub {
         for chunk in leaves.chunks(SIGN_CHUNK) {
             let (this, record, chunk) = (Arc::clone(self), Arc::clone(&record), chunk.to_vec());
             tokio::spawn(async move {
-                if let Err(error) = this.dispatch_chunk(&record, chunk).await {
-                    tracing::error!(txn = %record.txn, %error, "cascade dispatch failed; leaves stay planned");
+                // A storage hiccup must not strand leaves until the next
+                // restart: retry with backoff, then leave them planned (a
+                // restart signs them again with the same jti).
+                let mut delay = std::time::Duration::from_millis(50);
+                for attempt in 1..=DISPATCH_ATTEMPTS {
+                    match this.dispatch_chunk(&record, chunk.clone()).await {
+                        Ok(()) => return,
+                        Err(error) if attempt < DISPATCH_ATTEMPTS => {
+                            tracing::warn!(txn = %record.txn, attempt, %error, "cascade dispatch failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        }
+                        Err(error) => {
+                            tracing::error!(txn = %record.txn, %error, "cascade dispatch failed; leaves stay planned");
+                        }
+                    }
                 }
             });
         }
@@ -172,8 +188,9 @@ impl Hub {
         // leaves them planned, and start-up signs them again (same jti).
         self.store
             .write(Commit::Lazy, move |txn| {
-                Outbox::insert(txn, &signed)?;
-                cascade::mark_pending(txn, &cascade_key, &jtis)
+                let moved: BTreeSet<String> = cascade::mark_pending(txn, &cascade_key, &jtis)?.into_iter().collect();
+                let fresh: Vec<NewSet> = signed.into_iter().filter(|set| moved.contains(&set.jti)).collect();
+                Outbox::insert(txn, &fresh)
             })
             .await?;
         self.transmitter.wake(&streams);
