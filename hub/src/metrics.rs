@@ -19,7 +19,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .ok()?;
             match builder.install_recorder() {
-                Ok(handle) => Some(handle),
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
                 Err(error) => {
                     tracing::warn!(%error, "metrics recorder not installed");
                     None
@@ -27,4 +30,31 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// Describes the hub's metrics and starts its counters at zero, so a scrape
+/// shows every series from the start rather than after the first event.
+fn describe() {
+    use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("caep_sets_emitted_total", "SETs signed and durably put in the outbox");
+    describe_counter!("caep_deliveries_total", "SETs that left the outbox, by method and outcome");
+    describe_counter!("caep_push_attempts_total", "push POSTs, by outcome (delivered, rejected, retry)");
+    describe_counter!("caep_poll_sets_served_total", "poll responses that carried SETs");
+    describe_gauge!("caep_outbox_depth", "SETs waiting for a stream's receiver");
+    describe_histogram!("caep_delivery_latency_seconds", Unit::Seconds, "outbox to receiver acknowledgement");
+    describe_histogram!(
+        "caep_leaf_latency_seconds",
+        Unit::Seconds,
+        "IdP event ingest to a cascade leaf's acknowledgement"
+    );
+    describe_histogram!("caep_cascade_completion_seconds", Unit::Seconds, "IdP event ingest to a cascade's last leaf");
+    counter!("caep_sets_emitted_total").absolute(0);
+    for method in ["push", "poll"] {
+        for outcome in ["delivered", "failed"] {
+            counter!("caep_deliveries_total", "method" => method, "outcome" => outcome).absolute(0);
+        }
+    }
+    for outcome in ["delivered", "rejected", "retry"] {
+        counter!("caep_push_attempts_total", "outcome" => outcome).absolute(0);
+    }
 }
