@@ -58,7 +58,8 @@ enum KeysCommand {
     },
     /// Stop publishing a key (never the active one: rotate first).
     Retire {
-        /// Key id, as `keys list` shows it.
+        /// Key id, as `keys list` shows it (base64url, so it may begin with `-`).
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
 }

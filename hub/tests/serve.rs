@@ -250,6 +250,17 @@ fn sigterm_shuts_down_cleanly() {
 }
 
 #[test]
+fn a_key_id_that_begins_with_a_hyphen_is_a_value_not_an_option() {
+    // Thumbprints are base64url: about one key in 64 has an id starting with `-`.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = command(dir.path(), &[]).args(["keys", "retire", "-KA4-unknown"]).output().expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an unknown kid cannot be retired");
+    assert!(!stderr.contains("unexpected argument"), "the kid was parsed as an option: {stderr}");
+    assert!(stderr.contains("-KA4-unknown"), "the error should name the kid: {stderr}");
+}
+
+#[test]
 fn every_command_has_help_and_bad_settings_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
     for args in [

@@ -82,8 +82,8 @@ struct Args {
     /// Drill an existing hub at this URL instead of starting one (it must allow 127.0.0.0/8 push endpoints).
     #[arg(long, requires = "admin_token")]
     hub: Option<String>,
-    /// Admin token of --hub.
-    #[arg(long, env = "CAEP_DRILL_ADMIN_TOKEN")]
+    /// Admin token of --hub (base64url, so it may begin with `-`).
+    #[arg(long, env = "CAEP_DRILL_ADMIN_TOKEN", allow_hyphen_values = true)]
     admin_token: Option<String>,
     /// The caep-hub binary to start (default: next to this executable).
     #[arg(long)]
