@@ -69,6 +69,40 @@ async fn slow_receiver(delay: Duration) -> (String, Arc<Mutex<Vec<String>>>) {
     (url, received)
 }
 
+/// Registers a receiver through the admin API and creates its stream with
+/// `stream` as the create body; returns (receiver token, stream id).
+async fn push_receiver(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    audience: &str,
+    stream: Value,
+) -> (String, String) {
+    let receiver: Value = client
+        .post(format!("{base}/admin/receivers"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": name, "audience": audience}))
+        .send()
+        .await
+        .expect("create receiver")
+        .json()
+        .await
+        .expect("json");
+    let token = receiver["token"].as_str().expect("token").to_owned();
+    let created: Value = client
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(&token)
+        .json(&stream)
+        .send()
+        .await
+        .expect("create stream")
+        .json()
+        .await
+        .expect("json");
+    let stream_id = created["stream_id"].as_str().expect("stream_id").to_owned();
+    (token, stream_id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
     const SETS: usize = 120;
@@ -80,28 +114,8 @@ async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
     wait_healthy(&client, &base).await;
 
     let (push_url, received) = slow_receiver(Duration::from_millis(150)).await;
-    let receiver: Value = client
-        .post(format!("{base}/admin/receivers"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "slow RP", "audience": "https://slow.example"}))
-        .send()
-        .await
-        .expect("create receiver")
-        .json()
-        .await
-        .expect("json");
-    let token = receiver["token"].as_str().expect("token").to_owned();
-    let stream: Value = client
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth(&token)
-        .json(&json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}}))
-        .send()
-        .await
-        .expect("create stream")
-        .json()
-        .await
-        .expect("json");
-    let stream_id = stream["stream_id"].as_str().expect("stream_id").to_owned();
+    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}});
+    let (token, stream_id) = push_receiver(&client, &base, "slow RP", "https://slow.example", stream).await;
 
     // Each 204 means the verification SET is durably in the outbox.
     for state in 0..SETS {
@@ -205,30 +219,10 @@ async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
     for name in ["a", "b"] {
         let (push_url, received) = slow_receiver(Duration::from_millis(150)).await;
         let audience = format!("https://{name}.durability.example");
-        let created: Value = client
-            .post(format!("{base}/admin/receivers"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"name": name, "audience": audience}))
-            .send()
-            .await
-            .expect("receiver")
-            .json()
-            .await
-            .expect("json");
-        let token = created["token"].as_str().expect("token").to_owned();
         let body = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url},
             "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]});
-        let stream: Value = client
-            .post(format!("{base}/ssf/streams"))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-            .await
-            .expect("stream")
-            .json()
-            .await
-            .expect("json");
-        receivers.push((audience, token, stream["stream_id"].as_str().expect("id").to_owned(), received));
+        let (token, stream_id) = push_receiver(&client, &base, name, &audience, body).await;
+        receivers.push((audience, token, stream_id, received));
     }
     let user = SubjectId::email("owner@durability.example");
     for i in 0..SESSIONS {
