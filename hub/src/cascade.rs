@@ -161,6 +161,52 @@ pub fn plan(
     Ok((record, leaves))
 }
 
+/// Merges leaves another instance planned (and handed to delivery) into the
+/// cascade `planned.key` here, so its report is complete on every instance.
+/// Leaves already known are left alone: a merge replayed after a crash, or
+/// a plan sent twice, neither double-counts nor resets a delivered leaf.
+pub fn merge_planned(txn: &WriteTransaction, planned: &CascadeRecord, leaves: &[Leaf]) -> Result<(), StoreError> {
+    let mut record = cascade(txn, &planned.key)?.unwrap_or_else(|| CascadeRecord {
+        events: Vec::new(),
+        total: 0,
+        undispatched: 0,
+        delivered: 0,
+        failed: 0,
+        completed_at_ms: None,
+        ..planned.clone()
+    });
+    // Parts of one cascade start in several partitions: it started at the first.
+    record.started_at_ms = record.started_at_ms.min(planned.started_at_ms);
+    let mut added = 0;
+    {
+        let mut table = txn.open_table(LEAVES).map_err(storage)?;
+        for leaf in leaves {
+            let key = (planned.key.as_str(), leaf.jti.as_str());
+            if table.get(key).map_err(storage)?.is_some() {
+                continue;
+            }
+            let Some(event) = planned.events.get(leaf.event) else { continue };
+            let index = match record.events.iter().position(|known| known == event) {
+                Some(index) => index,
+                None => {
+                    record.events.push(event.clone());
+                    record.events.len() - 1
+                }
+            };
+            let merged = Leaf { event: index, status: LeafStatus::Pending, ..leaf.clone() };
+            table.insert(key, encode(&merged)?.as_slice()).map_err(storage)?;
+            added += 1;
+        }
+    }
+    if added > 0 {
+        record.total += added;
+        record.completed_at_ms = None;
+    } else if record.total == 0 {
+        record.completed_at_ms = Some(record.started_at_ms);
+    }
+    put_cascade(txn, &record)
+}
+
 /// Marks planned leaves as in the outbox; returns the `jti`s that were still
 /// planned (only those may be enqueued, so a retried dispatch enqueues none twice).
 pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) -> Result<Vec<String>, StoreError> {
@@ -217,7 +263,7 @@ pub fn all_planned(txn: &ReadTransaction) -> Result<Vec<(CascadeRecord, Vec<Leaf
 }
 
 /// A delivery outcome reported by the transmitter.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Outcome {
     /// The cascade key (carried as the outbox row's `txn`).
     pub txn: String,

@@ -36,6 +36,21 @@ pub struct HubConfig {
     pub long_poll_secs: u64,
     /// `CAEP_HUB_MIN_VERIFICATION_INTERVAL_SECS`: verification rate limit per stream.
     pub min_verification_interval_secs: u64,
+    /// `CAEP_HUB_KAFKA_BROKERS`: bootstrap servers; when set, the event log,
+    /// deliveries and control plane live on Kafka, shared by every instance.
+    pub kafka_brokers: Option<String>,
+    /// `CAEP_HUB_KAFKA_TOPIC_PREFIX`: topics are `<prefix>.shared|graph|deliveries`.
+    pub kafka_topic_prefix: String,
+    /// `CAEP_HUB_KAFKA_GROUP`: consumer group prefix shared by the instances.
+    pub kafka_group: String,
+    /// `CAEP_HUB_KAFKA_PARTITIONS`: partitions of `graph` and `deliveries`,
+    /// fixed at topic creation (the most instances that share the work).
+    pub kafka_partitions: i32,
+    /// `CAEP_HUB_KAFKA_REPLICATION`: replication factor of new topics (3 in production).
+    pub kafka_replication: i32,
+    /// `CAEP_HUB_ADVERTISED_URL`: this instance's base URL for the others
+    /// (polls are forwarded to a stream's owner); `http://` + the bound address when unset.
+    pub advertised_url: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -50,6 +65,12 @@ impl Default for HubConfig {
             push_give_up_secs: 24 * 3600,
             long_poll_secs: 30,
             min_verification_interval_secs: 5,
+            kafka_brokers: None,
+            kafka_topic_prefix: "caep".into(),
+            kafka_group: "caep-hub".into(),
+            kafka_partitions: 12,
+            kafka_replication: 1,
+            advertised_url: None,
         }
     }
 }
@@ -65,6 +86,8 @@ pub enum ConfigError {
     BadCidr { entry: String },
     #[error("CAEP_HUB_ISSUER: {0}")]
     BadIssuer(String),
+    #[error("CAEP_HUB_KAFKA_{0}")]
+    BadKafka(String),
 }
 
 impl HubConfig {
@@ -103,8 +126,33 @@ impl HubConfig {
             .collect()
     }
 
+    /// The Kafka settings, when Kafka mode is on.
+    pub fn kafka(&self) -> Option<crate::kafka::client::KafkaSettings> {
+        let brokers = self.kafka_brokers.as_deref().map(str::trim).filter(|b| !b.is_empty())?;
+        Some(crate::kafka::client::KafkaSettings {
+            brokers: brokers.to_owned(),
+            topic_prefix: self.kafka_topic_prefix.clone(),
+            group_id: self.kafka_group.clone(),
+            partitions: self.kafka_partitions,
+            replication_factor: self.kafka_replication,
+            session_timeout_ms: 6000,
+        })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.push_allow_cidrs()?;
+        if !(1..=10_000).contains(&self.kafka_partitions) {
+            return Err(ConfigError::BadKafka(format!("PARTITIONS: {} is not in 1..=10000", self.kafka_partitions)));
+        }
+        if self.kafka_replication < 1 {
+            return Err(ConfigError::BadKafka(format!("REPLICATION: {} is below 1", self.kafka_replication)));
+        }
+        let valid_name = |name: &str| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        if !valid_name(&self.kafka_topic_prefix) || !valid_name(&self.kafka_group) {
+            return Err(ConfigError::BadKafka("TOPIC_PREFIX and GROUP use only [A-Za-z0-9._-]".into()));
+        }
         let issuer = self.issuer();
         if !(issuer.starts_with("http://") || issuer.starts_with("https://")) {
             return Err(ConfigError::BadIssuer(format!("`{issuer}` is not an http(s) URL")));

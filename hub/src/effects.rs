@@ -69,6 +69,36 @@ impl From<StoreError> for IngestError {
     }
 }
 
+/// Where an IdP event takes effect in a partitioned log.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    /// Where the session's delegation tree lives; an establish also names
+    /// the parent whose tree the session joins.
+    Session { session_id: String, parent: Option<String> },
+    /// A user-level event: that user's sessions may live in any partition.
+    Everywhere,
+}
+
+/// Routes an event, refusing (before anything is written anywhere) what
+/// [`apply`] would refuse without looking at the graph.
+pub fn route(set: &SecurityEventToken) -> Result<Route, IngestError> {
+    let session = set.sub_id.as_complex().and_then(|complex| complex.session.as_ref()).map(graph::session_key);
+    match (&set.event, session) {
+        (Event::SessionEstablished(established), Some(session_id)) => {
+            let parent = established.parent_session.as_ref().map(graph::session_key);
+            if parent.as_deref() == Some(session_id.as_str()) {
+                return Err(rejected("invalid_request", "a session cannot be its own parent"));
+            }
+            Ok(Route::Session { session_id, parent })
+        }
+        (Event::SessionEstablished(_), None) => {
+            Err(rejected("invalid_request", "session-established needs a complex sub_id with `session`"))
+        }
+        (_, Some(session_id)) => Ok(Route::Session { session_id, parent: None }),
+        (_, None) => Ok(Route::Everywhere),
+    }
+}
+
 /// Decides and writes an event's effects, once per `(iss, jti)`. Never
 /// writes when it refuses.
 pub fn apply(
@@ -121,6 +151,13 @@ struct Effect<'a> {
 impl Effect<'_> {
     fn txn_id(&self) -> String {
         self.set.txn.clone().unwrap_or_else(new_id)
+    }
+
+    /// What the leaves this event plans derive their `jti`s from: the IdP
+    /// SET itself, so applying it again (a log replayed after a failover)
+    /// plans the very same leaves.
+    fn cause(&self) -> String {
+        format!("set {} {}", self.set.iss, self.set.jti)
     }
 
     /// The session named by a complex `sub_id`, with its user.
@@ -278,7 +315,7 @@ impl Effect<'_> {
         }
         let event = Event::SessionRevoked(event);
         let template = self.cascade_template(&key, &wire_txn, root, &event);
-        let leaves = plan_leaves(self.txn, self.streams, &newly, event_type::SESSION_REVOKED, self.now)?;
+        let leaves = plan_leaves(self.txn, self.streams, &newly, event_type::SESSION_REVOKED, self.now, &self.cause())?;
         let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&event), leaves)?;
         tracing::info!(txn = %wire_txn, root, sessions = newly.len(), leaves = leaves.len(), "revocation cascade planned");
         let mut plan = Plan::default();
@@ -287,7 +324,8 @@ impl Effect<'_> {
     }
 
     fn plan_for_revoked(&self, sessions: &[SessionRecord], revocation: &Revocation) -> Result<Plan, IngestError> {
-        let leaves = plan_leaves(self.txn, self.streams, sessions, event_type::SESSION_REVOKED, self.now)?;
+        let leaves =
+            plan_leaves(self.txn, self.streams, sessions, event_type::SESSION_REVOKED, self.now, &self.cause())?;
         let mut plan = Plan::default();
         if leaves.is_empty() {
             return Ok(plan);
@@ -322,7 +360,7 @@ impl Effect<'_> {
         let txn_id = self.txn_id();
         let key = cascade::key_for(self.txn, &txn_id, &self.set.iss)?;
         let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
-        let leaves = plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now)?;
+        let leaves = plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
         let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves)?;
         let mut plan = Plan::default();
         plan.add(record, leaves);
@@ -382,6 +420,7 @@ fn plan_leaves(
     sessions: &[SessionRecord],
     event_type: &str,
     now: u64,
+    cause: &str,
 ) -> Result<Vec<Leaf>, StoreError> {
     let takes_all: Vec<String> = streams
         .all()
@@ -402,15 +441,15 @@ fn plan_leaves(
             {
                 continue;
             }
-            leaves.push(new_leaf(stream_id, session.session_id.clone(), now));
+            leaves.push(new_leaf(stream_id, session.session_id.clone(), now, cause));
         }
     }
     Ok(leaves)
 }
 
-fn new_leaf(stream_id: String, session_id: String, now: u64) -> Leaf {
+fn new_leaf(stream_id: String, session_id: String, now: u64, cause: &str) -> Leaf {
     Leaf {
-        jti: new_id(),
+        jti: leaf_jti(cause, &session_id, &stream_id),
         stream_id,
         session_id,
         event: 0, // set by cascade::plan
@@ -419,6 +458,20 @@ fn new_leaf(stream_id: String, session_id: String, now: u64) -> Leaf {
         acked_at_ms: None,
         err: None,
     }
+}
+
+/// A leaf's `jti`, derived from its cause and its (session, stream): unique
+/// per leaf, and the same when the cause is applied again, so a replayed
+/// log re-sends a leaf under its first `jti` (receivers drop the duplicate).
+fn leaf_jti(cause: &str, session_id: &str, stream_id: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [cause, session_id, stream_id] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&hash.finalize()[..16])
 }
 
 /// Records a touch; when the session is already revoked and the stream was
@@ -443,7 +496,7 @@ pub(crate) fn late_touch_plan(
     }
     let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
     let Some(event) = revocation_event(&existing) else { return Ok(plan) };
-    let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), now);
+    let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), now, &format!("touch {}", revocation.txn));
     tracing::info!(txn = %existing.txn, session_id, stream_id, "touch by a revoked session: revocation sent");
     let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
     plan.add(updated, leaves);

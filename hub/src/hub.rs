@@ -16,7 +16,7 @@ use caep_transmitter::store::{Commit, Store, StoreError};
 use redb::WriteTransaction;
 
 use crate::cascade::{self, CascadeRecord, Leaf, Outcome};
-use crate::effects::{IngestError, late_touch_plan, rejected};
+use crate::effects::{IngestError, rejected};
 use crate::graph;
 use crate::issuers::Issuers;
 use crate::log::EventLog;
@@ -31,12 +31,18 @@ pub struct Hub {
     issuer: String,
     /// Where verified events take effect (the embedded log by default).
     log: Box<dyn EventLog>,
-    /// Signing chunks at once: one per core, so early chunks reach the
-    /// outbox (and the wire) while later ones are still being signed.
-    signing: tokio::sync::Semaphore,
+    dispatcher: Arc<Dispatcher>,
     transmitter: Arc<Transmitter>,
     store: Store,
     issuers: Issuers,
+    /// Catches this instance up with writes made at others (Kafka mode).
+    barrier: OnceLock<Arc<dyn ReadBarrier>>,
+}
+
+/// Waits until this instance has seen every control-plane write any
+/// instance acknowledged before the call.
+pub trait ReadBarrier: Send + Sync {
+    fn barrier(&self) -> BoxFuture<'_, ()>;
 }
 
 impl Hub {
@@ -48,9 +54,16 @@ impl Hub {
         issuers: Issuers,
         log: Box<dyn EventLog>,
     ) -> Arc<Self> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let signing = tokio::sync::Semaphore::new(cores);
-        Arc::new(Hub { issuer: issuer.to_owned(), log, signing, transmitter, store, issuers })
+        let dispatcher = Dispatcher::new(issuer, Arc::clone(&transmitter), store.clone(), Arc::new(LocalOutbox));
+        Arc::new(Hub {
+            issuer: issuer.to_owned(),
+            log,
+            dispatcher,
+            transmitter,
+            store,
+            issuers,
+            barrier: OnceLock::new(),
+        })
     }
 
     /// Re-dispatches leaves a crash left planned, and starts the hourly
@@ -68,14 +81,19 @@ impl Hub {
                 }
             }
         });
-        let planned = self.store.read(cascade::all_planned)?;
-        if !planned.is_empty() {
-            tracing::info!(cascades = planned.len(), "re-dispatching leaves planned before a restart");
+        self.dispatcher.redispatch_planned()
+    }
+
+    /// Sets the read barrier (once).
+    pub fn set_barrier(&self, barrier: Arc<dyn ReadBarrier>) {
+        let _ = self.barrier.set(barrier);
+    }
+
+    /// Waits for writes made at other instances, when there are others.
+    pub async fn catch_up(&self) {
+        if let Some(barrier) = self.barrier.get() {
+            barrier.barrier().await;
         }
-        for (record, leaves) in planned {
-            self.dispatch(record, leaves);
-        }
-        Ok(())
     }
 
     /// The transmitter.
@@ -107,6 +125,10 @@ impl Hub {
 
     async fn verify(&self, token: &str) -> Result<SecurityEventToken, IngestError> {
         let issuer = unverified_issuer(token)?;
+        if self.issuers.keys_for(&issuer).is_none() {
+            // Perhaps trusted a moment ago at another instance.
+            self.catch_up().await;
+        }
         let keys = self.issuers.keys_for(&issuer).ok_or_else(|| rejected("invalid_issuer", "issuer is not trusted"))?;
         let mut expect = caep_schemas::set::Expectations::new(&issuer, &self.issuer);
         expect.max_age_secs = Some(crate::effects::MAX_SET_AGE_SECS);
@@ -128,32 +150,152 @@ impl Hub {
         }
     }
 
-    /// Signs and enqueues a cascade's leaves in chunks on the blocking pool;
-    /// each chunk is delivered as soon as it is in the outbox.
+    /// Signs and hands a cascade's leaves to delivery in the background.
     pub fn dispatch(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>) {
+        self.dispatcher.dispatch(record, leaves);
+    }
+
+    /// A receiver reported that a session reached its stream (add-subject
+    /// with a complex `session` subject): record the touch, and if the
+    /// session is already revoked, send that stream the revocation now.
+    pub async fn touched(self: &Arc<Self>, stream: &StreamRecord, subject: &SubjectId) {
+        let Some(session) = subject.as_complex().and_then(|c| c.session.as_ref()) else { return };
+        let session_id = graph::session_key(session);
+        match self.log.touch(session_id, stream.config.stream_id.clone(), now_ms()).await {
+            Ok(plan) => {
+                for (record, leaves) in plan.cascades {
+                    self.dispatch(record, leaves);
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot record a touch"),
+        }
+    }
+
+    /// The cascade report.
+    pub fn report(&self, cascade_txn: &str) -> Result<Option<cascade::CascadeReport>, StoreError> {
+        self.store.read(|txn| cascade::report(txn, cascade_txn))
+    }
+}
+
+/// Where signed leaves go: the local outbox (embedded) or the shared
+/// delivery log (Kafka). Either way the leaves are marked pending in the
+/// plan's store only once they are safely handed over.
+pub trait LeafSink: Send + Sync {
+    fn hand_over<'a>(
+        &'a self,
+        store: &'a Store,
+        record: &'a CascadeRecord,
+        leaves: Vec<Leaf>,
+        signed: Vec<NewSet>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// The embedded sink: the outbox rows and the leaves' move to pending in
+/// one transaction.
+pub struct LocalOutbox;
+
+impl LeafSink for LocalOutbox {
+    fn hand_over<'a>(
+        &'a self,
+        store: &'a Store,
+        record: &'a CascadeRecord,
+        _leaves: Vec<Leaf>,
+        signed: Vec<NewSet>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let jtis: Vec<String> = signed.iter().map(|set| set.jti.clone()).collect();
+            let cascade_key = record.key.clone();
+            // Lazy: the durable plan already holds these leaves; a lost insert
+            // leaves them planned, and start-up signs them again (same jti).
+            store
+                .write(Commit::Lazy, move |txn| {
+                    let moved: BTreeSet<String> = cascade::mark_pending(txn, &cascade_key, &jtis)?.into_iter().collect();
+                    let fresh: Vec<NewSet> = signed.into_iter().filter(|set| moved.contains(&set.jti)).collect();
+                    Outbox::insert(txn, &fresh)
+                })
+                .await
+        })
+    }
+}
+
+/// Signs planned leaves and hands them to a [`LeafSink`].
+pub struct Dispatcher {
+    issuer: String,
+    transmitter: Arc<Transmitter>,
+    /// The store holding the plans (the hub's, or one graph partition's).
+    store: Store,
+    /// Signing chunks at once: one per core, so early chunks reach the
+    /// outbox (and the wire) while later ones are still being signed.
+    signing: tokio::sync::Semaphore,
+    sink: Arc<dyn LeafSink>,
+}
+
+impl Dispatcher {
+    /// A dispatcher of the plans in `store`.
+    pub fn new(issuer: &str, transmitter: Arc<Transmitter>, store: Store, sink: Arc<dyn LeafSink>) -> Arc<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let signing = tokio::sync::Semaphore::new(cores);
+        Arc::new(Dispatcher { issuer: issuer.to_owned(), transmitter, store, signing, sink })
+    }
+
+    /// Dispatches every leaf a crash left planned.
+    pub fn redispatch_planned(self: &Arc<Self>) -> Result<(), StoreError> {
+        let planned = self.store.read(cascade::all_planned)?;
+        if !planned.is_empty() {
+            tracing::info!(cascades = planned.len(), "re-dispatching leaves planned before a restart");
+        }
+        for (record, leaves) in planned {
+            self.dispatch(record, leaves);
+        }
+        Ok(())
+    }
+
+    /// Signs and hands over a cascade's leaves in chunks on the blocking
+    /// pool; each chunk is delivered as soon as it is handed over.
+    pub fn dispatch(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = this.dispatch_all(record, leaves).await {
+                tracing::error!(%error, "cascade dispatch failed; leaves stay planned");
+            }
+        });
+    }
+
+    /// Like [`Dispatcher::dispatch`], resolving once every chunk is handed
+    /// over (or has failed for good: the leaves then stay planned).
+    pub async fn dispatch_all(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>) -> Result<(), StoreError> {
         let record = Arc::new(record);
+        let mut chunks = tokio::task::JoinSet::new();
         for chunk in leaves.chunks(SIGN_CHUNK) {
             let (this, record, chunk) = (Arc::clone(self), Arc::clone(&record), chunk.to_vec());
-            tokio::spawn(async move {
-                // A storage hiccup must not strand leaves until the next
-                // restart: retry with backoff, then leave them planned (a
-                // restart signs them again with the same jti).
-                let mut delay = std::time::Duration::from_millis(50);
-                for attempt in 1..=DISPATCH_ATTEMPTS {
-                    match this.dispatch_chunk(&record, chunk.clone()).await {
-                        Ok(()) => return,
-                        Err(error) if attempt < DISPATCH_ATTEMPTS => {
-                            tracing::warn!(txn = %record.txn, attempt, %error, "cascade dispatch failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(std::time::Duration::from_secs(5));
-                        }
-                        Err(error) => {
-                            tracing::error!(txn = %record.txn, %error, "cascade dispatch failed; leaves stay planned");
-                        }
-                    }
-                }
-            });
+            chunks.spawn(async move { this.dispatch_with_retries(&record, chunk).await });
         }
+        let mut outcome = Ok(());
+        while let Some(joined) = chunks.join_next().await {
+            if let Err(error) = joined.map_err(StoreError::storage).and_then(|done| done) {
+                outcome = Err(error);
+            }
+        }
+        outcome
+    }
+
+    /// A storage or broker hiccup must not strand leaves until the next
+    /// restart: retry with backoff, then leave them planned (a restart signs
+    /// them again with the same jti).
+    async fn dispatch_with_retries(self: &Arc<Self>, record: &CascadeRecord, chunk: Vec<Leaf>) -> Result<(), StoreError> {
+        let mut delay = std::time::Duration::from_millis(50);
+        for attempt in 1.. {
+            match self.dispatch_chunk(record, chunk.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < DISPATCH_ATTEMPTS => {
+                    tracing::warn!(txn = %record.txn, attempt, %error, "cascade dispatch failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
     }
 
     async fn dispatch_chunk(self: &Arc<Self>, record: &CascadeRecord, leaves: Vec<Leaf>) -> Result<(), StoreError> {
@@ -182,17 +324,7 @@ impl Hub {
             })
             .collect();
         let streams: BTreeSet<String> = signed.iter().map(|set| set.stream_id.clone()).collect();
-        let jtis: Vec<String> = signed.iter().map(|set| set.jti.clone()).collect();
-        let cascade_key = record.key.clone();
-        // Lazy: the durable plan already holds these leaves; a lost insert
-        // leaves them planned, and start-up signs them again (same jti).
-        self.store
-            .write(Commit::Lazy, move |txn| {
-                let moved: BTreeSet<String> = cascade::mark_pending(txn, &cascade_key, &jtis)?.into_iter().collect();
-                let fresh: Vec<NewSet> = signed.into_iter().filter(|set| moved.contains(&set.jti)).collect();
-                Outbox::insert(txn, &fresh)
-            })
-            .await?;
+        self.sink.hand_over(&self.store, record, leaves, signed).await?;
         self.transmitter.wake(&streams);
         if !dropped.is_empty() {
             self.store.write(Commit::Lazy, move |txn| cascade::apply_outcomes(txn, &dropped).map(drop)).await?;
@@ -213,34 +345,6 @@ impl Hub {
         set.jti = leaf.jti.clone();
         set.txn = Some(record.txn.clone());
         Some(Outgoing { stream_id: leaf.stream_id.clone(), set })
-    }
-
-    /// A receiver reported that a session reached its stream (add-subject
-    /// with a complex `session` subject): record the touch, and if the
-    /// session is already revoked, send that stream the revocation now.
-    pub async fn touched(self: &Arc<Self>, stream: &StreamRecord, subject: &SubjectId) {
-        let Some(session) = subject.as_complex().and_then(|c| c.session.clone()) else { return };
-        let (this, stream_id, now) = (Arc::clone(self), stream.config.stream_id.clone(), now_ms());
-        let planned = self
-            .store
-            .write(Commit::Durable, move |txn| {
-                let key = graph::session_key(&session);
-                late_touch_plan(txn, this.transmitter.streams(), &key, &stream_id, now)
-            })
-            .await;
-        match planned {
-            Ok(plan) => {
-                for (record, leaves) in plan.cascades {
-                    self.dispatch(record, leaves);
-                }
-            }
-            Err(error) => tracing::error!(%error, "cannot record a touch"),
-        }
-    }
-
-    /// The cascade report.
-    pub fn report(&self, cascade_txn: &str) -> Result<Option<cascade::CascadeReport>, StoreError> {
-        self.store.read(|txn| cascade::report(txn, cascade_txn))
     }
 }
 

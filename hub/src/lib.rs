@@ -12,6 +12,7 @@ pub mod graph;
 pub mod http;
 pub mod hub;
 pub mod issuers;
+pub mod kafka;
 pub mod log;
 pub mod metrics;
 pub mod server;

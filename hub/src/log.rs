@@ -19,6 +19,10 @@ pub trait EventLog: Send + Sync {
     /// Resolves once the event and the cascade plan it causes are durable;
     /// returns the plan, for the caller to dispatch.
     fn append(&self, set: SecurityEventToken, received_at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>>;
+
+    /// Records that a session reached a stream; resolves once durable, with
+    /// the revocation it owes that stream if the session is revoked already.
+    fn touch(&self, session_id: String, stream_id: String, at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>>;
 }
 
 /// The embedded log: effects applied at once in the local store.
@@ -41,6 +45,19 @@ impl EventLog for LocalLog {
             self.store
                 .write(Commit::Durable, move |txn| Ok(effects::apply(txn, transmitter.streams(), &set, received_at_ms)))
                 .await?
+        })
+    }
+
+    fn touch(&self, session_id: String, stream_id: String, at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>> {
+        let transmitter = Arc::clone(&self.transmitter);
+        Box::pin(async move {
+            let plan = self
+                .store
+                .write(Commit::Durable, move |txn| {
+                    effects::late_touch_plan(txn, transmitter.streams(), &session_id, &stream_id, at_ms)
+                })
+                .await?;
+            Ok(plan)
         })
     }
 }

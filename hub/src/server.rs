@@ -66,17 +66,34 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
         None => format!("http://{local_addr}"),
     };
     let settings = settings(config, &issuer)?;
+    let (transmitter, hub) = match config.kafka() {
+        None => embedded(settings, store, keys)?,
+        Some(kafka) => {
+            let assembled = crate::kafka::assemble(config, kafka, store, keys, settings, local_addr).await?;
+            (assembled.transmitter, assembled.hub)
+        }
+    };
+    hub.start()?;
+    let router = app(Arc::clone(&hub), admin_token);
+    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token, transmitter, hub })
+}
+
+/// The embedded default: one process, everything in the local redb file.
+fn embedded(
+    settings: TransmitterSettings,
+    store: Store,
+    keys: Arc<KeyStore>,
+) -> Result<(Arc<Transmitter>, Arc<Hub>), StartError> {
+    let issuer = settings.issuer.clone();
     let guard = PushUrlGuard::new(settings.push_allow.clone());
     let tracker = Tracker::new();
     let touch_hook = Arc::new(TouchHook::default());
-    let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone())?;
+    let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone(), None)?;
     let issuers = Issuers::load(store.clone(), guard)?;
     let log = Box::new(LocalLog::new(store.clone(), Arc::clone(&transmitter)));
     let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log);
     touch_hook.connect(&hub);
-    hub.start()?;
-    let router = app(Arc::clone(&hub), admin_token);
-    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token, transmitter, hub })
+    Ok((transmitter, hub))
 }
 
 fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, StartError> {
@@ -104,12 +121,19 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     let admin = admin::router(Arc::clone(&transmitter))
         .merge(crate::http::admin_router(Arc::clone(&hub)))
         .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
+    // Management reads see every write acknowledged at any instance.
+    let managed =
+        admin.merge(http::router(transmitter.clone())).layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
-        .merge(admin)
+        .merge(managed)
         .merge(crate::http::ingest_router(hub))
-        .merge(http::router(transmitter))
+}
+
+async fn catch_up(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
+    hub.catch_up().await;
+    next.run(request).await
 }
 
 async fn require_admin(State(token): State<Arc<AdminToken>>, request: Request, next: Next) -> Response {

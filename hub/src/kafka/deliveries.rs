@@ -1,0 +1,319 @@
+//! Delivering the `deliveries` partitions this instance owns.
+//!
+//! Signed SETs are keyed by stream, so one instance at a time pushes a
+//! stream's SETs and serves its polls. The owner imports them into its local
+//! outbox, and the existing pusher and poll endpoint deliver from there. The
+//! outbox is only a working set: Kafka holds the truth, and the group's
+//! committed offset moves past a SET only once it has left the outbox
+//! (acknowledged, dead-lettered or purged). So when an owner dies, the next
+//! owner imports every SET it had not finished, under the same `jti`.
+//!
+//! Invariants:
+//! - On assignment and on revocation, the outbox rows of the partition's
+//!   streams are dropped: what is unfinished comes back from the log.
+//! - An import is committed to the outbox before its offset counts as
+//!   imported, and an offset is committed only when every SET before it
+//!   has left the outbox.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use caep_transmitter::control::{Placement, SetRouter, StreamPlacement};
+use caep_transmitter::outbox::{NewSet, Outbox, OutcomeSink, SetOutcome};
+use caep_transmitter::service::{BoxFuture, Transmitter};
+use caep_transmitter::store::{Commit, StoreError};
+use redb::WriteTransaction;
+use tokio::sync::mpsc;
+
+use crate::cascade::Outcome;
+use crate::kafka::client::{GroupConsumer, InRecord, KafkaError, KafkaSettings, Rebalance, partition_for};
+use crate::kafka::partitions::KafkaSink;
+use crate::kafka::records::{self, DeliveryRecord, SharedRecord};
+use crate::kafka::shared::SharedLog;
+
+/// SETs imported into the outbox in one transaction at most.
+const IMPORT_BATCH: usize = 256;
+/// How often finished SETs are looked for, to move committed offsets.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+fn kafka_error(error: KafkaError) -> StoreError {
+    StoreError::storage(format!("kafka: {error}"))
+}
+
+/// Imported, unfinished SETs of one partition, by offset.
+#[derive(Default)]
+struct Inflight {
+    sets: BTreeMap<i64, (String, String)>,
+    /// One past the last imported offset; `None` until something is imported.
+    next: Option<i64>,
+    committed: Option<i64>,
+}
+
+/// Who this instance is to the others.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub id: String,
+    /// Base URL other instances forward polls to.
+    pub url: String,
+}
+
+/// The deliveries side of one instance.
+pub struct Deliveries {
+    instance: Instance,
+    topic: String,
+    settings: KafkaSettings,
+    sink: Arc<KafkaSink>,
+    shared: Arc<SharedLog>,
+    transmitter: OnceLock<Arc<Transmitter>>,
+    assigned: RwLock<BTreeSet<i32>>,
+    inflight: Mutex<HashMap<i32, Inflight>>,
+    settled: mpsc::UnboundedSender<Outcome>,
+    settled_rx: Mutex<Option<mpsc::UnboundedReceiver<Outcome>>>,
+}
+
+impl Deliveries {
+    /// The deliveries side; it routes and places at once, and delivers once
+    /// [`Deliveries::start`] has joined the group.
+    pub fn new(settings: &KafkaSettings, instance: Instance, sink: Arc<KafkaSink>, shared: Arc<SharedLog>) -> Arc<Self> {
+        let (settled, settled_rx) = mpsc::unbounded_channel();
+        Arc::new(Deliveries {
+            instance,
+            topic: settings.topic(records::DELIVERIES),
+            settings: settings.clone(),
+            sink,
+            shared,
+            transmitter: OnceLock::new(),
+            assigned: RwLock::new(BTreeSet::new()),
+            inflight: Mutex::new(HashMap::new()),
+            settled,
+            settled_rx: Mutex::new(Some(settled_rx)),
+        })
+    }
+
+    /// Joins the deliveries group and starts importing, sweeping and
+    /// reporting outcomes.
+    pub fn start(self: &Arc<Self>, transmitter: Arc<Transmitter>) -> Result<(), StoreError> {
+        let _ = self.transmitter.set(transmitter);
+        let mut group = self.settings.clone();
+        group.group_id = format!("{}.deliveries", self.settings.group_id);
+        let (consumer, rebalances) =
+            GroupConsumer::new(&group, std::slice::from_ref(&self.topic)).map_err(kafka_error)?;
+        let consumer = Arc::new(consumer);
+        tokio::spawn(Arc::clone(self).import(Arc::clone(&consumer), rebalances));
+        tokio::spawn(Arc::clone(self).sweep(consumer));
+        if let Some(settled) = self.settled_rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            tokio::spawn(Arc::clone(self).report(settled));
+        }
+        Ok(())
+    }
+
+    fn outbox(&self) -> Option<&Arc<Outbox>> {
+        self.transmitter.get().map(|t| t.outbox())
+    }
+
+    fn owns(&self, partition: i32) -> bool {
+        self.assigned.read().unwrap_or_else(|p| p.into_inner()).contains(&partition)
+    }
+
+    async fn import(self: Arc<Self>, consumer: Arc<GroupConsumer>, mut rebalances: mpsc::UnboundedReceiver<Rebalance>) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(event) = rebalances.recv() => self.rebalance(event).await,
+                record = consumer.next() => match record {
+                    Ok(first) => {
+                        let mut batch = vec![first];
+                        while batch.len() < IMPORT_BATCH {
+                            match tokio::time::timeout(Duration::ZERO, consumer.next()).await {
+                                Ok(Ok(record)) => batch.push(record),
+                                _ => break,
+                            }
+                        }
+                        let mut delay = Duration::from_millis(50);
+                        while let Err(error) = self.import_batch(&batch).await {
+                            tracing::error!(%error, "cannot import SETs into the outbox; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "deliveries consumer");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn import_batch(&self, batch: &[InRecord]) -> Result<(), StoreError> {
+        let Some(outbox) = self.outbox() else { return Ok(()) };
+        let mut sets = Vec::new();
+        let mut imported: Vec<(i32, i64, String, String)> = Vec::new();
+        for record in batch.iter().filter(|record| self.owns(record.partition)) {
+            match serde_json::from_slice::<DeliveryRecord>(&record.payload) {
+                Ok(set) => {
+                    imported.push((record.partition, record.offset, set.stream_id.clone(), set.jti.clone()));
+                    sets.push(NewSet { stream_id: set.stream_id, jti: set.jti, token: set.token, txn: set.txn });
+                }
+                Err(error) => {
+                    tracing::error!(offset = record.offset, %error, "unreadable delivery record skipped");
+                    imported.push((record.partition, record.offset, String::new(), String::new()));
+                }
+            }
+        }
+        let streams: BTreeSet<String> = sets.iter().map(|set| set.stream_id.clone()).collect();
+        // Lazy: a lost import is imported again from the log.
+        outbox.store().write(Commit::Lazy, move |txn| Outbox::insert(txn, &sets)).await?;
+        for stream in &streams {
+            outbox.wake(stream);
+        }
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        for (partition, offset, stream_id, jti) in imported {
+            let Some(part) = inflight.get_mut(&partition) else { continue };
+            if !jti.is_empty() {
+                part.sets.insert(offset, (stream_id, jti));
+            }
+            part.next = Some(part.next.map_or(offset + 1, |next| next.max(offset + 1)));
+        }
+        Ok(())
+    }
+
+    async fn rebalance(&self, event: Rebalance) {
+        match event {
+            Rebalance::Assigned(parts) => {
+                for (_, partition) in parts.into_iter().filter(|(topic, _)| *topic == self.topic) {
+                    self.purge_partition(partition).await;
+                    self.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, Inflight::default());
+                    self.assigned.write().unwrap_or_else(|p| p.into_inner()).insert(partition);
+                    tracing::info!(partition, "deliveries partition assigned");
+                    let owner = SharedRecord::Owner {
+                        partition,
+                        instance_id: self.instance.id.clone(),
+                        url: self.instance.url.clone(),
+                    };
+                    if let Err(error) = self.shared.append(&owner).await {
+                        tracing::error!(partition, %error, "cannot announce deliveries partition owner");
+                    }
+                }
+            }
+            Rebalance::Revoked(parts) => {
+                for (_, partition) in parts.into_iter().filter(|(topic, _)| *topic == self.topic) {
+                    self.assigned.write().unwrap_or_else(|p| p.into_inner()).remove(&partition);
+                    self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
+                    self.purge_partition(partition).await;
+                    tracing::info!(partition, "deliveries partition revoked");
+                }
+            }
+        }
+    }
+
+    /// Drops the outbox rows of a partition's streams: whoever owns it now
+    /// imports what is unfinished from the log.
+    async fn purge_partition(&self, partition: i32) {
+        let (Some(transmitter), Some(outbox)) = (self.transmitter.get(), self.outbox()) else { return };
+        for record in transmitter.streams().all() {
+            let stream_id = &record.config.stream_id;
+            if partition_for(stream_id, self.settings.partitions) == partition
+                && let Err(error) = outbox.purge(stream_id).await
+            {
+                tracing::error!(partition, stream_id, %error, "cannot purge a moved stream's outbox");
+            }
+        }
+    }
+
+    /// Moves each partition's committed offset past the SETs that have left
+    /// the outbox.
+    async fn sweep(self: Arc<Self>, consumer: Arc<GroupConsumer>) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            let Some(outbox) = self.outbox() else { continue };
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for (partition, part) in inflight.iter_mut() {
+                while let Some((_, (stream_id, jti))) = part.sets.first_key_value() {
+                    match outbox.contains(stream_id, jti) {
+                        Ok(false) => {
+                            part.sets.pop_first();
+                        }
+                        Ok(true) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot check the outbox");
+                            break;
+                        }
+                    }
+                }
+                let commit = part.sets.first_key_value().map(|(offset, _)| *offset).or(part.next);
+                if let Some(commit) = commit
+                    && part.committed != Some(commit)
+                {
+                    match consumer.commit(&self.topic, *partition, commit) {
+                        Ok(()) => part.committed = Some(commit),
+                        Err(error) => tracing::debug!(partition, %error, "deliveries offset commit"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends delivery outcomes to the shared reports, in batches.
+    async fn report(self: Arc<Self>, mut settled: mpsc::UnboundedReceiver<Outcome>) {
+        while let Some(first) = settled.recv().await {
+            let mut outcomes = vec![first];
+            while outcomes.len() < 1024 {
+                match settled.try_recv() {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(_) => break,
+                }
+            }
+            let record = SharedRecord::Settled { outcomes };
+            let mut delay = Duration::from_millis(50);
+            while let Err(error) = self.shared.append(&record).await {
+                tracing::warn!(%error, "cannot report delivery outcomes; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl SetRouter for Deliveries {
+    fn enqueue(&self, sets: Vec<NewSet>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.sink.send_sets(sets))
+    }
+}
+
+impl StreamPlacement for Deliveries {
+    fn place(&self, stream_id: &str) -> Placement {
+        let partition = partition_for(stream_id, self.settings.partitions);
+        if self.owns(partition) {
+            return Placement::Local;
+        }
+        match self.shared.owner_of(partition) {
+            // Announced by this instance but no longer ours: moving now.
+            Some((id, _)) if id == self.instance.id => Placement::Unknown,
+            Some((_, url)) => Placement::Remote { base_url: url },
+            None => Placement::Unknown,
+        }
+    }
+}
+
+/// Reports outcomes of cascade leaves delivered here to every instance
+/// (through `shared`), from inside the outbox's own transaction.
+pub struct KafkaTracker(pub Arc<Deliveries>);
+
+impl OutcomeSink for KafkaTracker {
+    fn record(&self, _txn: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+        for outcome in outcomes {
+            let Some(key) = outcome.set.txn.clone() else { continue };
+            let _ = self.0.settled.send(Outcome {
+                txn: key,
+                jti: outcome.set.jti.clone(),
+                delivered: outcome.delivered,
+                at_ms: outcome.at_ms,
+                err: outcome.err.map(str::to_owned),
+            });
+        }
+        Ok(())
+    }
+}

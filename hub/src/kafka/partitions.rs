@@ -1,0 +1,385 @@
+//! Owning `graph` partitions: applying their events and dispatching the
+//! cascades they plan.
+//!
+//! Each partition has its own redb file (graph, cascade plans, replay
+//! records and the next offset to apply), so its state can be rebuilt from
+//! the log alone: a new owner replays the partition from where its file
+//! left off (from the start, on an instance that never owned it).
+//!
+//! Invariants:
+//! - An event's effects and the partition's next offset are committed in
+//!   one transaction: each record takes effect exactly once per file.
+//! - The group's committed offset moves past a record only after its
+//!   leaves are handed to the `deliveries` topic (and its report to
+//!   `shared`). Records before the committed offset therefore had their
+//!   leaves sent by a previous owner: replaying them rebuilds state without
+//!   sending again. Records after it are sent (again): the same `jti`s,
+//!   derived from the IdP SET, so receivers drop the duplicates.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use caep_schemas::set::SecurityEventToken;
+use caep_transmitter::outbox::NewSet;
+use caep_transmitter::registry::StreamRegistry;
+use caep_transmitter::service::{BoxFuture, Transmitter};
+use caep_transmitter::store::{Commit, Store, StoreError};
+use redb::{TableDefinition, WriteTransaction};
+use tokio::sync::mpsc;
+
+use crate::cascade::{self, CascadeRecord, Leaf};
+use crate::effects::{self, IngestError, Plan};
+use crate::hub::{Dispatcher, LeafSink};
+use crate::kafka::client::{
+    GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
+};
+use crate::kafka::records::{self, DeliveryRecord, GraphRecord, SharedRecord};
+use crate::kafka::shared::SharedLog;
+
+/// The next offset of this file's partition to apply.
+const GRAPH_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_graph_next");
+/// Records applied in one transaction at most.
+const APPLY_BATCH: usize = 64;
+
+fn storage<E: std::fmt::Display>(error: E) -> StoreError {
+    StoreError::storage(error)
+}
+
+fn kafka_error(error: KafkaError) -> StoreError {
+    StoreError::storage(format!("kafka: {error}"))
+}
+
+/// Hands signed leaves to the `deliveries` topic, keyed by stream, after
+/// their report part is in `shared` (so no outcome can overtake its plan).
+pub struct KafkaSink {
+    producer: Producer,
+    shared: Arc<SharedLog>,
+    topic: String,
+    partitions: i32,
+}
+
+impl KafkaSink {
+    /// The sink for `settings`' deliveries topic.
+    pub fn new(settings: &KafkaSettings, producer: Producer, shared: Arc<SharedLog>) -> Arc<Self> {
+        Arc::new(KafkaSink {
+            producer,
+            shared,
+            topic: settings.topic(records::DELIVERIES),
+            partitions: settings.partitions,
+        })
+    }
+
+    /// Sends signed SETs to the partitions of their streams.
+    pub async fn send_sets(&self, sets: Vec<NewSet>) -> Result<(), StoreError> {
+        let out = sets
+            .into_iter()
+            .map(|set| {
+                let partition = partition_for(&set.stream_id, self.partitions);
+                let record = DeliveryRecord { stream_id: set.stream_id, jti: set.jti, token: set.token, txn: set.txn };
+                OutRecord {
+                    topic: self.topic.clone(),
+                    partition,
+                    key: record.stream_id.as_bytes().to_vec(),
+                    payload: records::to_bytes(&record),
+                }
+            })
+            .collect();
+        self.producer.send_all(out).await.map_err(kafka_error)?;
+        Ok(())
+    }
+}
+
+impl LeafSink for KafkaSink {
+    fn hand_over<'a>(
+        &'a self,
+        store: &'a Store,
+        record: &'a CascadeRecord,
+        leaves: Vec<Leaf>,
+        signed: Vec<NewSet>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let signed_jtis: std::collections::BTreeSet<&str> = signed.iter().map(|s| s.jti.as_str()).collect();
+            let reported: Vec<Leaf> = leaves.into_iter().filter(|leaf| signed_jtis.contains(leaf.jti.as_str())).collect();
+            let jtis: Vec<String> = reported.iter().map(|leaf| leaf.jti.clone()).collect();
+            self.shared.append(&SharedRecord::Planned { cascade: record.clone(), leaves: reported }).await?;
+            self.send_sets(signed).await?;
+            let key = record.key.clone();
+            store.write(Commit::Lazy, move |txn| cascade::mark_pending(txn, &key, &jtis).map(drop)).await
+        })
+    }
+}
+
+/// This instance's share of the `graph` topic.
+pub struct GraphPartitions {
+    topic: String,
+    settings: KafkaSettings,
+    dir: PathBuf,
+    issuer: String,
+    transmitter: Arc<Transmitter>,
+    sink: Arc<KafkaSink>,
+    consumer: Arc<GroupConsumer>,
+    workers: Mutex<HashMap<i32, mpsc::UnboundedSender<InRecord>>>,
+}
+
+impl GraphPartitions {
+    /// Joins the group and starts applying whatever partitions it assigns.
+    pub fn start(
+        settings: &KafkaSettings,
+        data_dir: PathBuf,
+        issuer: &str,
+        transmitter: Arc<Transmitter>,
+        sink: Arc<KafkaSink>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let topic = settings.topic(records::GRAPH);
+        let mut group = settings.clone();
+        group.group_id = format!("{}.graph", settings.group_id);
+        let (consumer, rebalances) = GroupConsumer::new(&group, std::slice::from_ref(&topic)).map_err(kafka_error)?;
+        std::fs::create_dir_all(&data_dir).map_err(storage)?;
+        let this = Arc::new(GraphPartitions {
+            topic,
+            settings: settings.clone(),
+            dir: data_dir,
+            issuer: issuer.to_owned(),
+            transmitter,
+            sink,
+            consumer: Arc::new(consumer),
+            workers: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(Arc::clone(&this).run(rebalances));
+        Ok(this)
+    }
+
+    async fn run(self: Arc<Self>, mut rebalances: mpsc::UnboundedReceiver<Rebalance>) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(event) = rebalances.recv() => self.rebalance(event),
+                record = self.consumer.next() => match record {
+                    Ok(record) => self.route(record),
+                    Err(error) => {
+                        tracing::warn!(%error, "graph consumer");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    fn rebalance(self: &Arc<Self>, event: Rebalance) {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Rebalance::Assigned(assigned) => {
+                for (_, partition) in assigned.into_iter().filter(|(topic, _)| *topic == self.topic) {
+                    workers.entry(partition).or_insert_with(|| self.spawn_worker(partition));
+                }
+            }
+            Rebalance::Revoked(revoked) => {
+                for (_, partition) in revoked.into_iter().filter(|(topic, _)| *topic == self.topic) {
+                    // Closing the channel ends the worker after its batch.
+                    workers.remove(&partition);
+                    tracing::info!(partition, "graph partition revoked");
+                }
+            }
+        }
+    }
+
+    fn route(self: &Arc<Self>, record: InRecord) {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let partition = record.partition;
+        let worker = workers.entry(partition).or_insert_with(|| self.spawn_worker(partition));
+        if worker.send(record).is_err() {
+            workers.remove(&partition);
+        }
+    }
+
+    fn spawn_worker(self: &Arc<Self>, partition: i32) -> mpsc::UnboundedSender<InRecord> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tracing::info!(partition, "graph partition assigned");
+            if let Err(error) = this.work(partition, receiver).await {
+                tracing::error!(partition, %error, "graph partition worker stopped");
+            }
+        });
+        sender
+    }
+
+    async fn open_store(&self, partition: i32) -> Store {
+        let path = self.dir.join(format!("graph-{partition}.redb"));
+        let mut delay = Duration::from_millis(20);
+        loop {
+            // The previous worker of this partition may still hold the file.
+            match Store::open(&path) {
+                Ok(store) => return store,
+                Err(error) => {
+                    tracing::debug!(partition, %error, "graph partition store busy; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn work(self: Arc<Self>, partition: i32, mut records: mpsc::UnboundedReceiver<InRecord>) -> Result<(), StoreError> {
+        let store = self.open_store(partition).await;
+        let sink: Arc<dyn LeafSink> = self.sink.clone();
+        let dispatcher = Dispatcher::new(&self.issuer, Arc::clone(&self.transmitter), store.clone(), sink);
+        // Leaves this file planned but never handed over (a crash between).
+        self.dispatch_planned(&store, &dispatcher).await;
+        let mut next = next_offset(&store)?;
+        let committed = self.consumer.committed(&self.topic, partition).await.map_err(kafka_error)?.unwrap_or(0);
+        if committed > next {
+            next = self.catch_up(partition, &store, next, committed).await?;
+        }
+        while let Some(first) = records.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < APPLY_BATCH {
+                match records.try_recv() {
+                    Ok(record) => batch.push(record),
+                    Err(_) => break,
+                }
+            }
+            batch.retain(|record| record.offset >= next);
+            let Some(last) = batch.last().map(|r| r.offset) else { continue };
+            let plans = self.apply(&store, batch, false).await?;
+            next = last + 1;
+            for plan in plans {
+                for (record, leaves) in plan.cascades {
+                    if let Err(error) = dispatcher.dispatch_all(record, leaves).await {
+                        tracing::warn!(partition, %error, "cascade dispatch failed; retrying until it succeeds");
+                        self.dispatch_planned(&store, &dispatcher).await;
+                    }
+                }
+            }
+            if let Err(error) = self.consumer.commit(&self.topic, partition, next) {
+                tracing::debug!(partition, %error, "graph offset commit");
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays records a previous owner already dispatched: state only.
+    async fn catch_up(&self, partition: i32, store: &Store, from: i64, until: i64) -> Result<i64, StoreError> {
+        tracing::info!(partition, from, until, "rebuilding graph partition from the log");
+        let reader = TailReader::new(&self.settings, &self.topic, partition, from).map_err(kafka_error)?;
+        let mut batch = Vec::new();
+        while let Some(record) = reader_next(&reader, until).await? {
+            let last = record.offset + 1 == until;
+            batch.push(record);
+            if last {
+                break;
+            }
+            if batch.len() == APPLY_BATCH {
+                self.apply(store, std::mem::take(&mut batch), true).await?;
+            }
+        }
+        self.apply(store, batch, true).await?;
+        Ok(until)
+    }
+
+    /// Applies records and the next offset in one durable transaction.
+    /// `replayed`: their leaves were handed over before; mark them so.
+    async fn apply(&self, store: &Store, batch: Vec<InRecord>, replayed: bool) -> Result<Vec<Plan>, StoreError> {
+        let Some(next) = batch.last().map(|r| r.offset + 1) else { return Ok(Vec::new()) };
+        let transmitter = Arc::clone(&self.transmitter);
+        store
+            .write(Commit::Durable, move |txn| {
+                let mut plans = Vec::with_capacity(batch.len());
+                for record in &batch {
+                    let plan = apply_record(txn, transmitter.streams(), record)?;
+                    if replayed {
+                        for (cascade, leaves) in &plan.cascades {
+                            let jtis: Vec<String> = leaves.iter().map(|leaf| leaf.jti.clone()).collect();
+                            cascade::mark_pending(txn, &cascade.key, &jtis)?;
+                        }
+                    } else {
+                        plans.push(plan);
+                    }
+                }
+                txn.open_table(GRAPH_NEXT).map_err(storage)?.insert("next", next).map_err(storage)?;
+                Ok(plans)
+            })
+            .await
+    }
+
+    /// Dispatches every planned leaf in `store`, retrying until all are
+    /// handed over: the partition must not move on past unsent leaves.
+    async fn dispatch_planned(&self, store: &Store, dispatcher: &Arc<Dispatcher>) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let planned = match store.read(cascade::all_planned) {
+                Ok(planned) => planned,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read planned leaves");
+                    Vec::new()
+                }
+            };
+            let mut failed = false;
+            for (record, leaves) in planned {
+                if let Err(error) = dispatcher.dispatch_all(record, leaves).await {
+                    tracing::warn!(%error, "re-dispatch failed; retrying");
+                    failed = true;
+                }
+            }
+            if !failed {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// The next record before offset `until`, or `None` past it. Offsets may
+/// skip (compaction, producer retries), so the end is found by offset, not
+/// by count; the committed offset never exceeds the log's end, so this
+/// never waits for records that may not come.
+async fn reader_next(reader: &TailReader, until: i64) -> Result<Option<InRecord>, StoreError> {
+    let record = reader.next().await.map_err(kafka_error)?;
+    Ok((record.offset < until).then_some(record))
+}
+
+fn next_offset(store: &Store) -> Result<i64, StoreError> {
+    store.read(|txn| match txn.open_table(GRAPH_NEXT) {
+        Ok(table) => Ok(table.get("next").map_err(storage)?.map_or(0, |v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(error) => Err(storage(error)),
+    })
+}
+
+/// One record's effects. A record this hub cannot read or an event the
+/// graph refuses (another IdP's session) is logged and skipped: the IdP got
+/// its 202 already, and stalling the partition would stall every tree in it.
+fn apply_record(txn: &WriteTransaction, streams: &StreamRegistry, record: &InRecord) -> Result<Plan, StoreError> {
+    let parsed: GraphRecord = match serde_json::from_slice(&record.payload) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            tracing::error!(partition = record.partition, offset = record.offset, %error, "unreadable graph record");
+            return Ok(Plan::default());
+        }
+    };
+    match parsed {
+        GraphRecord::Event { claims, received_at_ms } => {
+            let set = match SecurityEventToken::from_claims(claims) {
+                Ok(set) => set,
+                Err(error) => {
+                    tracing::error!(offset = record.offset, %error, "graph record holds no valid SET");
+                    return Ok(Plan::default());
+                }
+            };
+            match effects::apply(txn, streams, &set, received_at_ms) {
+                Ok(plan) => Ok(plan),
+                Err(IngestError::Rejected { err, description }) => {
+                    tracing::warn!(jti = %set.jti, err, %description, "IdP event refused by its partition");
+                    Ok(Plan::default())
+                }
+                Err(IngestError::Unavailable(reason)) => Err(StoreError::storage(reason)),
+            }
+        }
+        GraphRecord::Touch { session_id, stream_id, at_ms } => {
+            effects::late_touch_plan(txn, streams, &session_id, &stream_id, at_ms)
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! What the hub writes to Kafka, topic by topic, as JSON records.
+//!
+//! - `shared` (one partition): the control plane, the session → root
+//!   directory, delivery-partition owners and cascade reports. Every
+//!   instance replays all of it into its main store, in order.
+//! - `graph` (N partitions, keyed by delegation root): verified IdP events
+//!   and touches. One instance at a time owns each partition.
+//! - `deliveries` (N partitions, keyed by stream): signed SETs for the
+//!   instance that delivers that stream (push) or serves its polls.
+
+use caep_transmitter::control::ControlChange;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::cascade::{CascadeRecord, Leaf, Outcome};
+use crate::issuers::IssuerChange;
+
+/// Topic names under the configured prefix, with their partition counts.
+pub const SHARED: &str = "shared";
+pub const GRAPH: &str = "graph";
+pub const DELIVERIES: &str = "deliveries";
+
+/// A record of the `shared` topic.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SharedRecord {
+    Control { change: ControlChange },
+    Issuer { change: IssuerChange },
+    /// A session's delegation root, which picks its `graph` partition. The
+    /// first record for a session wins on every instance alike.
+    Root { session_id: String, root: String },
+    /// The instance that delivers a `deliveries` partition and serves the
+    /// polls of its streams.
+    Owner { partition: i32, instance_id: String, url: String },
+    /// Leaves a graph partition planned and handed to delivery.
+    Planned { cascade: CascadeRecord, leaves: Vec<Leaf> },
+    /// What became of delivered (or dead-lettered) leaves.
+    Settled { outcomes: Vec<Outcome> },
+}
+
+/// A record of the `graph` topic.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GraphRecord {
+    /// A verified IdP SET (its claims), with the hub's receipt time.
+    Event { claims: Map<String, Value>, received_at_ms: u64 },
+    /// A session reached a stream.
+    Touch { session_id: String, stream_id: String, at_ms: u64 },
+}
+
+/// A record of the `deliveries` topic: one signed SET for one stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub stream_id: String,
+    pub jti: String,
+    pub token: String,
+    /// The cascade key the outcome is reported under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<String>,
+}
+
+/// JSON bytes of a record (these types always serialize).
+pub fn to_bytes<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
+}

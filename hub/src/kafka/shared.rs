@@ -1,0 +1,308 @@
+//! The `shared` topic and its local replica.
+//!
+//! Every instance replays the whole single-partition topic, in order, into
+//! its main store: control-plane changes (receivers, streams, subjects,
+//! issuers, peer keys), the session → root directory, who owns each
+//! deliveries partition, and the cascade reports. Applying is deterministic
+//! and idempotent, so every replica converges and a replay after a crash is
+//! harmless.
+//!
+//! Read-your-writes: a writer produces its record, then waits until its
+//! own replica has applied that offset. A reader elsewhere calls
+//! [`SharedLog::barrier`], which waits for the replica to reach the topic's
+//! high watermark as of the call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use caep_transmitter::control::{ControlChange, ControlLog, ControlOutcome};
+use caep_transmitter::service::{BoxFuture, Transmitter};
+use caep_transmitter::store::{Commit, Store, StoreError};
+use redb::{ReadableTable, TableDefinition};
+use tokio::sync::watch;
+
+use crate::cascade;
+use crate::hub::Hub;
+use crate::issuers::{IssuerChange, IssuerLog};
+use crate::kafka::client::{InRecord, KafkaError, KafkaSettings, Producer, TailReader};
+use crate::kafka::records::{self, SharedRecord};
+
+/// Next offset of `shared` to apply (everything before it is applied).
+const SHARED_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_shared_next");
+/// session → delegation root: the `graph` partition key of its tree.
+const ROOTS: TableDefinition<&str, &str> = TableDefinition::new("kafka_roots");
+
+/// Records applied in one store transaction at most.
+const APPLY_BATCH: usize = 512;
+/// How long a read barrier waits for the replica before answering from the
+/// state it has (a broker outage must not hang every request).
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn storage<E: std::fmt::Display>(error: E) -> StoreError {
+    StoreError::storage(error)
+}
+
+fn kafka_error(error: KafkaError) -> StoreError {
+    StoreError::storage(format!("kafka: {error}"))
+}
+
+/// The replica of the `shared` topic.
+pub struct SharedLog {
+    topic: String,
+    producer: Producer,
+    reader: TailReader,
+    store: Store,
+    /// Next offset to apply; waiters watch it.
+    next: watch::Sender<i64>,
+    /// Outcomes of control changes by offset, for the writers waiting on them.
+    outcomes: Mutex<BTreeMap<i64, ControlOutcome>>,
+    /// deliveries partition → (instance id, base URL).
+    owners: RwLock<HashMap<i32, (String, String)>>,
+    transmitter: OnceLock<Arc<Transmitter>>,
+    hub: OnceLock<Weak<Hub>>,
+}
+
+impl SharedLog {
+    /// Opens the replica, resuming after the last offset the main store applied.
+    pub fn open(settings: &KafkaSettings, producer: Producer, store: Store) -> Result<Arc<Self>, StoreError> {
+        let topic = settings.topic(records::SHARED);
+        let next = store.read(|txn| match txn.open_table(SHARED_NEXT) {
+            Ok(table) => Ok(table.get("next").map_err(storage)?.map_or(0, |v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(error) => Err(storage(error)),
+        })?;
+        let reader = TailReader::new(settings, &topic, 0, next).map_err(kafka_error)?;
+        let (next, _) = watch::channel(next);
+        Ok(Arc::new(SharedLog {
+            topic,
+            producer,
+            reader,
+            store,
+            next,
+            outcomes: Mutex::new(BTreeMap::new()),
+            owners: RwLock::new(HashMap::new()),
+            transmitter: OnceLock::new(),
+            hub: OnceLock::new(),
+        }))
+    }
+
+    /// Connects the replica to what it applies control changes to, starts
+    /// applying, and resolves once it has caught up with the topic.
+    pub async fn start(self: &Arc<Self>, transmitter: Arc<Transmitter>, hub: &Arc<Hub>) -> Result<(), StoreError> {
+        let _ = self.transmitter.set(transmitter);
+        let _ = self.hub.set(Arc::downgrade(hub));
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.apply_forever().await });
+        let high = self.reader.high_watermark().await.map_err(kafka_error)?;
+        self.wait_applied(high).await;
+        tracing::info!(offset = high, "shared log replica caught up");
+        Ok(())
+    }
+
+    /// Appends a record; resolves with its offset once the broker has it.
+    pub async fn append(&self, record: &SharedRecord) -> Result<i64, StoreError> {
+        let payload = records::to_bytes(record);
+        self.producer.send(&self.topic, 0, b"shared", &payload).await.map_err(kafka_error)
+    }
+
+    /// Appends a record and waits until this replica has applied it.
+    pub async fn append_and_apply(&self, record: &SharedRecord) -> Result<i64, StoreError> {
+        let offset = self.append(record).await?;
+        self.wait_applied(offset + 1).await;
+        Ok(offset)
+    }
+
+    /// Waits until every record before `next` is applied here.
+    pub async fn wait_applied(&self, next: i64) {
+        let mut watcher = self.next.subscribe();
+        let _ = watcher.wait_for(|applied| *applied >= next).await;
+    }
+
+    /// Waits (bounded) until this replica has applied everything written
+    /// to the topic before the call: a read after it sees every write any
+    /// instance acknowledged before it.
+    pub async fn barrier(&self) {
+        let high = match self.reader.high_watermark().await {
+            Ok(high) => high,
+            Err(error) => {
+                tracing::warn!(%error, "shared log barrier: cannot read the high watermark");
+                return;
+            }
+        };
+        if tokio::time::timeout(BARRIER_TIMEOUT, self.wait_applied(high)).await.is_err() {
+            tracing::warn!(offset = high, "shared log barrier timed out; answering from local state");
+        }
+    }
+
+    /// The delegation root recorded for a session.
+    pub fn root_of(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+        self.store.read(|txn| match txn.open_table(ROOTS) {
+            Ok(table) => Ok(table.get(session_id).map_err(storage)?.map(|v| v.value().to_owned())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(error) => Err(storage(error)),
+        })
+    }
+
+    /// The instance owning a deliveries partition, as last announced.
+    pub fn owner_of(&self, partition: i32) -> Option<(String, String)> {
+        self.owners.read().unwrap_or_else(|p| p.into_inner()).get(&partition).cloned()
+    }
+
+    async fn apply_forever(self: Arc<Self>) {
+        loop {
+            let batch = match self.next_batch().await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(%error, "shared log: cannot read; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let Some(last) = batch.last().map(|r| r.offset) else { continue };
+            let mut delay = Duration::from_millis(50);
+            while let Err(error) = self.apply_batch(&batch).await {
+                // Skipping a record would fork this replica from the others.
+                tracing::error!(%error, offset = last, "shared log: cannot apply; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            self.next.send_replace(last + 1);
+        }
+    }
+
+    /// One record (waiting for it), then whatever else is ready.
+    async fn next_batch(&self) -> Result<Vec<InRecord>, KafkaError> {
+        let mut batch = vec![self.reader.next().await?];
+        while batch.len() < APPLY_BATCH {
+            match tokio::time::timeout(Duration::ZERO, self.reader.next()).await {
+                Ok(record) => batch.push(record?),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn apply_batch(&self, batch: &[InRecord]) -> Result<(), StoreError> {
+        let mut local = Vec::new();
+        for record in batch {
+            let parsed: SharedRecord = match serde_json::from_slice(&record.payload) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    tracing::error!(offset = record.offset, %error, "shared log: unreadable record skipped");
+                    continue;
+                }
+            };
+            match parsed {
+                SharedRecord::Control { change } => {
+                    // Store-only records before it go first: order matters.
+                    self.apply_local(std::mem::take(&mut local)).await?;
+                    self.apply_control(record.offset, change).await?;
+                }
+                SharedRecord::Issuer { change } => {
+                    self.apply_local(std::mem::take(&mut local)).await?;
+                    self.apply_issuer(change).await?;
+                }
+                SharedRecord::Owner { partition, instance_id, url } => {
+                    tracing::info!(partition, %instance_id, %url, "deliveries partition owner");
+                    self.owners.write().unwrap_or_else(|p| p.into_inner()).insert(partition, (instance_id, url));
+                }
+                other => local.push(other),
+            }
+        }
+        self.apply_local(local).await?;
+        let next = batch.last().map_or(0, |r| r.offset + 1);
+        self.store
+            .write(Commit::Lazy, move |txn| {
+                txn.open_table(SHARED_NEXT).map_err(storage)?.insert("next", next).map_err(storage)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn apply_control(&self, offset: i64, change: ControlChange) -> Result<(), StoreError> {
+        let Some(transmitter) = self.transmitter.get() else { return Ok(()) };
+        let outcome = transmitter.apply_control(change).await?;
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        outcomes.insert(offset, outcome);
+        // Writers collect theirs at once; keep a bounded tail for stragglers.
+        while outcomes.len() > 10_000 {
+            outcomes.pop_first();
+        }
+        Ok(())
+    }
+
+    async fn apply_issuer(&self, change: IssuerChange) -> Result<(), StoreError> {
+        match self.hub.get().and_then(Weak::upgrade) {
+            Some(hub) => hub.issuers().apply(change).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Directory entries and reports, in one transaction.
+    async fn apply_local(&self, records: Vec<SharedRecord>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let applied = self
+            .store
+            .write(Commit::Lazy, move |txn| {
+                let mut applied = cascade::Applied::default();
+                for record in &records {
+                    match record {
+                        SharedRecord::Root { session_id, root } => {
+                            let mut roots = txn.open_table(ROOTS).map_err(storage)?;
+                            if roots.get(session_id.as_str()).map_err(storage)?.is_none() {
+                                roots.insert(session_id.as_str(), root.as_str()).map_err(storage)?;
+                            }
+                        }
+                        SharedRecord::Planned { cascade, leaves } => cascade::merge_planned(txn, cascade, leaves)?,
+                        SharedRecord::Settled { outcomes } => {
+                            let done = cascade::apply_outcomes(txn, outcomes)?;
+                            applied.leaf_latencies_ms.extend(done.leaf_latencies_ms);
+                            applied.completed.extend(done.completed);
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(applied)
+            })
+            .await?;
+        for (txn, took) in applied.completed {
+            tracing::info!(%txn, cascade_ms = took, "cascade complete");
+        }
+        Ok(())
+    }
+
+    fn take_outcome(&self, offset: i64) -> ControlOutcome {
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner()).remove(&offset).unwrap_or(ControlOutcome::Applied)
+    }
+}
+
+/// The control log on Kafka: a change takes effect when this instance's
+/// replica applies it, exactly as on every other instance.
+pub struct KafkaControl(pub Arc<SharedLog>);
+
+impl ControlLog for KafkaControl {
+    fn record(&self, change: ControlChange) -> BoxFuture<'_, Result<ControlOutcome, StoreError>> {
+        Box::pin(async move {
+            let offset = self.0.append_and_apply(&SharedRecord::Control { change }).await?;
+            Ok(self.0.take_outcome(offset))
+        })
+    }
+}
+
+/// The trusted-issuer log on Kafka.
+pub struct KafkaIssuers(pub Arc<SharedLog>);
+
+impl IssuerLog for KafkaIssuers {
+    fn record(&self, change: IssuerChange) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.0.append_and_apply(&SharedRecord::Issuer { change }).await.map(drop) })
+    }
+}
+
+impl crate::hub::ReadBarrier for SharedLog {
+    fn barrier(&self) -> BoxFuture<'_, ()> {
+        Box::pin(SharedLog::barrier(self))
+    }
+}
