@@ -61,7 +61,7 @@ async fn start() -> Bench {
     let store = Store::open(&dir.path().join("bench.redb")).expect("store");
     let delivered = Arc::new(Counter::default());
     let sink: Arc<dyn OutcomeSink> = delivered.clone();
-    let transmitter = Transmitter::open(settings, store, keys, sink, Arc::new(NoHook)).expect("open");
+    let transmitter = Transmitter::open(settings, store, keys, sink, Arc::new(NoHook), None).expect("open");
     let app = caep_transmitter::http::router(Arc::clone(&transmitter));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Bench { _dir: dir, transmitter, delivered, base }
@@ -80,7 +80,7 @@ async fn streams(bench: &Bench, push: bool) -> Vec<(String, String)> {
     for i in 0..STREAMS {
         let audience = format!("https://rp{i}.example/{}", if push { "push" } else { "poll" });
         let (receiver, token) =
-            bench.transmitter.receivers().create(&format!("rp{i}"), &audience, vec![]).await.expect("receiver");
+            bench.transmitter.create_receiver(&format!("rp{i}"), &audience, vec![]).await.expect("receiver");
         let body = if push {
             json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_receiver().await},
                    "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]})

@@ -51,10 +51,10 @@ struct NewReceiver {
 
 async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Response, SsfError> {
     let request: NewReceiver = parse(&body)?;
-    let created = transmitter.receivers().create(&request.name, &request.audience, request.scopes).await;
+    let created = transmitter.create_receiver(&request.name, &request.audience, request.scopes).await;
     let (receiver, token) = created.map_err(|error| match error {
         ReceiverError::Invalid(reason) => SsfError::BadRequest(reason),
-        ReceiverError::DuplicateAudience(_) => SsfError::Conflict(error.to_string()),
+        ReceiverError::DuplicateAudience(_) | ReceiverError::Conflict(_) => SsfError::Conflict(error.to_string()),
         ReceiverError::Store(error) => store_error(error),
     })?;
     let body = json!({

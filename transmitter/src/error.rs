@@ -61,6 +61,14 @@ pub enum SsfError {
     /// 413: the request body is larger than the transmitter accepts.
     #[error("payload too large")]
     PayloadTooLarge,
+    /// 503: no instance serves the stream right now (scale-out: its
+    /// delivery is moving between instances), or the one that does cannot
+    /// be reached. Sent with `Retry-After`.
+    #[error("temporarily unavailable; retry after {retry_after_secs} s")]
+    Unavailable {
+        /// Seconds until a retry may succeed, sent as `Retry-After`.
+        retry_after_secs: u64,
+    },
 }
 
 /// The JSON body of every error response.
@@ -82,6 +90,7 @@ impl SsfError {
             SsfError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             SsfError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             SsfError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            SsfError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -97,6 +106,7 @@ impl SsfError {
             SsfError::Conflict(_) => "conflict",
             SsfError::TooManyRequests { .. } => "too_many_requests",
             SsfError::Storage(_) => "server_error",
+            SsfError::Unavailable { .. } => "temporarily_unavailable",
         }
     }
 
@@ -113,6 +123,9 @@ impl SsfError {
             }
             SsfError::Storage(_) => "internal server error".into(),
             SsfError::PayloadTooLarge => "the request body is too large".into(),
+            SsfError::Unavailable { retry_after_secs } => {
+                format!("the stream is not being served right now; retry after {retry_after_secs} seconds")
+            }
         }
     }
 
@@ -146,7 +159,7 @@ impl IntoResponse for SsfError {
         if let Some(challenge) = self.challenge().and_then(|c| HeaderValue::try_from(c).ok()) {
             headers.insert(WWW_AUTHENTICATE, challenge);
         }
-        if let SsfError::TooManyRequests { retry_after_secs } = self {
+        if let SsfError::TooManyRequests { retry_after_secs } | SsfError::Unavailable { retry_after_secs } = self {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response

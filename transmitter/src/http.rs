@@ -11,13 +11,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::control::Placement;
 use crate::error::SsfError;
 use crate::metadata::{paths, well_known_path};
 use crate::poll;
@@ -186,9 +187,9 @@ async fn change_stream(
         _ => streams::apply_update(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
     };
     transmitter.check_push_endpoint(&config).await?;
-    let update = transmitter.streams().update(&stream_id, |record| record.config = config);
-    let record = update.await.map_err(store_error)?.ok_or(SsfError::NotFound)?;
-    transmitter.route(&record);
+    // Applying the record reroutes the stream's push worker.
+    let update = transmitter.update_stream(&stream_id, |record| record.config = config);
+    let record = update.await?.ok_or(SsfError::NotFound)?;
     Ok(Json(config_json(&record)))
 }
 
@@ -236,8 +237,7 @@ async fn add_subject(
     require_manage(&receiver)?;
     let request = streams::parse_subject_request(&body)?;
     let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
-    transmitter.streams().add_subject(&request.stream_id, request.subject.clone()).await.map_err(store_error)?;
-    transmitter.subject_hook().subject_added(&record, &request.subject).await;
+    transmitter.add_subject(&record, request.subject).await?;
     Ok(StatusCode::OK)
 }
 
@@ -249,7 +249,7 @@ async fn remove_subject(
     require_manage(&receiver)?;
     let request = streams::parse_subject_request(&body)?;
     owned_stream(&transmitter, &receiver, &request.stream_id)?;
-    transmitter.streams().remove_subject(&request.stream_id, &request.subject).await.map_err(store_error)?;
+    transmitter.remove_subject(&request.stream_id, request.subject).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -265,17 +265,41 @@ async fn poll_stream(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     Path(stream_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<poll::PollResponse>, SsfError> {
+) -> Result<Response, SsfError> {
+    // Authenticated and owned here first, so a forward never serves a
+    // caller this instance would refuse.
     require_read(&receiver)?;
     let record = owned_stream(&transmitter, &receiver, &stream_id)?;
     if !matches!(record.config.delivery, Delivery::Poll { .. }) {
         return Err(SsfError::NotFound);
+    }
+    match transmitter.placement().place(&stream_id) {
+        Placement::Local => {}
+        Placement::Unknown => return Err(SsfError::Unavailable { retry_after_secs: 1 }),
+        Placement::Remote { base_url } => {
+            if headers.contains_key(poll::FORWARDED_HEADER) {
+                // Forwarded to us, yet placed elsewhere: the instances
+                // disagree (a rebalance in flight). Bouncing it on could
+                // loop, so the receiver retries instead.
+                tracing::warn!(stream_id = %stream_id, to = %base_url, "forwarded poll placed elsewhere again");
+                return Err(SsfError::Unavailable { retry_after_secs: 1 });
+            }
+            // The path as the receiver sent it: nesting under the issuer's
+            // path stripped that prefix from `uri`, so it is put back.
+            let mut path = format!("{}{}", transmitter.issuer_path, paths::POLL.replace("{stream_id}", &stream_id));
+            if let Some(query) = uri.query() {
+                path = format!("{path}?{query}");
+            }
+            return poll::forward(transmitter.forward_client(), &base_url, &path, &headers, body).await;
+        }
     }
     let request = poll::parse_request(&body).map_err(SsfError::BadRequest)?;
     let response =
         poll::poll(transmitter.outbox().as_ref(), &stream_id, record.status, request, transmitter.settings.long_poll)
             .await
             .map_err(store_error)?;
-    Ok(Json(response))
+    Ok(Json(response).into_response())
 }

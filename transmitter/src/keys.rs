@@ -18,7 +18,7 @@
 //! receivers no longer accept it, so keeping it would only be a liability. Its
 //! keyring entry stays, as a record.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -28,6 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use caep_schemas::jose::{Algorithm, JoseError, Jwks, SigningKey};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Name of the keyring file inside the keys directory.
 const KEYRING_FILE: &str = "keyring.json";
@@ -95,6 +96,9 @@ pub enum KeyError {
     /// The active key cannot be retired.
     #[error("key {0} is the active signing key; rotate to a new key before retiring it")]
     RetireActive(String),
+    /// Another instance's JWKS was refused (not public, not usable, no kid).
+    #[error("peer keys refused: {0}")]
+    PeerKeys(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyError + '_ {
@@ -148,6 +152,53 @@ pub struct KeyStore {
     /// Held for the whole of a change, so a change computed from the current
     /// state is still based on the current state when it is swapped in.
     writer: Mutex<()>,
+    /// Other instances' public keys (scale-out), by instance id. Kept apart
+    /// from `state` because they come from the control log, not the disk.
+    peers: RwLock<Peers>,
+}
+
+/// Other instances' published keys and the JWKS they make with ours.
+#[derive(Default)]
+struct Peers {
+    /// instance id → its public JWKs, as validated.
+    keys: BTreeMap<String, Vec<Value>>,
+}
+
+/// Members that only a private (or symmetric) JWK has: a peer's JWKS with
+/// any of them is refused whole, so a key leak never gets republished.
+const PRIVATE_MEMBERS: &[&str] = &["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+/// Checks another instance's JWKS: every key a public EC, RSA or OKP key
+/// with a `kid`, usable for verification, without private members. Returns
+/// the keys as they will be published.
+fn validate_peer_jwks(jwks: &Value) -> Result<Vec<Value>, KeyError> {
+    let refuse = |reason: String| Err(KeyError::PeerKeys(reason));
+    let Some(keys) = jwks.get("keys").and_then(Value::as_array) else {
+        return refuse("not a JWKS (an object with a `keys` array)".into());
+    };
+    let mut valid = Vec::with_capacity(keys.len());
+    for key in keys {
+        let Some(members) = key.as_object() else { return refuse("a key is not a JSON object".into()) };
+        let kid = match members.get("kid").and_then(Value::as_str) {
+            Some(kid) if !kid.is_empty() => kid,
+            _ => return refuse("a key has no `kid`".into()),
+        };
+        // The kid is echoed in errors: keep it short and printable.
+        let shown: String = kid.chars().take(64).filter(|c| !c.is_control()).collect();
+        if let Some(member) = PRIVATE_MEMBERS.iter().find(|m| members.contains_key(**m)) {
+            return refuse(format!("key {shown:?} has the private member `{member}`"));
+        }
+        match members.get("kty").and_then(Value::as_str) {
+            Some("EC" | "RSA" | "OKP") => {}
+            _ => return refuse(format!("key {shown:?} is not an EC, RSA or OKP key")),
+        }
+        let single = serde_json::json!({ "keys": [key] });
+        if Jwks::from_value(&single).map_or(true, |parsed| parsed.is_empty()) {
+            return refuse(format!("key {shown:?} is not a usable verification key"));
+        }
+        valid.push(key.clone());
+    }
+    Ok(valid)
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -210,7 +261,13 @@ impl KeyStore {
             Err(e) => return Err(io_err(&keyring_path)(e)),
         };
 
-        let store = KeyStore { dir, default_alg, state: RwLock::new(state), writer: Mutex::new(()) };
+        let store = KeyStore {
+            dir,
+            default_alg,
+            state: RwLock::new(state),
+            writer: Mutex::new(()),
+            peers: RwLock::new(Peers::default()),
+        };
         let active_alg = store.active().algorithm();
         if active_alg != default_alg {
             let info = store.rotate(Some(default_alg))?;
@@ -230,9 +287,53 @@ impl KeyStore {
     }
 
     /// The JWKS to publish: the active key and every published key, never a
-    /// retired one.
+    /// retired one; then other instances' keys (scale-out), by instance id.
     pub fn jwks(&self) -> Jwks {
-        self.read().jwks.clone()
+        let own = self.read().jwks.clone();
+        let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
+        if peers.keys.is_empty() {
+            return own;
+        }
+        // Only in scale-out mode: rebuilding per call costs a few key parses,
+        // which keeps peer keys independent of our own rotation.
+        let mut keys = match own.to_json().get_mut("keys").map(Value::take) {
+            Some(Value::Array(keys)) => keys,
+            _ => Vec::new(),
+        };
+        let own_kids: Vec<String> = own.kids().into_iter().map(str::to_owned).collect();
+        for key in peers.keys.values().flatten() {
+            // Never let a peer shadow one of our kids.
+            if key.get("kid").and_then(Value::as_str).is_some_and(|kid| own_kids.iter().any(|own| own == kid)) {
+                continue;
+            }
+            keys.push(key.clone());
+        }
+        Jwks::from_value(&serde_json::json!({ "keys": keys })).unwrap_or(own)
+    }
+
+    /// Our own public JWKS (no peer keys), as JSON: what this instance
+    /// publishes to the others through the control log.
+    pub fn public_jwks_json(&self) -> Value {
+        self.read().jwks.to_json()
+    }
+
+    /// Publishes another instance's public keys beside ours (replacing what
+    /// it published before; an empty set removes it). Refuses, whole, a set
+    /// with a key that is not a usable public EC/RSA/OKP key with a `kid`, or
+    /// that carries a private member such as `d`.
+    pub fn set_peer_keys(&self, instance_id: &str, jwks: &Value) -> Result<(), KeyError> {
+        if instance_id.is_empty() {
+            return Err(KeyError::PeerKeys("the instance id is empty".into()));
+        }
+        let keys = validate_peer_jwks(jwks)?;
+        let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+        if keys.is_empty() {
+            peers.keys.remove(instance_id);
+        } else {
+            peers.keys.insert(instance_id.to_owned(), keys);
+        }
+        tracing::info!(instance_id, keys = peers.keys.get(instance_id).map_or(0, Vec::len), "peer keys published");
+        Ok(())
     }
 
     /// Every key the keyring knows, in creation order.

@@ -4,6 +4,7 @@
 //! durable outbox, and push (RFC 8935) and poll (RFC 8936) delivery.
 
 pub mod admin;
+pub mod control;
 pub mod error;
 pub mod http;
 pub mod keys;

@@ -8,10 +8,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use caep_schemas::event::StreamStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::error::SsfError;
 use crate::outbox::{Failure, FailureTarget, now_ms};
 use crate::queue::DeliveryQueue;
 use crate::store::StoreError;
@@ -99,6 +103,49 @@ pub async fn poll(
             return Ok(PollResponse::default());
         }
     }
+}
+
+/// Marks a poll this instance forwarded to the instance serving the stream;
+/// that instance answers 503 rather than forward it again.
+pub const FORWARDED_HEADER: &str = "x-caep-forwarded";
+
+/// Forwards an authenticated poll as-is to the instance serving the stream
+/// (`base_url` + the request's own path and query, same body, its
+/// `Authorization` and `Content-Type`) and relays the status, `Content-Type`
+/// and body. An unreachable instance answers 503 with `Retry-After`: the
+/// stream's placement may be moving and a retry will find it.
+pub async fn forward(
+    client: &reqwest::Client,
+    base_url: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, SsfError> {
+    let url = format!("{}{path_and_query}", base_url.trim_end_matches('/'));
+    let mut request = client.post(&url).header(FORWARDED_HEADER, "1").body(body);
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name, value.clone());
+        }
+    }
+    let unavailable = |error: reqwest::Error| {
+        tracing::warn!(url = %url, %error, "forwarding a poll failed");
+        SsfError::Unavailable { retry_after_secs: 1 }
+    };
+    let answer = request.send().await.map_err(unavailable)?;
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+    let body = answer.bytes().await.map_err(unavailable)?;
+    let mut response = (status, body).into_response();
+    match content_type {
+        Some(value) => {
+            response.headers_mut().insert(header::CONTENT_TYPE, value);
+        }
+        None => {
+            response.headers_mut().remove(header::CONTENT_TYPE);
+        }
+    }
+    Ok(response)
 }
 
 /// Applies `ack` and `setErrs`; only SETs of this stream are affected.

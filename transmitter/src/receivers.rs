@@ -49,6 +49,10 @@ pub enum ReceiverError {
     Invalid(String),
     #[error("a receiver with audience `{0}` exists already")]
     DuplicateAudience(String),
+    /// Refused when the creation was applied (e.g. another instance created
+    /// a receiver with the same audience first).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -67,26 +71,64 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// The hex SHA-256 digest of a token, as a control change carries it.
+pub fn token_digest_hex(token: &str) -> String {
+    digest(token).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The digest bytes of a hex SHA-256 digest; `None` unless exactly 64 hex digits.
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (at, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(at * 2..at * 2 + 2)?, 16).ok()?;
+    }
+    Some(bytes)
+}
+
+/// A receiver about to be created, with its token (shown to the operator
+/// once) and the token's digest (the only form that is stored or replicated).
+pub struct NewReceiver {
+    pub receiver: Receiver,
+    pub token: String,
+    pub token_digest: String,
+}
+
+impl std::fmt::Debug for NewReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewReceiver").field("receiver", &self.receiver).field("token", &"<redacted>").finish()
+    }
+}
+
 impl Receivers {
     /// The registry in `store`.
     pub fn new(store: Store) -> Self {
         Receivers { store }
     }
 
-    /// Registers a receiver and returns it with its token (shown only now).
-    /// `scopes` empty means both `ssf.manage` and `ssf.read`.
-    pub async fn create(
+    /// Validates a new receiver and decides everything random about it (id,
+    /// token, creation time), without storing anything: the caller records
+    /// [`ControlChange::ReceiverCreated`](crate::control::ControlChange) with
+    /// the receiver and the token's digest. `scopes` empty means both
+    /// `ssf.manage` and `ssf.read`. The audience is checked against local
+    /// state here for a prompt answer, and again when the change is applied.
+    pub fn prepare(
         &self,
         name: &str,
         audience: &str,
         scopes: Vec<String>,
-    ) -> Result<(Receiver, String), ReceiverError> {
+    ) -> Result<NewReceiver, ReceiverError> {
         if name.trim().is_empty() || audience.trim().is_empty() {
             return Err(ReceiverError::Invalid("`name` and `audience` must be non-empty strings".into()));
         }
         let scopes = if scopes.is_empty() { vec![SCOPE_MANAGE.into(), SCOPE_READ.into()] } else { scopes };
         if let Some(unknown) = scopes.iter().find(|s| *s != SCOPE_MANAGE && *s != SCOPE_READ) {
             return Err(ReceiverError::Invalid(format!("unknown scope `{unknown}` (ssf.manage, ssf.read)")));
+        }
+        if self.list()?.iter().any(|existing| existing.audience == audience) {
+            return Err(ReceiverError::DuplicateAudience(audience.to_owned()));
         }
         let receiver = Receiver {
             receiver_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -98,28 +140,45 @@ impl Receivers {
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
         let token = format!("ssf_{}", URL_SAFE_NO_PAD.encode(secret));
-        let token_digest = digest(&token);
-        let record = receiver.clone();
-        let created = self
-            .store
+        let token_digest = token_digest_hex(&token);
+        Ok(NewReceiver { receiver, token, token_digest })
+    }
+
+    /// Applies a created receiver: refused (`Ok(Err(reason))`) when another
+    /// receiver already has its audience or its id, or the digest is not a
+    /// SHA-256 digest. Re-applying the same creation changes nothing.
+    pub(crate) async fn apply_created(
+        &self,
+        receiver: Receiver,
+        token_digest: &str,
+    ) -> Result<Result<(), String>, StoreError> {
+        let Some(token_digest) = parse_digest(token_digest) else {
+            return Ok(Err("the token digest is not a hex SHA-256 digest".into()));
+        };
+        self.store
             .write(Commit::Durable, move |txn| {
                 let mut receivers = txn.open_table(RECEIVERS).map_err(storage)?;
+                if let Some(existing) = receivers.get(receiver.receiver_id.as_str()).map_err(storage)? {
+                    let existing: Receiver = decode(existing.value())?;
+                    return Ok(if existing == receiver {
+                        Ok(())
+                    } else {
+                        Err(format!("receiver id `{}` exists already", receiver.receiver_id))
+                    });
+                }
                 for row in receivers.iter().map_err(storage)? {
                     let (_, value) = row.map_err(storage)?;
                     let existing: Receiver = decode(value.value())?;
-                    if existing.audience == record.audience {
-                        return Ok(Err(ReceiverError::DuplicateAudience(record.audience.clone())));
+                    if existing.audience == receiver.audience {
+                        return Ok(Err(ReceiverError::DuplicateAudience(receiver.audience.clone()).to_string()));
                     }
                 }
-                receivers.insert(record.receiver_id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
+                receivers.insert(receiver.receiver_id.as_str(), encode(&receiver)?.as_slice()).map_err(storage)?;
                 let mut tokens = txn.open_table(TOKENS).map_err(storage)?;
-                tokens.insert(token_digest.as_slice(), record.receiver_id.as_str()).map_err(storage)?;
+                tokens.insert(token_digest.as_slice(), receiver.receiver_id.as_str()).map_err(storage)?;
                 Ok(Ok(()))
             })
-            .await?;
-        created?;
-        tracing::info!(receiver_id = %receiver.receiver_id, audience = %receiver.audience, "receiver registered");
-        Ok((receiver, token))
+            .await
     }
 
     /// Every receiver.
@@ -153,8 +212,9 @@ impl Receivers {
     }
 
     /// Removes a receiver and revokes its token at once. Returns false when
-    /// there was no such receiver. Its streams are the caller's to disable.
-    pub async fn delete(&self, receiver_id: &str) -> Result<bool, StoreError> {
+    /// there was no such receiver (so re-applying does nothing). Its streams
+    /// are the caller's to disable.
+    pub(crate) async fn apply_deleted(&self, receiver_id: &str) -> Result<bool, StoreError> {
         let receiver_id = receiver_id.to_owned();
         self.store
             .write(Commit::Durable, move |txn| {
@@ -196,6 +256,37 @@ impl Receivers {
 mod tests {
     use super::*;
 
+    async fn create(
+        receivers: &Receivers,
+        name: &str,
+        audience: &str,
+        scopes: Vec<String>,
+    ) -> Result<(Receiver, String), ReceiverError> {
+        let new = receivers.prepare(name, audience, scopes)?;
+        match receivers.apply_created(new.receiver.clone(), &new.token_digest).await? {
+            Ok(()) => Ok((new.receiver, new.token)),
+            Err(_) => Err(ReceiverError::DuplicateAudience(audience.to_owned())),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_creations_with_one_audience_are_decided_by_apply_order() {
+        let (_dir, receivers) = open();
+        // Both pass the originators' checks: neither sees the other yet.
+        let first = receivers.prepare("A", "https://same.example", vec![]).expect("prepare");
+        let second = receivers.prepare("B", "https://same.example", vec![]).expect("prepare");
+        assert_eq!(receivers.apply_created(first.receiver.clone(), &first.token_digest).await.expect("apply"), Ok(()));
+        let refused = receivers.apply_created(second.receiver.clone(), &second.token_digest).await.expect("apply");
+        assert!(refused.is_err(), "the later creation conflicts");
+        // Re-applying the winner is harmless; the loser's token never works.
+        assert_eq!(receivers.apply_created(first.receiver.clone(), &first.token_digest).await.expect("apply"), Ok(()));
+        assert_eq!(receivers.authenticate(&first.token).expect("auth"), Some(first.receiver));
+        assert_eq!(receivers.authenticate(&second.token).expect("auth"), None);
+        assert_eq!(receivers.list().expect("list").len(), 1);
+        let bad = receivers.apply_created(second.receiver, "not-hex").await.expect("apply");
+        assert!(bad.is_err());
+    }
+
     fn open() -> (tempfile::TempDir, Receivers) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("db.redb")).expect("open");
@@ -205,30 +296,30 @@ mod tests {
     #[tokio::test]
     async fn tokens_authenticate_their_receiver_until_deleted() {
         let (_dir, receivers) = open();
-        let (alice, alice_token) = receivers.create("Alice RP", "https://alice.example", vec![]).await.expect("create");
-        let (bob, bob_token) = receivers.create("Bob RP", "https://bob.example", vec![]).await.expect("create");
+        let (alice, alice_token) = create(&receivers, "Alice RP", "https://alice.example", vec![]).await.expect("create");
+        let (bob, bob_token) = create(&receivers, "Bob RP", "https://bob.example", vec![]).await.expect("create");
         assert!(alice.has_scope(SCOPE_MANAGE) && alice.has_scope(SCOPE_READ));
         assert_eq!(receivers.authenticate(&alice_token).expect("auth"), Some(alice.clone()));
         assert_eq!(receivers.authenticate(&bob_token).expect("auth"), Some(bob.clone()));
         assert_eq!(receivers.authenticate("ssf_forged").expect("auth"), None);
         assert_eq!(receivers.list().expect("list").len(), 2);
 
-        assert!(receivers.delete(&alice.receiver_id).await.expect("delete"));
+        assert!(receivers.apply_deleted(&alice.receiver_id).await.expect("delete"));
         assert_eq!(receivers.authenticate(&alice_token).expect("auth"), None, "token revoked");
-        assert!(!receivers.delete(&alice.receiver_id).await.expect("delete"), "already gone");
+        assert!(!receivers.apply_deleted(&alice.receiver_id).await.expect("delete"), "already gone");
         assert_eq!(receivers.authenticate(&bob_token).expect("auth"), Some(bob));
     }
 
     #[tokio::test]
     async fn audiences_are_unique_and_input_is_checked() {
         let (_dir, receivers) = open();
-        receivers.create("A", "https://a.example", vec![]).await.expect("create");
-        let duplicate = receivers.create("A2", "https://a.example", vec![]).await;
+        create(&receivers, "A", "https://a.example", vec![]).await.expect("create");
+        let duplicate = create(&receivers, "A2", "https://a.example", vec![]).await;
         assert!(matches!(duplicate, Err(ReceiverError::DuplicateAudience(_))));
-        assert!(matches!(receivers.create("", "x", vec![]).await, Err(ReceiverError::Invalid(_))));
-        let bad_scope = receivers.create("B", "https://b.example", vec!["admin".into()]).await;
+        assert!(matches!(create(&receivers, "", "x", vec![]).await, Err(ReceiverError::Invalid(_))));
+        let bad_scope = create(&receivers, "B", "https://b.example", vec!["admin".into()]).await;
         assert!(matches!(bad_scope, Err(ReceiverError::Invalid(_))));
-        let (reader, _) = receivers.create("R", "https://r.example", vec![SCOPE_READ.into()]).await.expect("create");
+        let (reader, _) = create(&receivers, "R", "https://r.example", vec![SCOPE_READ.into()]).await.expect("create");
         assert!(reader.has_scope(SCOPE_READ) && !reader.has_scope(SCOPE_MANAGE));
     }
 
@@ -238,7 +329,7 @@ mod tests {
         let path = dir.path().join("db.redb");
         let token = {
             let receivers = Receivers::new(Store::open(&path).expect("open"));
-            receivers.create("A", "https://a.example", vec![]).await.expect("create").1
+            create(&receivers, "A", "https://a.example", vec![]).await.expect("create").1
         };
         // Give the writer thread a moment to release the file.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

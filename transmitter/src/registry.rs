@@ -17,6 +17,9 @@ use crate::streams::StreamConfig;
 
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
 const STREAM_SUBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("stream_subjects");
+/// Ids of deleted streams (value empty). Stream ids are random, so this only
+/// ever refuses a late change about a stream that really was deleted.
+const DELETED_STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("deleted_streams");
 
 /// A stream as the transmitter keeps it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,8 +49,7 @@ impl StreamRecord {
 /// The registry of streams.
 pub struct StreamRegistry {
     store: Store,
-    /// Serializes changes to stream records so the cache applies them in
-    /// commit order.
+    /// Serializes applied changes so the cache applies them in commit order.
     changing: tokio::sync::Mutex<()>,
     cache: RwLock<HashMap<String, Arc<StreamRecord>>>,
     /// stream → subject key → subject; keyed so adding one is O(log n).
@@ -132,44 +134,47 @@ impl StreamRegistry {
         self.cache.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// Stores a new stream.
-    pub async fn put(&self, record: StreamRecord) -> Result<Arc<StreamRecord>, StoreError> {
-        let _changing = self.changing.lock().await;
-        self.write_record(record).await
-    }
-
-    /// Changes the stream as it is now (not as some caller read it earlier):
-    /// `None` when it no longer exists.
-    pub async fn update(
+    /// Applies a stream record as a control change carries it: a create
+    /// when the stream is new, else an update. Refused (`Ok(Err(reason))`)
+    /// when the stream was deleted (a concurrent update must not bring it
+    /// back) or, for a new stream, when its receiver already holds
+    /// `max_streams` streams. Re-applying the same record changes nothing.
+    pub(crate) async fn apply_put(
         &self,
-        stream_id: &str,
-        change: impl FnOnce(&mut StreamRecord),
-    ) -> Result<Option<Arc<StreamRecord>>, StoreError> {
+        record: StreamRecord,
+        max_streams: usize,
+    ) -> Result<Result<Arc<StreamRecord>, String>, StoreError> {
         let _changing = self.changing.lock().await;
-        let Some(current) = self.get(stream_id) else { return Ok(None) };
-        let mut record = (*current).clone();
-        change(&mut record);
-        self.write_record(record).await.map(Some)
-    }
-
-    async fn write_record(&self, record: StreamRecord) -> Result<Arc<StreamRecord>, StoreError> {
+        let is_new = self.get(&record.config.stream_id).is_none();
+        if is_new && self.owned_by(&record.receiver_id).len() >= max_streams {
+            return Ok(Err(format!("this receiver already has the most streams allowed ({max_streams})")));
+        }
         let stored = record.clone();
-        self.store
+        let written = self
+            .store
             .write(Commit::Durable, move |txn| {
+                let id = stored.config.stream_id.as_str();
+                if txn.open_table(DELETED_STREAMS).map_err(storage)?.get(id).map_err(storage)?.is_some() {
+                    return Ok(Err(format!("stream `{id}` was deleted")));
+                }
                 let bytes = encode(&stored)?;
                 let mut table = txn.open_table(STREAMS).map_err(storage)?;
-                table.insert(stored.config.stream_id.as_str(), bytes.as_slice()).map_err(storage)?;
-                Ok(())
+                table.insert(id, bytes.as_slice()).map_err(storage)?;
+                Ok(Ok(()))
             })
             .await?;
+        if let Err(reason) = written {
+            return Ok(Err(reason));
+        }
         let record = Arc::new(record);
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         cache.insert(record.config.stream_id.clone(), Arc::clone(&record));
-        Ok(record)
+        Ok(Ok(record))
     }
 
-    /// Deletes a stream and its subjects.
-    pub async fn delete(&self, stream_id: &str) -> Result<(), StoreError> {
+    /// Deletes a stream and its subjects, and remembers the id so a change
+    /// about it ordered after the deletion cannot bring it back. Idempotent.
+    pub(crate) async fn apply_delete(&self, stream_id: &str) -> Result<(), StoreError> {
         let _changing = self.changing.lock().await;
         let owned = stream_id.to_owned();
         self.store
@@ -179,6 +184,8 @@ impl StreamRegistry {
                 subjects
                     .retain_in((owned.as_str(), "")..(owned.as_str(), "\u{10FFFF}"), |_, _| false)
                     .map_err(storage)?;
+                let mut deleted = txn.open_table(DELETED_STREAMS).map_err(storage)?;
+                deleted.insert(owned.as_str(), [].as_slice()).map_err(storage)?;
                 Ok(())
             })
             .await?;
@@ -187,8 +194,19 @@ impl StreamRegistry {
         Ok(())
     }
 
-    /// Adds a subject to a stream (idempotent).
-    pub async fn add_subject(&self, stream_id: &str, subject: SubjectId) -> Result<(), StoreError> {
+    /// Adds a subject to a stream (idempotent); refused when the stream does
+    /// not exist (deleted meanwhile), so no subject outlives its stream.
+    pub(crate) async fn apply_add_subject(
+        &self,
+        stream_id: &str,
+        subject: SubjectId,
+    ) -> Result<Result<(), String>, StoreError> {
+        // Serialized with deletion: an add racing a delete must not leave an
+        // orphan subject behind.
+        let _changing = self.changing.lock().await;
+        if self.get(stream_id).is_none() {
+            return Ok(Err(format!("stream `{stream_id}` does not exist")));
+        }
         let (owned, key, stored) = (stream_id.to_owned(), subject_key(&subject), subject.clone());
         self.store
             .write(Commit::Durable, move |txn| {
@@ -200,11 +218,12 @@ impl StreamRegistry {
             .await?;
         let mut subjects = self.subjects.write().unwrap_or_else(|p| p.into_inner());
         subjects.entry(stream_id.to_owned()).or_default().insert(subject_key(&subject), subject);
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Removes a subject from a stream (idempotent).
-    pub async fn remove_subject(&self, stream_id: &str, subject: &SubjectId) -> Result<(), StoreError> {
+    pub(crate) async fn apply_remove_subject(&self, stream_id: &str, subject: &SubjectId) -> Result<(), StoreError> {
+        let _changing = self.changing.lock().await;
         let (owned, key) = (stream_id.to_owned(), subject_key(subject));
         self.store
             .write(Commit::Durable, move |txn| {

@@ -12,17 +12,26 @@ use caep_schemas::set::{Audience, SecurityEventToken};
 use caep_schemas::subject::SubjectId;
 use ipnet::IpNet;
 
+use redb::{ReadableTable, TableDefinition};
+
+use crate::control::{
+    AllLocal, Cluster, ControlChange, ControlLog, ControlOutcome, LocalControl, SetRouter, StreamPlacement,
+};
 use crate::error::SsfError;
 use crate::keys::KeyStore;
 use crate::metadata::{TransmitterMetadata, paths};
 use crate::outbox::{NewSet, Outbox, OutcomeSink, now_ms};
 use crate::push::{PushPolicy, PushRoute, Pusher};
 use crate::queue::DeliveryQueue;
-use crate::receivers::{Receiver, Receivers};
+use crate::receivers::{Receiver, ReceiverError, Receivers};
 use crate::registry::{StreamRecord, StreamRegistry};
 use crate::ssrf::PushUrlGuard;
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, Store, StoreError};
 use crate::streams::{self, Delivery, RequestKind, StreamConfig};
+
+/// Other instances' public JWKS as applied from the control log, by
+/// instance id, so they are published again after a restart.
+const PEER_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("peer_keys");
 
 /// Every event type the hub can deliver to a stream.
 pub const EVENTS_SUPPORTED: &[&str] = &[
@@ -120,6 +129,20 @@ pub struct Transmitter {
     pusher: Arc<Pusher>,
     pub(crate) guard: PushUrlGuard,
     subject_hook: Arc<dyn SubjectHook>,
+    /// Where every control-plane change is recorded (and so applied).
+    control: Arc<dyn ControlLog>,
+    /// Where signed SETs go to be delivered.
+    router: Arc<dyn SetRouter>,
+    /// Which instance serves each stream's polls.
+    placement: Arc<dyn StreamPlacement>,
+    /// Forwards polls to the instance serving the stream: our own instances'
+    /// URLs, so no SSRF guard, but no redirects and a bound longer than any
+    /// long poll.
+    forward_client: reqwest::Client,
+    /// Serializes read-modify-write changes of stream records at this
+    /// originator, so two changes to one stream never lose each other's
+    /// fields (e.g. a verification time and a status change).
+    changing: tokio::sync::Mutex<()>,
 }
 
 /// Why the transmitter could not start.
@@ -141,18 +164,32 @@ pub struct InvalidIssuer(pub String);
 impl Transmitter {
     /// Builds the transmitter over `store` and starts delivering every
     /// push stream that is not disabled. Must run inside a tokio runtime.
+    /// `cluster` `None` is the embedded transmitter: changes apply at once
+    /// ([`LocalControl`]), SETs go to the local outbox, every stream is local.
     pub fn open(
         settings: TransmitterSettings,
         store: Store,
         keys: Arc<KeyStore>,
         sink: Arc<dyn OutcomeSink>,
         subject_hook: Arc<dyn SubjectHook>,
+        cluster: Option<Cluster>,
     ) -> Result<Arc<Self>, OpenError> {
         let issuer_path = issuer_path(&settings.issuer)?;
         let outbox = Arc::new(Outbox::new(store.clone(), sink));
         let guard = PushUrlGuard::new(settings.push_allow.clone());
         let queue: Arc<dyn DeliveryQueue> = outbox.clone();
         let pusher = Pusher::new(guard.clone(), queue, settings.push_policy.clone())?;
+        let forward_client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(settings.long_poll + Duration::from_secs(10))
+            .build()?;
+        let local = Arc::new(LocalControl::new());
+        let (control, router, placement): (Arc<dyn ControlLog>, Arc<dyn SetRouter>, Arc<dyn StreamPlacement>) =
+            match cluster {
+                Some(Cluster { control, router, placement }) => (control, router, placement),
+                None => (local.clone(), outbox.clone(), Arc::new(AllLocal)),
+            };
+        load_peer_keys(&store, &keys)?;
         let transmitter = Arc::new(Transmitter {
             metadata: crate::metadata::for_issuer(&settings.issuer),
             issuer_path,
@@ -164,7 +201,14 @@ impl Transmitter {
             pusher,
             guard,
             subject_hook,
+            control,
+            router,
+            placement,
+            forward_client,
+            changing: tokio::sync::Mutex::new(()),
         });
+        // Unused (dropped) when a cluster brings its own control log.
+        local.bind(&transmitter);
         for record in transmitter.streams.all() {
             transmitter.route(&record);
         }
@@ -201,8 +245,160 @@ impl Transmitter {
         &self.outbox
     }
 
-    pub(crate) fn subject_hook(&self) -> &dyn SubjectHook {
-        self.subject_hook.as_ref()
+    /// The control log every change goes through.
+    pub fn control(&self) -> &Arc<dyn ControlLog> {
+        &self.control
+    }
+
+    /// Where signed SETs go to be delivered.
+    pub fn router(&self) -> &Arc<dyn SetRouter> {
+        &self.router
+    }
+
+    /// Which instance serves each stream's polls.
+    pub fn placement(&self) -> &Arc<dyn StreamPlacement> {
+        &self.placement
+    }
+
+    /// The client that forwards polls to other instances.
+    pub(crate) fn forward_client(&self) -> &reqwest::Client {
+        &self.forward_client
+    }
+
+    /// Applies one control change to this instance's state: the redb
+    /// tables, the caches, push workers and the outbox. Deterministic (the
+    /// outcome depends only on the change and the state it meets, and every
+    /// instance meets the same state in log order) and idempotent (applying
+    /// a change again leaves the state as it was), so a replica may re-apply
+    /// after a crash. A change the state refuses is a
+    /// [`ControlOutcome::Conflict`], not an error; errors are storage failures
+    /// the caller should retry.
+    pub async fn apply_control(&self, change: ControlChange) -> Result<ControlOutcome, StoreError> {
+        let kind = change.kind();
+        let key = change.key().to_owned();
+        let outcome = match change {
+            ControlChange::ReceiverCreated { receiver, token_digest } => {
+                conflict_if(self.receivers.apply_created(receiver, &token_digest).await?)
+            }
+            ControlChange::ReceiverDeleted { receiver_id } => {
+                self.receivers.apply_deleted(&receiver_id).await?;
+                ControlOutcome::Applied
+            }
+            ControlChange::StreamPut { record } => self.apply_stream_put(record).await?,
+            ControlChange::StreamDeleted { stream_id } => {
+                self.pusher.stop(&stream_id);
+                self.outbox.purge(&stream_id).await?;
+                self.streams.apply_delete(&stream_id).await?;
+                ControlOutcome::Applied
+            }
+            ControlChange::SubjectAdded { stream_id, subject } => {
+                conflict_if(self.streams.apply_add_subject(&stream_id, subject).await?)
+            }
+            ControlChange::SubjectRemoved { stream_id, subject } => {
+                self.streams.apply_remove_subject(&stream_id, &subject).await?;
+                ControlOutcome::Applied
+            }
+            ControlChange::PeerKeys { instance_id, jwks } => match self.keys.set_peer_keys(&instance_id, &jwks) {
+                Ok(()) => {
+                    store_peer_keys(self.outbox.store(), instance_id, &jwks).await?;
+                    ControlOutcome::Applied
+                }
+                Err(refused) => ControlOutcome::Conflict(refused.to_string()),
+            },
+        };
+        match &outcome {
+            ControlOutcome::Applied => tracing::debug!(change = kind, key = %key, "control change applied"),
+            ControlOutcome::Conflict(reason) => {
+                tracing::info!(change = kind, key = %key, reason = %reason, "control change refused")
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn apply_stream_put(&self, record: StreamRecord) -> Result<ControlOutcome, StoreError> {
+        let stream_id = record.config.stream_id.clone();
+        // A new stream needs its receiver: a creation ordered after the
+        // receiver's deletion must not leave an orphan stream.
+        if self.streams.get(&stream_id).is_none() && self.receivers.get(&record.receiver_id)?.is_none() {
+            return Ok(ControlOutcome::Conflict(format!("receiver `{}` does not exist", record.receiver_id)));
+        }
+        let record = match self.streams.apply_put(record, self.settings.max_streams_per_receiver).await? {
+            Ok(record) => record,
+            Err(reason) => return Ok(ControlOutcome::Conflict(reason)),
+        };
+        if record.status == StreamStatus::Disabled {
+            // Disabled streams drop their events, queued ones included.
+            self.outbox.purge(&stream_id).await?;
+        }
+        self.route(&record);
+        Ok(ControlOutcome::Applied)
+    }
+
+    /// Records `change` and maps a refusal to the HTTP edge's error.
+    async fn record(&self, change: ControlChange, refused: impl FnOnce(String) -> SsfError) -> Result<(), SsfError> {
+        match self.control.record(change).await.map_err(store_error)? {
+            ControlOutcome::Applied => Ok(()),
+            ControlOutcome::Conflict(reason) => Err(refused(reason)),
+        }
+    }
+
+    /// Publishes this instance's own public keys to the other instances.
+    pub async fn publish_keys(&self, instance_id: &str) -> Result<ControlOutcome, StoreError> {
+        let jwks = self.keys.public_jwks_json();
+        self.control.record(ControlChange::PeerKeys { instance_id: instance_id.to_owned(), jwks }).await
+    }
+
+    /// Registers a receiver and returns it with its token (shown only now).
+    /// `scopes` empty means both `ssf.manage` and `ssf.read`.
+    pub async fn create_receiver(
+        &self,
+        name: &str,
+        audience: &str,
+        scopes: Vec<String>,
+    ) -> Result<(Receiver, String), ReceiverError> {
+        let new = self.receivers.prepare(name, audience, scopes)?;
+        let change = ControlChange::ReceiverCreated { receiver: new.receiver.clone(), token_digest: new.token_digest };
+        match self.control.record(change).await? {
+            ControlOutcome::Applied => {}
+            ControlOutcome::Conflict(reason) => return Err(ReceiverError::Conflict(reason)),
+        }
+        tracing::info!(receiver_id = %new.receiver.receiver_id, audience = %new.receiver.audience, "receiver registered");
+        Ok((new.receiver, new.token))
+    }
+
+    /// Changes a stream record as it is now (not as some caller read it
+    /// earlier) and records the whole new record. `None` when the stream no
+    /// longer exists, here or (decided at apply) anywhere.
+    pub async fn update_stream(
+        &self,
+        stream_id: &str,
+        change: impl FnOnce(&mut StreamRecord),
+    ) -> Result<Option<Arc<StreamRecord>>, SsfError> {
+        let _changing = self.changing.lock().await;
+        let Some(current) = self.streams.get(stream_id) else { return Ok(None) };
+        let mut record = (*current).clone();
+        change(&mut record);
+        match self.record(ControlChange::StreamPut { record }, |_| SsfError::NotFound).await {
+            Ok(()) => Ok(self.streams.get(stream_id)),
+            Err(SsfError::NotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Adds a subject to a receiver's stream, then tells the subject hook
+    /// (on this instance only: the originator's hook speaks for the change).
+    pub async fn add_subject(&self, record: &StreamRecord, subject: SubjectId) -> Result<(), SsfError> {
+        let stream_id = record.config.stream_id.clone();
+        let change = ControlChange::SubjectAdded { stream_id, subject: subject.clone() };
+        self.record(change, |_| SsfError::NotFound).await?;
+        self.subject_hook.subject_added(record, &subject).await;
+        Ok(())
+    }
+
+    /// Removes a subject from a stream (idempotent).
+    pub async fn remove_subject(&self, stream_id: &str, subject: SubjectId) -> Result<(), SsfError> {
+        let change = ControlChange::SubjectRemoved { stream_id: stream_id.to_owned(), subject };
+        self.record(change, |_| SsfError::NotFound).await
     }
 
     /// The poll endpoint of a stream (set by the transmitter).
@@ -255,7 +451,7 @@ impl Transmitter {
             signed.extend(task.await.map_err(|e| SsfError::Storage(format!("signing task: {e}")))??);
         }
         let count = signed.len();
-        self.outbox.enqueue(signed).await.map_err(store_error)?;
+        self.router.enqueue(signed).await.map_err(store_error)?;
         metrics::counter!("caep_sets_emitted_total").increment(count as u64);
         Ok(count)
     }
@@ -310,8 +506,10 @@ impl Transmitter {
             last_verification_ms: None,
             created_at_ms: now_ms(),
         };
-        let record = self.streams.put(record).await.map_err(store_error)?;
-        self.route(&record);
+        let stream_id = record.config.stream_id.clone();
+        self.record(ControlChange::StreamPut { record }, SsfError::Conflict).await?;
+        // Read-your-writes: applied here before `record` resolved.
+        let record = self.streams.get(&stream_id).ok_or(SsfError::NotFound)?;
         tracing::info!(stream_id = %record.config.stream_id, receiver_id = %receiver.receiver_id,
             method = record.config.delivery.method(), "stream created");
         Ok(record)
@@ -336,8 +534,8 @@ impl Transmitter {
                 return Err(SsfError::TooManyRequests { retry_after_secs: (interval_ms - elapsed).div_ceil(1000) });
             }
         }
-        let updated = self.streams.update(&record.config.stream_id, |r| r.last_verification_ms = Some(now));
-        updated.await.map_err(store_error)?.ok_or(SsfError::NotFound)?;
+        let updated = self.update_stream(&record.config.stream_id, |r| r.last_verification_ms = Some(now));
+        updated.await?.ok_or(SsfError::NotFound)?;
         let event = Event::Verification(Verification { state, ..Verification::default() });
         self.emit(vec![self.stream_event(record, event)]).await?;
         Ok(())
@@ -354,13 +552,8 @@ impl Transmitter {
             r.status = status;
             r.reason = reason;
         };
-        let updated = self.streams.update(&record.config.stream_id, change).await.map_err(store_error)?;
-        let updated = updated.ok_or(SsfError::NotFound)?;
-        if status == StreamStatus::Disabled {
-            // Disabled streams drop their events, queued ones included.
-            self.outbox.purge(&record.config.stream_id).await.map_err(store_error)?;
-        }
-        self.route(&updated);
+        // Applying the record purges a disabled stream's queue and reroutes it.
+        let updated = self.update_stream(&record.config.stream_id, change).await?.ok_or(SsfError::NotFound)?;
         tracing::info!(stream_id = %record.config.stream_id, status = ?status, "stream status changed");
         Ok(updated)
     }
@@ -400,11 +593,9 @@ impl Transmitter {
         tracing::warn!(stream_id, jti, "stream-updated SET not acknowledged in time; changing status anyway");
     }
 
-    /// Deletes a stream: its queue, subjects and worker.
+    /// Deletes a stream: its queue, subjects and worker (on every instance).
     pub async fn delete_stream(&self, stream_id: &str) -> Result<(), SsfError> {
-        self.pusher.stop(stream_id);
-        self.outbox.purge(stream_id).await.map_err(store_error)?;
-        self.streams.delete(stream_id).await.map_err(store_error)?;
+        self.record(ControlChange::StreamDeleted { stream_id: stream_id.to_owned() }, SsfError::Conflict).await?;
         tracing::info!(stream_id, "stream deleted");
         Ok(())
     }
@@ -412,8 +603,15 @@ impl Transmitter {
     /// Removes a receiver: revokes its token at once, then disables its
     /// streams (announcing it to them first).
     pub async fn delete_receiver(self: &Arc<Self>, receiver_id: &str) -> Result<bool, SsfError> {
-        if !self.receivers.delete(receiver_id).await.map_err(store_error)? {
-            return Ok(false);
+        {
+            // Check and delete as one step here, so of two concurrent
+            // deletions only one answers true.
+            let _changing = self.changing.lock().await;
+            if self.receivers.get(receiver_id).map_err(store_error)?.is_none() {
+                return Ok(false);
+            }
+            let change = ControlChange::ReceiverDeleted { receiver_id: receiver_id.to_owned() };
+            self.record(change, SsfError::Conflict).await?;
         }
         for record in self.streams.owned_by(receiver_id) {
             let reason = Some("receiver removed by the transmitter's operator".to_owned());
@@ -432,6 +630,49 @@ fn asks_for_all_subjects(body: &[u8]) -> Result<bool, SsfError> {
         Some(serde_json::Value::String(s)) if s == "NONE" => Ok(false),
         Some(_) => Err(SsfError::BadRequest("`default_subjects` must be \"ALL\" or \"NONE\"".into())),
     }
+}
+
+/// A refusal from a registry's apply as a control outcome.
+fn conflict_if<T>(applied: Result<T, String>) -> ControlOutcome {
+    match applied {
+        Ok(_) => ControlOutcome::Applied,
+        Err(reason) => ControlOutcome::Conflict(reason),
+    }
+}
+
+/// Installs the peer keys applied before a restart. A stored set that no
+/// longer validates is logged and skipped: it must not stop the hub.
+fn load_peer_keys(store: &Store, keys: &KeyStore) -> Result<(), StoreError> {
+    let stored = store.read(|txn| {
+        let table = match txn.open_table(PEER_KEYS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(StoreError::storage(error)),
+        };
+        let mut all = Vec::new();
+        for row in table.iter().map_err(StoreError::storage)? {
+            let (instance_id, jwks) = row.map_err(StoreError::storage)?;
+            all.push((instance_id.value().to_owned(), crate::store::decode::<serde_json::Value>(jwks.value())?));
+        }
+        Ok(all)
+    })?;
+    for (instance_id, jwks) in stored {
+        if let Err(error) = keys.set_peer_keys(&instance_id, &jwks) {
+            tracing::error!(instance_id = %instance_id, %error, "stored peer keys unusable");
+        }
+    }
+    Ok(())
+}
+
+async fn store_peer_keys(store: &Store, instance_id: String, jwks: &serde_json::Value) -> Result<(), StoreError> {
+    let bytes = crate::store::encode(jwks)?;
+    store
+        .write(Commit::Durable, move |txn| {
+            let mut table = txn.open_table(PEER_KEYS).map_err(StoreError::storage)?;
+            table.insert(instance_id.as_str(), bytes.as_slice()).map_err(StoreError::storage)?;
+            Ok(())
+        })
+        .await
 }
 
 /// Maps storage failures to the HTTP edge's error.
@@ -475,7 +716,7 @@ pub fn open_in(
     keys: Arc<KeyStore>,
 ) -> Result<Arc<Transmitter>, OpenError> {
     let store = Store::open(&data_dir.join("caep-hub.redb"))?;
-    Transmitter::open(settings, store, keys, Arc::new(crate::outbox::NoSink), Arc::new(NoHook))
+    Transmitter::open(settings, store, keys, Arc::new(crate::outbox::NoSink), Arc::new(NoHook), None)
 }
 
 #[cfg(test)]
