@@ -327,8 +327,7 @@ mod tests {
         let log = Arc::new(Recording(Default::default(), Default::default()));
         let issuers = Arc::new(Issuers::load_with(store, PushUrlGuard::new(Vec::new()), log.clone()).expect("load"));
         log.1.set(Arc::downgrade(&issuers)).ok();
-        let (_, is_new) =
-            issuers.register("https://idp.example".into(), Some(jwks()), None).await.expect("register");
+        let (_, is_new) = issuers.register("https://idp.example".into(), Some(jwks()), None).await.expect("register");
         assert!(is_new);
         assert!(issuers.keys_for("https://idp.example").is_some());
         assert!(issuers.delete("https://idp.example").await.expect("delete"));

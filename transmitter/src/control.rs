@@ -38,15 +38,33 @@ use crate::store::StoreError;
 pub enum ControlChange {
     /// A new receiver; `token_digest` is the hex SHA-256 of its bearer token
     /// (the token itself never leaves the originator).
-    ReceiverCreated { receiver: Receiver, token_digest: String },
-    ReceiverDeleted { receiver_id: String },
+    ReceiverCreated {
+        receiver: Receiver,
+        token_digest: String,
+    },
+    ReceiverDeleted {
+        receiver_id: String,
+    },
     /// Create, update, status change, verification time: the whole record.
-    StreamPut { record: StreamRecord },
-    StreamDeleted { stream_id: String },
-    SubjectAdded { stream_id: String, subject: SubjectId },
-    SubjectRemoved { stream_id: String, subject: SubjectId },
+    StreamPut {
+        record: StreamRecord,
+    },
+    StreamDeleted {
+        stream_id: String,
+    },
+    SubjectAdded {
+        stream_id: String,
+        subject: SubjectId,
+    },
+    SubjectRemoved {
+        stream_id: String,
+        subject: SubjectId,
+    },
     /// Another instance's public JWKS, published beside ours.
-    PeerKeys { instance_id: String, jwks: serde_json::Value },
+    PeerKeys {
+        instance_id: String,
+        jwks: serde_json::Value,
+    },
 }
 
 impl ControlChange {
@@ -167,11 +185,10 @@ impl LocalControl {
 impl ControlLog for LocalControl {
     fn record(&self, change: ControlChange) -> BoxFuture<'_, Result<ControlOutcome, StoreError>> {
         Box::pin(async move {
-            let transmitter = self
-                .transmitter
-                .get()
-                .and_then(Weak::upgrade)
-                .ok_or_else(|| StoreError::storage("the transmitter is gone (control log not bound or shut down)"))?;
+            let transmitter =
+                self.transmitter.get().and_then(Weak::upgrade).ok_or_else(|| {
+                    StoreError::storage("the transmitter is gone (control log not bound or shut down)")
+                })?;
             transmitter.apply_control(change).await
         })
     }
@@ -211,7 +228,8 @@ mod tests {
         ControlChange::ReceiverCreated { receiver: receiver(id, audience), token_digest }
     }
 
-    const POLL_BODY: &[u8] = br#"{"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}"#;
+    const POLL_BODY: &[u8] =
+        br#"{"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}"#;
 
     #[tokio::test]
     async fn every_change_applied_twice_is_harmless() {
@@ -313,7 +331,8 @@ mod tests {
         let transmitter = open(dir.path(), "https://hub.example");
         let own = transmitter.keys().jwks().kids().into_iter().map(str::to_owned).collect::<Vec<_>>();
         let peer = SigningKey::generate(Algorithm::Es256).expect("key");
-        let change = ControlChange::PeerKeys { instance_id: "hub-2".into(), jwks: json!({"keys": [peer.public_jwk()]}) };
+        let change =
+            ControlChange::PeerKeys { instance_id: "hub-2".into(), jwks: json!({"keys": [peer.public_jwk()]}) };
         assert_eq!(transmitter.apply_control(change.clone()).await.expect("apply"), ControlOutcome::Applied);
         assert_eq!(transmitter.apply_control(change).await.expect("apply"), ControlOutcome::Applied);
         let kids = transmitter.keys().jwks().kids().into_iter().map(str::to_owned).collect::<Vec<_>>();
@@ -374,8 +393,7 @@ mod tests {
         let keys = Arc::new(KeyStore::open(dir.path(), Algorithm::Es256).expect("keys"));
         let control = Arc::new(LocalControl::new());
         let placement = Arc::new(Movable(Mutex::new(Placement::Local)));
-        let outbox_router: Arc<dyn SetRouter> =
-            Arc::new(Outbox::new(store.clone(), Arc::new(crate::outbox::NoSink)));
+        let outbox_router: Arc<dyn SetRouter> = Arc::new(Outbox::new(store.clone(), Arc::new(crate::outbox::NoSink)));
         let cluster = Cluster { control: control.clone(), router: outbox_router, placement: placement.clone() };
         let transmitter = Transmitter::open(
             TransmitterSettings::new(&format!("http://{addr}/t")),

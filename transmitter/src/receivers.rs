@@ -114,12 +114,7 @@ impl Receivers {
     /// the receiver and the token's digest. `scopes` empty means both
     /// `ssf.manage` and `ssf.read`. The audience is checked against local
     /// state here for a prompt answer, and again when the change is applied.
-    pub fn prepare(
-        &self,
-        name: &str,
-        audience: &str,
-        scopes: Vec<String>,
-    ) -> Result<NewReceiver, ReceiverError> {
+    pub fn prepare(&self, name: &str, audience: &str, scopes: Vec<String>) -> Result<NewReceiver, ReceiverError> {
         if name.trim().is_empty() || audience.trim().is_empty() {
             return Err(ReceiverError::Invalid("`name` and `audience` must be non-empty strings".into()));
         }
@@ -296,7 +291,8 @@ mod tests {
     #[tokio::test]
     async fn tokens_authenticate_their_receiver_until_deleted() {
         let (_dir, receivers) = open();
-        let (alice, alice_token) = create(&receivers, "Alice RP", "https://alice.example", vec![]).await.expect("create");
+        let (alice, alice_token) =
+            create(&receivers, "Alice RP", "https://alice.example", vec![]).await.expect("create");
         let (bob, bob_token) = create(&receivers, "Bob RP", "https://bob.example", vec![]).await.expect("create");
         assert!(alice.has_scope(SCOPE_MANAGE) && alice.has_scope(SCOPE_READ));
         assert_eq!(receivers.authenticate(&alice_token).expect("auth"), Some(alice.clone()));
