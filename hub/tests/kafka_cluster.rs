@@ -69,7 +69,16 @@ fn spread(tree: usize, index: usize, salt: usize) -> usize {
 
 /// Retries `probe` until it yields a value, panicking with `what` (and the
 /// last probe's complaint) after `within`.
-async fn until<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+async fn until<T, F, Fut>(what: &str, within: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    try_until(what, within, probe).await.unwrap_or_else(|failure| panic!("{failure}"))
+}
+
+/// [`until`] that returns the failure instead of panicking.
+async fn try_until<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -77,11 +86,11 @@ where
     let deadline = Instant::now() + within;
     loop {
         match probe().await {
-            Ok(value) => return value,
-            Err(last) => {
-                assert!(Instant::now() < deadline, "{what}: not within {within:?}; last: {last}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(value) => return Ok(value),
+            Err(last) if Instant::now() >= deadline => {
+                return Err(format!("{what}: not within {within:?}; last: {last}"));
             }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
@@ -123,8 +132,9 @@ struct Receiver {
 /// The cluster and its logs; on a panic, prints every log's tail and keeps
 /// the directory.
 struct Cluster {
-    tansu: Tansu,
+    // Dropped in this order: the hubs, then the broker, then the directory.
     hubs: Vec<HubProcess>,
+    tansu: Tansu,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -146,8 +156,17 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("client")
 }
 
+/// Sends a request: (status, body), or the error with its causes.
 async fn send(request: reqwest::RequestBuilder) -> Result<(u16, String), String> {
-    let response = request.send().await.map_err(|e| e.to_string())?;
+    let response = request.send().await.map_err(|error| {
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    })?;
     let status = response.status().as_u16();
     Ok((status, response.text().await.unwrap_or_default()))
 }
@@ -440,7 +459,14 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
     eprintln!("{leaves} touches reported after {:?}", started.elapsed());
 
     // Wait until every touch is in effect: some instance's view of each
-    // tree has every session with every stream that touched it.
+    // tree (`/admin/sessions/{root}`) has every session with every stream
+    // that touched it. The revocations are sent only after this (or its
+    // deadline): a failure here is recorded, and the test goes on to check
+    // delivery (a touch answered 200 is ordered before a later revocation in
+    // the tree's partition, and a late touch of a revoked session is sent
+    // its revocation anyway), then fails with it at the end.
+    let mut failures: Vec<String> = Vec::new();
+    let touches_deadline = Instant::now() + SETTLE;
     for tree in 0..TREES {
         let want: BTreeMap<String, BTreeSet<String>> = (0..PER_TREE)
             .map(|index| {
@@ -452,7 +478,8 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
             })
             .collect();
         let (want, bases) = (&want, &bases);
-        until(&format!("tree {tree} established and touched"), SETTLE, || async move {
+        let within = touches_deadline.saturating_duration_since(Instant::now());
+        let in_effect = try_until(&format!("tree {tree} established and touched"), within, || async move {
             let mut last = Vec::new();
             for base in bases {
                 match tree_touches(client, base, tree).await {
@@ -477,8 +504,12 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
             Err(last.join("; "))
         })
         .await;
+        if let Err(failure) = in_effect {
+            eprintln!("FAILURE (the test goes on): {failure}");
+            failures.push(failure);
+        }
     }
-    eprintln!("touches in effect after {:?}", started.elapsed());
+    eprintln!("touches in effect (or given up on) after {:?}", started.elapsed());
 
     // Revoke every root, each at a different instance, then SIGKILL the
     // victim as soon as the IdP has its 202s.
@@ -532,15 +563,48 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
 
     // Every leaf arrives.
     let (receivers_ref, jwks_ref, txns_ref, expected_ref) = (&receivers, &jwks, &txns, &expected);
-    let all_arrived = until("every leaf at its receiver", DELIVERY, || async move {
-        let mut missing = 0;
+    let all_arrived = try_until("every leaf at its receiver", DELIVERY, || async move {
+        let (mut missing, mut by) = (0, Vec::new());
         for (r, receiver) in receivers_ref.iter().enumerate() {
             let got = tally(receiver, jwks_ref, txns_ref).sessions();
-            missing += expected_ref[r].values().flatten().filter(|s| !got.contains(*s)).count();
+            for (tree, sessions) in &expected_ref[r] {
+                let lost = sessions.iter().filter(|s| !got.contains(*s)).count();
+                if lost > 0 {
+                    missing += lost;
+                    by.push(format!("rp{r}/tree {tree}: {lost} of {}", sessions.len()));
+                }
+            }
         }
-        if missing == 0 { Ok(()) } else { Err(format!("{missing} of {leaves} leaves missing")) }
-    });
-    all_arrived.await;
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} of {leaves} leaves missing ({})", by.join(", "))) }
+    })
+    .await;
+    if let Err(failure) = all_arrived {
+        // What the surviving instances say about each cascade, then fail.
+        let mut reports = Vec::new();
+        for base in &survivors {
+            for txn in txns.values() {
+                let reply = send(client.get(format!("{base}/admin/cascades/{txn}")).bearer_auth(ADMIN)).await;
+                let summary = match reply {
+                    Ok((200, body)) => {
+                        let report: Value = serde_json::from_str(&body).unwrap_or_default();
+                        ["root", "total", "delivered", "pending", "failed"]
+                            .map(|k| format!("{k} {}", report[k]))
+                            .join(", ")
+                    }
+                    Ok((status, body)) => format!("{status} {body}"),
+                    Err(error) => error,
+                };
+                reports.push(format!("{base} {txn}: {summary}"));
+            }
+        }
+        let polls = poll_failures.lock().expect("lock").clone();
+        panic!(
+            "{failure}\ncascade reports:\n  {}\nfailed polls: {} (last: {:?})\nearlier failures: {failures:?}",
+            reports.join("\n  "),
+            polls.len(),
+            polls.last()
+        );
+    }
     eprintln!("every leaf delivered {:?} after the revocations", revoked_at.elapsed());
 
     // The cascade reports, from each surviving instance, show every leaf delivered.
@@ -618,5 +682,6 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
         failed_polls.first().map(|f| format!(" (first: {f})")).unwrap_or_default(),
         started.elapsed()
     );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(cluster);
 }
