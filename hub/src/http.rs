@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caep_transmitter::error::SsfError;
+use caep_transmitter::store::StoreError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -104,32 +105,31 @@ async fn cascade_report(State(hub): Shared, Path(txn): Path<String>) -> Result<J
 }
 
 async fn session_view(State(hub): Shared, Path(session_id): Path<String>) -> Result<Json<Value>, SsfError> {
-    let view = hub
-        .store()
-        .read(|txn| {
-            let Some(session) = graph::session_in(txn, &session_id)? else { return Ok(None) };
-            let mut subtree = Vec::new();
-            for id in graph::subtree_in(txn, std::slice::from_ref(&session_id))? {
-                if let Some(record) = graph::session_in(txn, &id)? {
-                    let touches: Vec<Value> = graph::touches_in(txn, &id)?
-                        .into_iter()
-                        .map(|(stream_id, at)| json!({"stream_id": stream_id, "touched_at_ms": at}))
-                        .collect();
-                    subtree.push(json!({
-                        "session_id": record.session_id,
-                        "parent": record.parent,
-                        "authority": record.authority,
-                        "revoked": record.revoked,
-                        "touches": touches,
-                    }));
-                }
-            }
-            let touches: Vec<Value> = graph::touches_in(txn, &session_id)?
-                .into_iter()
-                .map(|(stream_id, at)| json!({"stream_id": stream_id, "touched_at_ms": at}))
-                .collect();
-            Ok(Some(json!({"session": session, "touches": touches, "subtree": subtree})))
-        })
-        .map_err(|e| SsfError::Storage(e.to_string()))?;
+    // In Kafka mode a session's graph lives with its partition's owner.
+    let Some(store) = hub.graph_store_of(&session_id) else { return Err(SsfError::NotFound) };
+    let view = store.read(|txn| session_view_in(txn, &session_id)).map_err(|e| SsfError::Storage(e.to_string()))?;
     view.map(Json).ok_or(SsfError::NotFound)
+}
+
+fn session_view_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Option<Value>, StoreError> {
+    let Some(session) = graph::session_in(txn, session_id)? else { return Ok(None) };
+    let touches_of = |id: &str| -> Result<Vec<Value>, StoreError> {
+        Ok(graph::touches_in(txn, id)?
+            .into_iter()
+            .map(|(stream_id, at)| json!({"stream_id": stream_id, "touched_at_ms": at}))
+            .collect())
+    };
+    let mut subtree = Vec::new();
+    for id in graph::subtree_in(txn, &[session_id.to_owned()])? {
+        if let Some(record) = graph::session_in(txn, &id)? {
+            subtree.push(json!({
+                "session_id": record.session_id,
+                "parent": record.parent,
+                "authority": record.authority,
+                "revoked": record.revoked,
+                "touches": touches_of(&id)?,
+            }));
+        }
+    }
+    Ok(Some(json!({"session": session, "touches": touches_of(session_id)?, "subtree": subtree})))
 }

@@ -37,6 +37,13 @@ pub struct Hub {
     issuers: Issuers,
     /// Catches this instance up with writes made at others (Kafka mode).
     barrier: OnceLock<Arc<dyn ReadBarrier>>,
+    /// Where a session's graph is, when not in `store` (Kafka mode).
+    graph_stores: OnceLock<Arc<dyn GraphStores>>,
+}
+
+/// The store holding a session's graph on this instance, if any.
+pub trait GraphStores: Send + Sync {
+    fn store_of(&self, session_id: &str) -> Option<Store>;
 }
 
 /// Waits until this instance has seen every control-plane write any
@@ -63,6 +70,7 @@ impl Hub {
             store,
             issuers,
             barrier: OnceLock::new(),
+            graph_stores: OnceLock::new(),
         })
     }
 
@@ -87,6 +95,19 @@ impl Hub {
     /// Sets the read barrier (once).
     pub fn set_barrier(&self, barrier: Arc<dyn ReadBarrier>) {
         let _ = self.barrier.set(barrier);
+    }
+
+    /// Sets where sessions' graphs live when not in the hub's store (once).
+    pub fn set_graph_stores(&self, stores: Arc<dyn GraphStores>) {
+        let _ = self.graph_stores.set(stores);
+    }
+
+    /// The store holding a session's graph here, if this instance has it.
+    pub fn graph_store_of(&self, session_id: &str) -> Option<Store> {
+        match self.graph_stores.get() {
+            Some(stores) => stores.store_of(session_id),
+            None => Some(self.store.clone()),
+        }
     }
 
     /// Waits for writes made at other instances, when there are others.

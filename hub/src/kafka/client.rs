@@ -639,6 +639,10 @@ impl GroupConsumer {
             .set("partition.assignment.strategy", ASSIGNMENT_STRATEGY)
             .set("session.timeout.ms", settings.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", heartbeat.to_string())
+            // Also the rebalance timeout: how long a rebalance waits for a
+            // member that does not rejoin (a killed instance). The default
+            // (5 min) would stall failover; our loops poll continuously.
+            .set("max.poll.interval.ms", (settings.session_timeout_ms * 2).max(10_000).to_string())
             .create_with_context(context)
             .map_err(|e| KafkaError::client("creating a group consumer", e))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -94,7 +94,15 @@ pub async fn assemble(
     let change = ControlChange::PeerKeys { instance_id: instance.id.clone(), jwks: keys.public_jwks_json() };
     shared.append_and_apply(&SharedRecord::Control { change }).await?;
     deliveries.start(Arc::clone(&transmitter))?;
-    let graph = GraphPartitions::start(&settings, config.data_dir.join("kafka"), &issuer, Arc::clone(&transmitter), sink)?;
+    let graph = GraphPartitions::start(
+        &settings,
+        config.data_dir.join("kafka"),
+        &issuer,
+        Arc::clone(&transmitter),
+        sink,
+        Arc::clone(&shared),
+    )?;
+    hub.set_graph_stores(graph.clone());
     Ok(Assembled { transmitter, hub, shared, graph })
 }
 

@@ -121,6 +121,17 @@ pub struct GraphPartitions {
     sink: Arc<KafkaSink>,
     consumer: Arc<GroupConsumer>,
     workers: Mutex<HashMap<i32, mpsc::UnboundedSender<InRecord>>>,
+    /// The open store of each partition being worked here.
+    stores: Mutex<HashMap<i32, Store>>,
+    shared: Arc<SharedLog>,
+}
+
+impl crate::hub::GraphStores for GraphPartitions {
+    fn store_of(&self, session_id: &str) -> Option<Store> {
+        let root = self.shared.root_of(session_id).ok().flatten()?;
+        let partition = partition_for(&root, self.settings.partitions);
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).cloned()
+    }
 }
 
 impl GraphPartitions {
@@ -131,6 +142,7 @@ impl GraphPartitions {
         issuer: &str,
         transmitter: Arc<Transmitter>,
         sink: Arc<KafkaSink>,
+        shared: Arc<SharedLog>,
     ) -> Result<Arc<Self>, StoreError> {
         let topic = settings.topic(records::GRAPH);
         let mut group = settings.clone();
@@ -146,6 +158,8 @@ impl GraphPartitions {
             sink,
             consumer: Arc::new(consumer),
             workers: Mutex::new(HashMap::new()),
+            stores: Mutex::new(HashMap::new()),
+            shared,
         });
         tokio::spawn(Arc::clone(&this).run(rebalances));
         Ok(this)
@@ -199,9 +213,10 @@ impl GraphPartitions {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             tracing::info!(partition, "graph partition assigned");
-            if let Err(error) = this.work(partition, receiver).await {
+            if let Err(error) = Arc::clone(&this).work(partition, receiver).await {
                 tracing::error!(partition, %error, "graph partition worker stopped");
             }
+            this.stores.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         });
         sender
     }
@@ -224,6 +239,7 @@ impl GraphPartitions {
 
     async fn work(self: Arc<Self>, partition: i32, mut records: mpsc::UnboundedReceiver<InRecord>) -> Result<(), StoreError> {
         let store = self.open_store(partition).await;
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, store.clone());
         let sink: Arc<dyn LeafSink> = self.sink.clone();
         let dispatcher = Dispatcher::new(&self.issuer, Arc::clone(&self.transmitter), store.clone(), sink);
         // Leaves this file planned but never handed over (a crash between).
