@@ -59,7 +59,7 @@ fn user(tree: usize) -> SubjectId {
 
 /// Whether receiver `receiver` reports that session (`tree`, `index`) reached it.
 fn touches(receiver: usize, tree: usize, index: usize) -> bool {
-    (index + 2 * tree + receiver) % 3 != 0
+    !(index + 2 * tree + receiver).is_multiple_of(3)
 }
 
 /// The instance a request about session (`tree`, `index`) goes to.
@@ -371,7 +371,7 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
     let mut cluster = Cluster { tansu, hubs, dir: Some(dir) };
     let client = &client();
     for hub in &mut cluster.hubs {
-        hub.wait_healthy(&client, SETTLE).await;
+        hub.wait_healthy(client, SETTLE).await;
     }
     let bases: Vec<String> = cluster.hubs.iter().map(|h| h.base.clone()).collect();
     eprintln!("broker and {INSTANCES} instances up after {:?}", started.elapsed());
@@ -397,7 +397,7 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
     for r in 0..=POLL_RECEIVER {
         let webhook = if r < PUSH_RECEIVERS { Some(webhook().await) } else { None };
         let (register_at, create_at) = (&bases[r % INSTANCES], &bases[(r + 1) % INSTANCES]);
-        receivers.push(receiver(&client, register_at, create_at, &format!("rp{r}"), webhook.as_ref()).await);
+        receivers.push(receiver(client, register_at, create_at, &format!("rp{r}"), webhook.as_ref()).await);
     }
     eprintln!("issuer, receivers and streams in place after {:?}", started.elapsed());
 
