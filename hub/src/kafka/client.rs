@@ -551,11 +551,47 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 struct GroupContext {
     events: mpsc::UnboundedSender<Rebalance>,
     owned: Mutex<HashSet<(String, i32)>>,
+    /// What the last rebalance revoked, to spot a round that changed nothing.
+    revoked: Mutex<Option<HashSet<(String, i32)>>>,
+    /// When this member joined: a no-op round soon after is normal churn.
+    joined: Instant,
+    /// The no-op grace: three session timeouts.
+    grace: Duration,
+    /// Set when this member should rejoin as a new member (see `rejoin`).
+    rejoin: std::sync::atomic::AtomicBool,
 }
 
 impl GroupContext {
+    fn new(events: mpsc::UnboundedSender<Rebalance>, session_timeout_ms: u32) -> Self {
+        GroupContext {
+            events,
+            owned: Mutex::new(HashSet::new()),
+            revoked: Mutex::new(None),
+            joined: Instant::now(),
+            grace: Duration::from_millis(u64::from(session_timeout_ms) * 3),
+            rejoin: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     fn owned(&self) -> std::sync::MutexGuard<'_, HashSet<(String, i32)>> {
         self.owned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A coordinator that notices a dead member may tell only the member
+    /// that heartbeats first to rejoin, and then answer that rejoin with the
+    /// same generation and assignment (Tansu 0.6 does): the dead member's
+    /// partitions are then never reassigned. A round that revokes and
+    /// assigns back exactly the same partitions is that symptom; rejoining
+    /// as a new member starts a real generation every member joins. On Apache
+    /// Kafka such a round does not happen after a member dies.
+    fn note_assignment(&self, assigned: &HashSet<(String, i32)>) {
+        let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if revoked.is_some_and(|revoked| !revoked.is_empty() && &revoked == assigned)
+            && self.joined.elapsed() > self.grace
+        {
+            tracing::warn!("rebalance changed nothing; rejoining as a new member so every member rebalances");
+            self.rejoin.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 
@@ -580,6 +616,7 @@ impl ConsumerContext for GroupContext {
                         owned.remove(p);
                     }
                 }
+                *self.revoked.lock().unwrap_or_else(|e| e.into_inner()) = Some(parts.iter().cloned().collect());
                 tracing::info!(partitions = ?parts, "kafka partitions revoked");
                 let _ = self.events.send(Rebalance::Revoked(parts));
             }
@@ -592,6 +629,7 @@ impl ConsumerContext for GroupContext {
         if let RdRebalance::Assign(tpl) = rebalance {
             let parts = partitions_of(tpl);
             self.owned().extend(parts.iter().cloned());
+            self.note_assignment(&parts.iter().cloned().collect());
             tracing::info!(partitions = ?parts, "kafka partitions assigned");
             let _ = self.events.send(Rebalance::Assigned(parts));
         }
@@ -615,7 +653,10 @@ impl ConsumerContext for GroupContext {
 /// by `(iss, jti)` and leaf `jti`); commits for partitions no longer owned
 /// are dropped.
 pub struct GroupConsumer {
-    consumer: Arc<StreamConsumer<GroupContext>>,
+    consumer: std::sync::RwLock<Arc<StreamConsumer<GroupContext>>>,
+    settings: KafkaSettings,
+    topics: Vec<String>,
+    events: mpsc::UnboundedSender<Rebalance>,
 }
 
 impl GroupConsumer {
@@ -632,7 +673,22 @@ impl GroupConsumer {
             return Err(KafkaError::InvalidSettings("group id is empty".into()));
         }
         let (events, rx) = mpsc::unbounded_channel();
-        let context = GroupContext { events, owned: Mutex::new(HashSet::new()) };
+        let consumer = Self::join(settings, topics, events.clone())?;
+        let this = Self {
+            consumer: std::sync::RwLock::new(Arc::new(consumer)),
+            settings: settings.clone(),
+            topics: topics.to_vec(),
+            events,
+        };
+        Ok((this, rx))
+    }
+
+    fn join(
+        settings: &KafkaSettings,
+        topics: &[String],
+        events: mpsc::UnboundedSender<Rebalance>,
+    ) -> Result<StreamConsumer<GroupContext>, KafkaError> {
+        let context = GroupContext::new(events, settings.session_timeout_ms);
         let heartbeat = (settings.session_timeout_ms / 3).max(100);
         let consumer: StreamConsumer<GroupContext> = consumer_config(settings)
             .set("group.id", &settings.group_id)
@@ -647,18 +703,39 @@ impl GroupConsumer {
             .map_err(|e| KafkaError::client("creating a group consumer", e))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| KafkaError::client("subscribing", e))?;
-        Ok((Self { consumer: Arc::new(consumer) }, rx))
+        Ok(consumer)
+    }
+
+    fn current(&self) -> Arc<StreamConsumer<GroupContext>> {
+        Arc::clone(&self.consumer.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Replaces the member with a new one when its last rebalance was a
+    /// no-op (see `GroupContext::note_assignment`). The old member leaves
+    /// the group as it is dropped, revoking its partitions first.
+    fn rejoin_if_needed(&self) -> Result<(), KafkaError> {
+        let current = self.current();
+        if !current.context().rejoin.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let fresh = Self::join(&self.settings, &self.topics, self.events.clone())?;
+        *self.consumer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        // Closing leaves the group, which blocks: not on the runtime's threads.
+        tokio::task::spawn_blocking(move || drop(current));
+        Ok(())
     }
 
     /// The next record of any owned partition (waits; serves rebalances).
     pub async fn next(&self) -> Result<InRecord, KafkaError> {
-        let message = self.consumer.recv().await.map_err(|e| KafkaError::client("consuming", e))?;
+        self.rejoin_if_needed()?;
+        let consumer = self.current();
+        let message = consumer.recv().await.map_err(|e| KafkaError::client("consuming", e))?;
         Ok(InRecord::from_message(&message))
     }
 
     /// Whether this member currently owns `topic`/`partition`.
     pub fn owns(&self, topic: &str, partition: i32) -> bool {
-        self.consumer.context().owned().contains(&(topic.to_owned(), partition))
+        self.current().context().owned().contains(&(topic.to_owned(), partition))
     }
 
     /// Commits `next_offset` (= last processed + 1) for a partition,
@@ -672,7 +749,7 @@ impl GroupConsumer {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset))
             .map_err(|e| KafkaError::client(format!("committing {topic}/{partition}"), e))?;
-        match self.consumer.commit(&tpl, CommitMode::Async) {
+        match self.current().commit(&tpl, CommitMode::Async) {
             Ok(()) => Ok(()),
             Err(e) => {
                 if self.owns(topic, partition) {
@@ -688,7 +765,7 @@ impl GroupConsumer {
     /// The group's committed offset of a partition (the next offset to
     /// process), or `None` when nothing was committed.
     pub async fn committed(&self, topic: &str, partition: i32) -> Result<Option<i64>, KafkaError> {
-        let consumer = self.consumer.clone();
+        let consumer = self.current();
         let topic = topic.to_owned();
         blocking(move || {
             let op = || format!("reading the committed offset of {topic}/{partition}");
@@ -712,24 +789,24 @@ impl GroupConsumer {
 
     /// Moves the read position of an owned partition (for replay).
     pub fn seek(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
-        self.consumer
+        self.current()
             .seek(topic, partition, Offset::Offset(offset), REQUEST_TIMEOUT)
             .map_err(|e| KafkaError::client(format!("seeking {topic}/{partition}"), e))
     }
 
     /// Stops fetching these owned partitions until [`GroupConsumer::resume`].
     pub fn pause(&self, partitions: &[(String, i32)]) -> Result<(), KafkaError> {
-        self.consumer.pause(&tpl_of(partitions)).map_err(|e| KafkaError::client("pausing partitions", e))
+        self.current().pause(&tpl_of(partitions)).map_err(|e| KafkaError::client("pausing partitions", e))
     }
 
     /// Resumes fetching paused partitions.
     pub fn resume(&self, partitions: &[(String, i32)]) -> Result<(), KafkaError> {
-        self.consumer.resume(&tpl_of(partitions)).map_err(|e| KafkaError::client("resuming partitions", e))
+        self.current().resume(&tpl_of(partitions)).map_err(|e| KafkaError::client("resuming partitions", e))
     }
 
     /// The partitions owned now.
     pub fn assignment(&self) -> Vec<(String, i32)> {
-        let mut parts: Vec<_> = self.consumer.context().owned().iter().cloned().collect();
+        let mut parts: Vec<_> = self.current().context().owned().iter().cloned().collect();
         parts.sort();
         parts
     }
