@@ -146,6 +146,7 @@ impl Drop for Cluster {
             }
             eprintln!("===== tansu log tail =====\n{}", self.tansu.log_tail(40));
             if let Some(dir) = self.dir.take() {
+                let _ = std::fs::copy(&self.tansu.log, dir.path().join("tansu.log"));
                 eprintln!("logs kept in {}", dir.keep().display());
             }
         }

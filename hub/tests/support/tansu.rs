@@ -85,6 +85,9 @@ impl Tansu {
             // (an absolute `sqlite:///abs/path` is appended to it too).
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(dir.path())
+            // Group-coordinator decisions (joins, missed heartbeats) are what
+            // a failover test needs to read; the rest at warn.
+            .env("RUST_LOG", "warn,tansu_broker::coordinator::group=info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log handle"))
             .stderr(out)
