@@ -1,11 +1,12 @@
 //! Kafka scale-out mode end to end: three `caep-hub serve` processes share a
 //! private Kafka-protocol broker (Tansu). Issuers, receivers and streams are
 //! created at different instances, an agent forest is established and
-//! touched through all three, every root is revoked, and one instance is
-//! SIGKILLed while the cascades are in flight. Every (stream, session) leaf
-//! must still reach its receiver (push, or poll at a surviving instance) with
-//! the IdP's `txn`, exactly once by `jti`, and the cascade reports of the
-//! surviving instances must show every leaf delivered.
+//! touched through all three, every root is revoked, and the instance owning
+//! the most trees (by graph partition) is SIGKILLed while the cascades are in
+//! flight. Every (stream, session) leaf must still reach its receiver (push,
+//! or poll at a surviving instance) with the IdP's `txn`, exactly once by
+//! `jti`, and the cascade reports of the surviving instances must show every
+//! leaf delivered.
 
 mod support;
 
@@ -35,8 +36,6 @@ const PUSH: &str = "urn:ietf:rfc:8935";
 const SESSION_REVOKED: &str = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
 
 const INSTANCES: usize = 3;
-/// The instance SIGKILLed mid-cascade.
-const VICTIM: usize = 1;
 const TREES: usize = 3;
 /// Sessions per tree: a root and a fan-out of 3 (levels of 1, 3, 9, 27, 27).
 const PER_TREE: usize = 67;
@@ -468,6 +467,7 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
     // its revocation anyway), then fails with it at the end.
     let mut failures: Vec<String> = Vec::new();
     let touches_deadline = Instant::now() + SETTLE;
+    let mut owners: Vec<Vec<usize>> = vec![Vec::new(); INSTANCES];
     for tree in 0..TREES {
         let want: BTreeMap<String, BTreeSet<String>> = (0..PER_TREE)
             .map(|index| {
@@ -482,7 +482,7 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
         let within = touches_deadline.saturating_duration_since(Instant::now());
         let in_effect = try_until(&format!("tree {tree} established and touched"), within, || async move {
             let mut last = Vec::new();
-            for base in bases {
+            for (instance, base) in bases.iter().enumerate() {
                 match tree_touches(client, base, tree).await {
                     Ok(found) => {
                         let short: Vec<&String> = want
@@ -491,7 +491,7 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
                             .map(|(s, _)| s)
                             .collect();
                         if short.is_empty() {
-                            return Ok(());
+                            return Ok(instance);
                         }
                         last.push(format!(
                             "{base}: {} sessions incomplete, e.g. {:?}",
@@ -505,11 +505,19 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
             Err(last.join("; "))
         })
         .await;
-        if let Err(failure) = in_effect {
-            eprintln!("FAILURE (the test goes on): {failure}");
-            failures.push(failure);
+        match in_effect {
+            Ok(instance) => owners[instance].push(tree),
+            Err(failure) => {
+                eprintln!("FAILURE (the test goes on): {failure}");
+                failures.push(failure);
+            }
         }
     }
+    // The victim: the instance that owns the most trees' graph partitions
+    // (only the owner answers `/admin/sessions`), so the SIGKILL takes
+    // planned cascades with it.
+    let victim = (0..INSTANCES).max_by_key(|&i| (owners[i].len(), i == 1)).expect("instances");
+    eprintln!("graph owners by instance: {owners:?}; the victim is {}", cluster.hubs[victim].name);
     eprintln!("touches in effect (or given up on) after {:?}", started.elapsed());
 
     // Revoke every root, each at a different instance, then SIGKILL the
@@ -531,18 +539,18 @@ async fn three_instances_deliver_every_leaf_across_a_sigkill() {
     while let Some(done) = revocations.join_next().await {
         done.expect("revocation task");
     }
-    cluster.hubs[VICTIM].kill_9();
+    cluster.hubs[victim].kill_9();
     let revoked_at = Instant::now();
     let delivered_at_kill: usize = receivers.iter().map(|r| r.received.lock().expect("lock").len()).sum();
     eprintln!(
         "roots revoked, {} SIGKILLed after {:?} with {delivered_at_kill} of {leaves} leaves delivered",
-        cluster.hubs[VICTIM].name,
+        cluster.hubs[victim].name,
         started.elapsed()
     );
     assert!(delivered_at_kill < leaves, "every leaf was delivered before the SIGKILL: the test proves nothing");
 
     // The poll receiver polls the surviving instances, acknowledging.
-    let survivors: Vec<String> = (0..INSTANCES).filter(|&i| i != VICTIM).map(|i| bases[i].clone()).collect();
+    let survivors: Vec<String> = (0..INSTANCES).filter(|&i| i != victim).map(|i| bases[i].clone()).collect();
     let poll = &receivers[POLL_RECEIVER];
     let poll_failures = Arc::new(Mutex::new(Vec::new()));
     let poller = poll_forever(
