@@ -22,6 +22,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::accounting::{Accounting, Delivery, Outcome};
+use crate::cluster::KafkaCluster;
 use crate::forest::{AuthorityKind, Forest, ForestParams, LeafKey, expected_leaves, user_email};
 use crate::hub::SpawnedHub;
 
@@ -56,6 +57,12 @@ pub struct Faults {
     pub down_ms: u64,
     /// SIGKILL the spawned hub once this many leaves were delivered, then restart it.
     pub kill_hub_at: Option<usize>,
+    /// Kafka mode: SIGKILL one instance once this many leaves were delivered (not restarted).
+    pub kill_instance_at: Option<usize>,
+    /// Kafka mode: stop the drill's broker once this many leaves were delivered, restart it after `broker_down_ms`.
+    pub restart_broker_at: Option<usize>,
+    /// How long the broker stays down, in ms.
+    pub broker_down_ms: u64,
 }
 
 impl Faults {
@@ -70,12 +77,18 @@ impl Faults {
             down_receivers: each,
             down_ms: 1500,
             kill_hub_at: None, // set from the expected leaves
+            kill_instance_at: None,
+            restart_broker_at: None,
+            broker_down_ms: 1500,
         }
     }
 
     /// Whether any fault is on.
     pub fn any(&self) -> bool {
-        self.flaky_receivers + self.slow_receivers + self.down_receivers > 0 || self.kill_hub_at.is_some()
+        self.flaky_receivers + self.slow_receivers + self.down_receivers > 0
+            || self.kill_hub_at.is_some()
+            || self.kill_instance_at.is_some()
+            || self.restart_broker_at.is_some()
     }
 }
 
@@ -90,7 +103,8 @@ pub struct DrillConfig {
     pub scenario: Scenario,
     /// Faults.
     pub faults: Faults,
-    /// With `--faults`: kill the hub at a third of the expected leaves.
+    /// With `--faults`: kill the hub at a third of the expected leaves (in Kafka mode: kill an instance at a
+    /// third and restart the drill's broker at two thirds).
     pub kill_hub_default: bool,
     /// Longest wait for the leaves of one revocation.
     pub timeout: Duration,
@@ -115,6 +129,8 @@ pub struct HubTarget<'a> {
     pub admin_token: String,
     /// The spawned hub, when the drill started it (needed for SIGKILL).
     pub spawned: Option<&'a mut SpawnedHub>,
+    /// The Kafka-mode instances, when the drill started them (`url` is their balancer).
+    pub cluster: Option<&'a mut KafkaCluster>,
 }
 
 /// One revocation phase's figures.
@@ -147,6 +163,16 @@ pub struct DrillReport {
     pub faults: Faults,
     /// Hub restarts after SIGKILL.
     pub hub_kills: usize,
+    /// Kafka mode: instances SIGKILLed (not restarted).
+    pub instance_kills: usize,
+    /// Kafka mode: leaves delivered when the instance was killed.
+    pub instance_killed_after: Option<usize>,
+    /// Kafka mode: leaves delivered when the broker was stopped.
+    pub broker_stopped_after: Option<usize>,
+    /// Kafka mode: broker restarts.
+    pub broker_restarts: usize,
+    /// Kafka mode: instances started, and requests the balancer sent to each.
+    pub instances: Option<Vec<u64>>,
     /// Per phase.
     pub phases: Vec<PhaseReport>,
     /// Sessions, receivers (push, poll), touches.
@@ -188,7 +214,16 @@ impl DrillReport {
                 "down_ms": self.faults.down_ms,
                 "hub_kill_at": self.faults.kill_hub_at,
                 "hub_kills": self.hub_kills,
+                "instance_kill_at": self.faults.kill_instance_at,
+                "instance_kills": self.instance_kills,
+                "instance_killed_after_leaves": self.instance_killed_after,
+                "broker_stopped_after_leaves": self.broker_stopped_after,
+                "broker_restart_at": self.faults.restart_broker_at,
+                "broker_down_ms": self.faults.broker_down_ms,
+                "broker_restarts": self.broker_restarts,
             },
+            "instances": self.instances.as_ref().map(Vec::len),
+            "requests_per_instance": self.instances,
             "sessions": self.sessions,
             "receivers": self.receivers,
             "poll_receivers": self.poll_receivers,
@@ -496,8 +531,29 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         faults.kill_hub_at = Some((total_expected / 3).max(1));
     }
     if faults.kill_hub_at.is_some() && target.spawned.is_none() {
-        tracing::warn!("--kill-hub-at needs a hub the drill started; ignored");
+        tracing::warn!("--kill-hub-at needs a hub the drill started (not in Kafka mode); ignored");
         faults.kill_hub_at = None;
+    }
+    if let Some(cluster) = target.cluster.as_deref() {
+        if config.kill_hub_default && faults.kill_instance_at.is_none() && cluster.instances() >= 2 {
+            faults.kill_instance_at = Some((total_expected / 3).max(1));
+        }
+        if config.kill_hub_default && faults.restart_broker_at.is_none() && cluster.owns_broker() {
+            faults.restart_broker_at = Some((total_expected * 2 / 3).max(1));
+        }
+        anyhow::ensure!(
+            faults.kill_instance_at.is_none() || cluster.live_instances() >= 2,
+            "the instance-kill fault needs at least 2 live instances (--hubs)"
+        );
+        anyhow::ensure!(
+            faults.restart_broker_at.is_none() || cluster.owns_broker(),
+            "the broker-restart fault needs the drill's own broker (--kafka tansu)"
+        );
+    } else {
+        anyhow::ensure!(
+            faults.kill_instance_at.is_none() && faults.restart_broker_at.is_none(),
+            "instance-kill and broker-restart faults need Kafka mode (--kafka)"
+        );
     }
     let bar = progress_bar(config.progress);
     let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().context("HTTP client")?;
@@ -647,6 +703,8 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     let mut phase_reports = Vec::new();
     let mut killed = false;
     let mut hub_kills = 0;
+    let (mut instance_kills, mut broker_restarts) = (0, 0);
+    let (mut instance_killed_after, mut broker_stopped_after) = (None, None);
     for (phase_index, phase) in phases.iter().enumerate() {
         bar.set_message(format!("revoking: {} ({})", phase.name, phase.txn));
         let before = accounting.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.delivered_count();
@@ -719,6 +777,28 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
                 killed = true;
                 hub_kills += 1;
             }
+            if instance_kills == 0
+                && let (Some(at), Some(cluster)) = (faults.kill_instance_at, target.cluster.as_deref_mut())
+                && delivered >= at
+            {
+                // The last instance: the balancer's round robin spreads the rest over the others.
+                let victim = cluster.instances() - 1;
+                cluster.kill_instance(victim)?;
+                tracing::info!(after_leaves = delivered, victim, "instance SIGKILLed");
+                instance_kills += 1;
+                instance_killed_after = Some(delivered);
+            }
+            if broker_restarts == 0
+                && let (Some(at), Some(cluster)) = (faults.restart_broker_at, target.cluster.as_deref_mut())
+                && delivered >= at
+            {
+                bar.set_message("broker restarting");
+                broker_stopped_after = Some(delivered);
+                let took = cluster.restart_broker(Duration::from_millis(faults.broker_down_ms)).await?;
+                tracing::info!(after_leaves = delivered, restart_ms = took.as_millis() as u64, "broker restarted");
+                bar.set_message(format!("revoking: {} ({})", phase.name, phase.txn));
+                broker_restarts += 1;
+            }
             if delivered >= target_count && !down_pending {
                 break;
             }
@@ -767,6 +847,11 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         sets_per_second,
         faults,
         hub_kills,
+        instance_kills,
+        instance_killed_after,
+        broker_stopped_after,
+        broker_restarts,
+        instances: target.cluster.as_deref().map(KafkaCluster::requests_per_instance),
         phases: phase_reports,
         sessions: forest.sessions.len(),
         receivers: receivers_n,

@@ -37,9 +37,13 @@ pub fn locate_hub_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 #[derive(Debug)]
 pub struct SpawnedHub {
     bin: PathBuf,
-    dir: tempfile::TempDir,
+    /// The temp dir, until [`keep_dir`](Self::keep_dir).
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
     port: u16,
     admin_token: String,
+    /// Extra environment (Kafka mode).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// How many times it was SIGKILLed.
     pub kills: usize,
@@ -52,12 +56,57 @@ impl SpawnedHub {
     ///
     /// When the process cannot be started or does not become healthy.
     pub async fn start(bin: PathBuf, admin_token: String) -> anyhow::Result<SpawnedHub> {
-        let dir = tempfile::Builder::new().prefix("caep-drill-").tempdir().context("temp data dir")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut hub = SpawnedHub { bin, dir, port, admin_token, child: None, kills: 0 };
-        hub.spawn()?;
+        let port = free_port()?;
+        let mut hub = SpawnedHub::spawn_with(bin, admin_token, port, Vec::new())?;
         hub.wait_healthy().await?;
         Ok(hub)
+    }
+
+    /// Starts `bin serve` on `port` and a fresh temp data dir with `env`
+    /// added (e.g. the Kafka settings), without waiting for it.
+    ///
+    /// # Errors
+    ///
+    /// When the process cannot be started.
+    pub fn spawn_with(
+        bin: PathBuf,
+        admin_token: String,
+        port: u16,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<SpawnedHub> {
+        let dir = tempfile::Builder::new().prefix("caep-drill-").tempdir().context("temp data dir")?;
+        let path = dir.path().to_path_buf();
+        let mut hub = SpawnedHub { bin, dir: Some(dir), path, port, admin_token, env, child: None, kills: 0 };
+        hub.spawn()?;
+        Ok(hub)
+    }
+
+    /// Keeps the data dir and log after the drill; returns the dir.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+        self.path.clone()
+    }
+
+    /// Whether the process was started and not killed.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILLs the hub, without restarting it.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be killed.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("SIGKILL caep-hub")?;
+            child.wait().context("reaping caep-hub")?;
+            self.kills += 1;
+            tracing::warn!(port = self.port, "caep-hub SIGKILLed");
+        }
+        Ok(())
     }
 
     /// The hub's base URL (its issuer).
@@ -72,22 +121,27 @@ impl SpawnedHub {
 
     /// The hub's log file (stderr of every start).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("hub.log")
+        self.path.join("hub.log")
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        // A clean `CAEP_HUB_*` environment: only what the drill sets.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CAEP_HUB_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .arg("serve")
-            .env("CAEP_HUB_DATA_DIR", self.dir.path().join("data"))
+            .env("CAEP_HUB_DATA_DIR", self.path.join("data"))
             .env("CAEP_HUB_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("CAEP_HUB_ADMIN_TOKEN", &self.admin_token)
             .env("CAEP_HUB_PUSH_ALLOW_CIDRS", "127.0.0.0/8")
             .env("CAEP_HUB_MIN_VERIFICATION_INTERVAL_SECS", "0")
             .env("CAEP_HUB_LONG_POLL_SECS", "5")
-            .env_remove("CAEP_HUB_ISSUER")
-            .env_remove("CAEP_HUB_CONFIG")
-            .env_remove("CAEP_HUB_SIGNING_ALG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("DRILL_HUB_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -117,6 +171,15 @@ impl SpawnedHub {
         anyhow::bail!("caep-hub not healthy after 60 s; see {}", self.log_path().display())
     }
 
+    /// Waits (up to a minute) until `/healthz` answers 200.
+    ///
+    /// # Errors
+    ///
+    /// When the process exits or stays unhealthy.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        self.wait_healthy().await
+    }
+
     /// SIGKILLs the hub and starts it again on the same data dir and port.
     ///
     /// # Errors
@@ -134,6 +197,15 @@ impl SpawnedHub {
         self.wait_healthy().await?;
         Ok(started.elapsed())
     }
+}
+
+/// A free loopback port.
+///
+/// # Errors
+///
+/// When no port can be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Drop for SpawnedHub {

@@ -6,7 +6,10 @@
 //! leaf. The `caep-drill` binary runs them; see the crate README.
 
 pub mod accounting;
+pub mod balancer;
+pub mod cluster;
 pub mod drill;
 pub mod forest;
 pub mod hub;
 pub mod plot;
+pub mod tansu;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use caep_simulations::cluster::{Brokers, ClusterSpec, KafkaCluster};
 use caep_simulations::drill::{self, DrillConfig, DrillReport, Faults, HubTarget, Scenario};
 use caep_simulations::forest::ForestParams;
 use caep_simulations::hub::{SpawnedHub, locate_hub_bin};
@@ -79,6 +80,27 @@ struct Args {
     /// SIGKILL the drill's hub after this many leaves were delivered, then restart it on the same data dir and port.
     #[arg(long)]
     kill_hub_at: Option<usize>,
+    /// Kafka mode: SIGKILL one instance after this many leaves were delivered (it is not restarted; the others
+    /// take over its partitions).
+    #[arg(long)]
+    kill_instance_at: Option<usize>,
+    /// Kafka mode with --kafka tansu: stop the broker after this many leaves were delivered and restart it on the
+    /// same port and storage after --broker-down-ms.
+    #[arg(long)]
+    restart_broker_at: Option<usize>,
+    /// How long the restarted broker stays down (ms).
+    #[arg(long, default_value_t = 1500)]
+    broker_down_ms: u64,
+    /// Kafka mode: start --hubs caep-hub instances on this Kafka broker (host:port[,...]), or on a private Tansu
+    /// broker the drill starts itself (`tansu`; found at $CAEP_TANSU, on PATH or in ~/.cache/caep-hub/tansu/bin).
+    #[arg(long, value_name = "BROKERS|tansu", conflicts_with = "hub")]
+    kafka: Option<String>,
+    /// Kafka mode: hub instances, behind a round-robin balancer the drill runs.
+    #[arg(long, default_value_t = 3)]
+    hubs: usize,
+    /// Kafka mode: partitions of the graph and deliveries topics.
+    #[arg(long, default_value_t = 6)]
+    partitions: usize,
     /// Drill an existing hub at this URL instead of starting one (it must allow 127.0.0.0/8 push endpoints).
     #[arg(long, requires = "admin_token")]
     hub: Option<String>,
@@ -133,6 +155,9 @@ impl Args {
         faults.slow_ms = self.slow_ms;
         faults.down_ms = self.down_ms;
         faults.kill_hub_at = self.kill_hub_at;
+        faults.kill_instance_at = self.kill_instance_at;
+        faults.restart_broker_at = self.restart_broker_at;
+        faults.broker_down_ms = self.broker_down_ms;
         DrillConfig {
             forest: ForestParams {
                 sessions: self.sessions,
@@ -188,54 +213,107 @@ fn main() -> ExitCode {
     }
 }
 
+/// The hub under drill.
+enum Hub {
+    /// An existing hub (`--hub`).
+    External,
+    /// One `caep-hub` the drill started.
+    Embedded(SpawnedHub),
+    /// `--kafka`: instances on a broker, behind the drill's balancer.
+    Kafka(KafkaCluster),
+}
+
+impl Hub {
+    fn target(&mut self, url: &str, admin_token: &str) -> HubTarget<'_> {
+        let (spawned, cluster) = match self {
+            Hub::External => (None, None),
+            Hub::Embedded(hub) => (Some(hub), None),
+            Hub::Kafka(cluster) => (None, Some(cluster)),
+        };
+        HubTarget { url: url.to_owned(), admin_token: admin_token.to_owned(), spawned, cluster }
+    }
+}
+
 /// Ok(exact?).
 async fn main_async(args: Args) -> anyhow::Result<bool> {
-    let mut spawned = match &args.hub {
-        Some(_) => None,
-        None => {
-            let bin = locate_hub_bin(args.hub_bin.as_deref())?;
-            let token = format!("drill-admin-{}", run_id(""));
-            Some(SpawnedHub::start(bin, token).await?)
+    let token = format!("drill-admin-{}", run_id(""));
+    let mut hub = match (&args.hub, &args.kafka) {
+        (Some(_), _) => Hub::External,
+        (None, None) => {
+            Hub::Embedded(SpawnedHub::start(locate_hub_bin(args.hub_bin.as_deref())?, token.clone()).await?)
+        }
+        (None, Some(kafka)) => {
+            let brokers = if kafka == "tansu" {
+                Brokers::Tansu(caep_simulations::tansu::binary()?)
+            } else {
+                Brokers::External(kafka.clone())
+            };
+            let spec = ClusterSpec {
+                hub_bin: locate_hub_bin(args.hub_bin.as_deref())?,
+                brokers,
+                instances: args.hubs,
+                partitions: args.partitions,
+                admin_token: token.clone(),
+            };
+            if !args.quiet {
+                eprintln!("caep-drill: starting {} caep-hub instance(s) in Kafka mode on {kafka}", args.hubs);
+            }
+            Hub::Kafka(KafkaCluster::start(&spec).await?)
         }
     };
-    let (url, admin_token) = match (&args.hub, &spawned) {
-        (Some(url), _) => (url.trim_end_matches('/').to_owned(), args.admin_token.clone().unwrap_or_default()),
-        (None, Some(hub)) => (hub.url(), hub_token(hub)),
-        (None, None) => anyhow::bail!("no hub"),
+    let (url, admin_token) = match &hub {
+        Hub::External => (
+            args.hub.as_deref().unwrap_or_default().trim_end_matches('/').to_owned(),
+            args.admin_token.clone().unwrap_or_default(),
+        ),
+        Hub::Embedded(spawned) => (spawned.url(), token),
+        Hub::Kafka(cluster) => (cluster.url(), token),
     };
-    if args.bench {
-        return bench(&args, &url, &admin_token, spawned.as_mut()).await;
+    let exact = if args.bench {
+        bench(&args, &url, &admin_token, &mut hub).await?
+    } else {
+        let config = args.config(run_id(""));
+        let report = drill::run(&config, hub.target(&url, &admin_token)).await?;
+        let kafka = match &hub {
+            Hub::Kafka(cluster) => Some(cluster.brokers().to_owned()),
+            _ => None,
+        };
+        print_summary(&report, &url, kafka.as_deref());
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&report.to_json())?;
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &args.plot {
+            let title = format!(
+                "caep-drill: {} leaves ({} sessions × {} receivers){}{}",
+                report.outcome.delivered_leaves,
+                report.sessions,
+                report.receivers,
+                report.instances.as_ref().map_or_else(String::new, |i| format!(", {} instances on Kafka", i.len())),
+                if report.faults.any() { ", with faults" } else { "" }
+            );
+            caep_simulations::plot::latency_cdf(path, &report.latencies, &title)?;
+        }
+        report.outcome.is_exact()
+    };
+    if !exact && let Hub::Kafka(cluster) = &mut hub {
+        eprintln!("caep-drill: not exact; instance and broker logs kept in {:?}", cluster.keep_logs());
     }
-    let config = args.config(run_id(""));
-    let target = HubTarget { url: url.clone(), admin_token, spawned: spawned.as_mut() };
-    let report = drill::run(&config, target).await?;
-    print_summary(&report, &url);
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report.to_json())?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.plot {
-        let title = format!(
-            "caep-drill: {} leaves ({} sessions × {} receivers){}",
-            report.outcome.delivered_leaves,
-            report.sessions,
-            report.receivers,
-            if report.faults.any() { ", with faults" } else { "" }
-        );
-        caep_simulations::plot::latency_cdf(path, &report.latencies, &title)?;
-    }
-    Ok(report.outcome.is_exact())
+    Ok(exact)
 }
 
-fn hub_token(hub: &SpawnedHub) -> String {
-    hub.admin_token().to_owned()
-}
-
-fn print_summary(report: &DrillReport, url: &str) {
+fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
     let o = &report.outcome;
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ms"));
     println!();
-    println!("caep-drill against {url}");
+    match (&report.instances, kafka) {
+        (Some(requests), Some(brokers)) => {
+            let spread: Vec<String> = requests.iter().map(u64::to_string).collect();
+            println!("caep-drill against {} caep-hub instances on Kafka ({brokers}) behind {url}", requests.len());
+            println!("  requests per instance (round robin): {}", spread.join(" / "));
+        }
+        _ => println!("caep-drill against {url}"),
+    }
     println!(
         "  forest: {} sessions, {} receivers ({} poll), {} touches; setup {:.1} s",
         report.sessions,
@@ -246,17 +324,33 @@ fn print_summary(report: &DrillReport, url: &str) {
     );
     if report.faults.any() {
         let f = &report.faults;
-        println!(
-            "  faults: {} flaky (×{}), {} slow ({} ms), {} down ({} ms), hub SIGKILL at {} → {} kill(s)",
-            f.flaky_receivers,
-            f.flaky_failures,
-            f.slow_receivers,
-            f.slow_ms,
-            f.down_receivers,
-            f.down_ms,
-            f.kill_hub_at.map_or_else(|| "-".to_owned(), |n| format!("{n} leaves")),
-            report.hub_kills
-        );
+        let at = |n: Option<usize>| n.map_or_else(|| "-".to_owned(), |n| format!("{n} leaves"));
+        if report.instances.is_some() {
+            println!(
+                "  Kafka faults: instance SIGKILL at {} → {} kill(s){}; broker restart at {} ({} ms down) → {} restart(s){}",
+                at(f.kill_instance_at),
+                report.instance_kills,
+                report.instance_killed_after.map_or_else(String::new, |n| format!(" after {n} leaves")),
+                at(f.restart_broker_at),
+                f.broker_down_ms,
+                report.broker_restarts,
+                report.broker_stopped_after.map_or_else(String::new, |n| format!(" after {n} leaves"))
+            );
+        }
+        let receiver_faults = f.flaky_receivers + f.slow_receivers + f.down_receivers > 0;
+        if receiver_faults || f.kill_hub_at.is_some() {
+            println!(
+                "  faults: {} flaky (×{}), {} slow ({} ms), {} down ({} ms), hub SIGKILL at {} → {} kill(s)",
+                f.flaky_receivers,
+                f.flaky_failures,
+                f.slow_receivers,
+                f.slow_ms,
+                f.down_receivers,
+                f.down_ms,
+                at(f.kill_hub_at),
+                report.hub_kills
+            );
+        }
     }
     println!();
     println!("  {:<8} {:<24} {:>9} {:>14} {:>12}", "phase", "txn", "leaves", "hub cascade", "drill wall");
@@ -271,7 +365,7 @@ fn print_summary(report: &DrillReport, url: &str) {
         );
     }
     println!();
-    let rows: [(&str, String); 11] = [
+    let rows: [(&str, String); 13] = [
         ("expected leaves", o.expected_leaves.to_string()),
         ("delivered leaves", o.delivered_leaves.to_string()),
         ("lost leaves", o.lost_leaves.to_string()),
@@ -291,6 +385,8 @@ fn print_summary(report: &DrillReport, url: &str) {
         ("cascade (roots, hub)", ms(report.cascade_ms)),
         ("throughput", format!("{:.0} SETs/s", report.sets_per_second)),
         ("hub restarts", report.hub_kills.to_string()),
+        ("instances killed", report.instance_kills.to_string()),
+        ("broker restarts", report.broker_restarts.to_string()),
         ("verdict", if o.is_exact() { "EXACT".to_owned() } else { "FAILED".to_owned() }),
     ];
     for (name, value) in rows {
@@ -309,15 +405,14 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-async fn bench(
-    args: &Args,
-    url: &str,
-    admin_token: &str,
-    mut spawned: Option<&mut SpawnedHub>,
-) -> anyhow::Result<bool> {
+async fn bench(args: &Args, url: &str, admin_token: &str, hub: &mut Hub) -> anyhow::Result<bool> {
     let runs = args.runs.max(1);
+    let on = match hub {
+        Hub::Kafka(cluster) => format!(" on {} instance(s) on Kafka ({})", cluster.instances(), cluster.brokers()),
+        _ => String::new(),
+    };
     println!(
-        "caep-drill --bench: {runs} runs of {} sessions × {} receivers ({:.0}% poll), every root revoked",
+        "caep-drill --bench: {runs} runs of {} sessions × {} receivers ({:.0}% poll), every root revoked{on}",
         args.sessions,
         args.receivers,
         args.poll_share * 100.0
@@ -329,9 +424,7 @@ async fn bench(
         config.scenario = Scenario::Roots;
         config.faults = Faults::default();
         config.kill_hub_default = false;
-        let target =
-            HubTarget { url: url.to_owned(), admin_token: admin_token.to_owned(), spawned: spawned.as_deref_mut() };
-        let report = drill::run(&config, target).await?;
+        let report = drill::run(&config, hub.target(url, admin_token)).await?;
         let o = &report.outcome;
         exact &= o.is_exact();
         let c = report.cascade_ms.or(report.phases.last().map(|p| p.wall_ms)).unwrap_or(f64::NAN);

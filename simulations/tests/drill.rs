@@ -1,38 +1,16 @@
 //! End-to-end drills: the real `caep-drill` binary against the real
 //! `caep-hub` binary, with real push and poll receivers on loopback.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::Value;
-
-const DRILL: &str = env!("CARGO_BIN_EXE_caep-drill");
+use support::{DRILL, hub_bin};
 
 /// Serializes the drills: they share two cores and one hub build.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// `<target>/<profile>/caep-hub`, built with `cargo build -p caep-hub` when
-/// missing (another package's binary is not built for this one's tests).
-fn hub_bin() -> PathBuf {
-    let drill = PathBuf::from(DRILL);
-    let profile_dir = drill.parent().expect("the drill binary has a directory");
-    let bin = profile_dir.join(format!("caep-hub{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "caep-hub", "--bin", "caep-hub", "--manifest-path"]).arg(&manifest);
-        build.arg("--target-dir").arg(target_dir);
-        if profile_dir.file_name().is_some_and(|name| name == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build -p caep-hub");
-        assert!(status.success(), "cargo build -p caep-hub failed");
-    }
-    assert!(bin.is_file(), "no caep-hub at {}", bin.display());
-    bin
-}
 
 /// Runs the drill with `args`; returns its exit code and its JSON report.
 fn drill(args: &[&str]) -> (i32, Value) {
