@@ -101,6 +101,9 @@ struct Args {
     /// Kafka mode: partitions of the graph and deliveries topics.
     #[arg(long, default_value_t = 6)]
     partitions: usize,
+    /// Kafka mode: wait this long after the instances are up before the drill starts (s).
+    #[arg(long, default_value_t = 0)]
+    warmup_secs: u64,
     /// Drill an existing hub at this URL instead of starting one (it must allow 127.0.0.0/8 push endpoints).
     #[arg(long, requires = "admin_token")]
     hub: Option<String>,
@@ -258,7 +261,9 @@ async fn main_async(args: Args) -> anyhow::Result<bool> {
             if !args.quiet {
                 eprintln!("caep-drill: starting {} caep-hub instance(s) in Kafka mode on {kafka}", args.hubs);
             }
-            Hub::Kafka(KafkaCluster::start(&spec).await?)
+            let cluster = KafkaCluster::start(&spec).await?;
+            tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+            Hub::Kafka(cluster)
         }
     };
     let (url, admin_token) = match &hub {
