@@ -36,16 +36,33 @@ pub fn prune_ingested(txn: &WriteTransaction, now_ms: u64) -> Result<u64, StoreE
     Ok(before - ingested.len().map_err(StoreError::storage)?)
 }
 
-/// What an event planned: its cascade and the new leaves.
+/// What an event planned: its cascade and the new leaves, and revocations
+/// for trees in other partitions (Kafka mode; empty in embedded mode).
 #[derive(Debug, Default)]
 pub struct Plan {
     pub cascades: Vec<(CascadeRecord, Vec<Leaf>)>,
+    pub foreign: Vec<ForeignRevocation>,
 }
 
 impl Plan {
     pub(crate) fn add(&mut self, cascade: CascadeRecord, leaves: Vec<Leaf>) {
         self.cascades.push((cascade, leaves));
     }
+
+    fn extend(&mut self, other: Plan) {
+        self.cascades.extend(other.cascades);
+        self.foreign.extend(other.foreign);
+    }
+}
+
+/// A revocation that must continue in another partition: the tree under
+/// `session` (rooted at `child_root`) joins `cascade`.
+#[derive(Clone, Debug)]
+pub struct ForeignRevocation {
+    pub session: String,
+    pub child_root: String,
+    pub cascade: CascadeRecord,
+    pub event: CascadeEvent,
 }
 
 /// Why an IdP event was refused, as RFC 8935 error JSON.
@@ -244,7 +261,7 @@ impl Effect<'_> {
         let mut plan = Plan::default();
         for stream in self.streams.all().iter().filter(|s| s.config.aud.contains(audience)) {
             let late = late_touch_plan(self.txn, self.streams, &session_id, &stream.config.stream_id, self.now)?;
-            plan.cascades.extend(late.cascades);
+            plan.extend(late);
         }
         Ok(plan)
     }
@@ -300,38 +317,25 @@ impl Effect<'_> {
     fn revoke_subtrees(&self, roots: &[String], root: &str, event: SessionRevoked) -> Result<Plan, IngestError> {
         let wire_txn = self.txn_id();
         let key = cascade::key_for(self.txn, &wire_txn, &self.set.iss)?;
-        // A session remembers the cascade (by key) that revoked it.
-        let revocation = Revocation { txn: key.clone(), at_ms: self.now };
-        let mut newly = Vec::new();
-        for session_id in graph::subtree(self.txn, roots)? {
-            let Some(mut record) = graph::session(self.txn, &session_id)? else { continue };
-            // Another IdP's sessions under this one are not this IdP's to revoke.
-            if record.revoked.is_some() || record.issuer != self.set.iss {
-                continue;
-            }
-            record.revoked = Some(revocation.clone());
-            graph::put_session(self.txn, &record)?;
-            newly.push(record);
-        }
         let event = Event::SessionRevoked(event);
         let template = self.cascade_template(&key, &wire_txn, root, &event);
-        let leaves = plan_leaves(self.txn, self.streams, &newly, event_type::SESSION_REVOKED, self.now, &self.cause())?;
-        let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&event), leaves)?;
-        tracing::info!(txn = %wire_txn, root, sessions = newly.len(), leaves = leaves.len(), "revocation cascade planned");
-        let mut plan = Plan::default();
-        plan.add(record, leaves);
+        let plan =
+            revoke_trees(self.txn, self.streams, roots, &template, &carried_event(&event), self.now, &self.cause())?;
+        let leaves: usize = plan.cascades.iter().map(|(_, leaves)| leaves.len()).sum();
+        tracing::info!(txn = %wire_txn, root, leaves, "revocation cascade planned");
         Ok(plan)
     }
 
     fn plan_for_revoked(&self, sessions: &[SessionRecord], revocation: &Revocation) -> Result<Plan, IngestError> {
+        let mut plan = Plan::default();
+        let Some(existing) = cascade::cascade(self.txn, &revocation.txn)? else { return Ok(plan) };
+        let Some(event) = revocation_event(&existing) else { return Ok(plan) };
+        plan.foreign = foreign_revocations(self.txn, sessions, &existing, &event)?;
         let leaves =
             plan_leaves(self.txn, self.streams, sessions, event_type::SESSION_REVOKED, self.now, &self.cause())?;
-        let mut plan = Plan::default();
         if leaves.is_empty() {
             return Ok(plan);
         }
-        let Some(existing) = cascade::cascade(self.txn, &revocation.txn)? else { return Ok(plan) };
-        let Some(event) = revocation_event(&existing) else { return Ok(plan) };
         let (record, leaves) = cascade::plan(self.txn, &existing, &event, leaves)?;
         plan.add(record, leaves);
         Ok(plan)
@@ -397,6 +401,107 @@ impl Effect<'_> {
             completed_at_ms: None,
         }
     }
+}
+
+/// Revokes every session under `roots` (of the cascade's IdP) not revoked
+/// yet, plans their leaves in `template`'s cascade, and names the trees in
+/// other partitions the revocation must continue in.
+fn revoke_trees(
+    txn: &WriteTransaction,
+    streams: &StreamRegistry,
+    roots: &[String],
+    template: &CascadeRecord,
+    event: &CascadeEvent,
+    now: u64,
+    cause: &str,
+) -> Result<Plan, IngestError> {
+    // A session remembers the cascade (by key) that revoked it.
+    let revocation = Revocation { txn: template.key.clone(), at_ms: now };
+    let mut newly = Vec::new();
+    for session_id in graph::subtree(txn, roots)? {
+        let Some(mut record) = graph::session(txn, &session_id)? else { continue };
+        // Another IdP's sessions under this one are not this IdP's to revoke.
+        if record.revoked.is_some() || record.issuer != template.issuer {
+            continue;
+        }
+        record.revoked = Some(revocation.clone());
+        graph::put_session(txn, &record)?;
+        newly.push(record);
+    }
+    let leaves = plan_leaves(txn, streams, &newly, event_type::SESSION_REVOKED, now, cause)?;
+    let (record, leaves) = cascade::plan(txn, template, event, leaves)?;
+    let mut plan = Plan { foreign: foreign_revocations(txn, &newly, &record, event)?, ..Plan::default() };
+    plan.add(record, leaves);
+    Ok(plan)
+}
+
+/// The trees in other partitions under newly revoked sessions.
+fn foreign_revocations(
+    txn: &WriteTransaction,
+    revoked: &[SessionRecord],
+    cascade: &CascadeRecord,
+    event: &CascadeEvent,
+) -> Result<Vec<ForeignRevocation>, StoreError> {
+    let mut foreign = Vec::new();
+    for session in revoked {
+        for (child, child_root) in graph::foreign_children(txn, &session.session_id)? {
+            foreign.push(ForeignRevocation {
+                session: child,
+                child_root,
+                cascade: cascade.clone(),
+                event: event.clone(),
+            });
+        }
+    }
+    Ok(foreign)
+}
+
+/// Kafka mode: `child`'s tree (in another partition) was established under
+/// `parent`, whose tree is here. Records the edge; if `parent` is revoked
+/// already, the revocation continues in the child's partition at once.
+pub fn adopt(
+    txn: &WriteTransaction,
+    parent: &str,
+    child: &str,
+    child_root: &str,
+    issuer: &str,
+) -> Result<Plan, StoreError> {
+    graph::add_foreign_child(txn, parent, child, child_root)?;
+    let mut plan = Plan::default();
+    let Some(record) = graph::session(txn, parent)?.filter(|record| record.issuer == issuer) else { return Ok(plan) };
+    let Some(revocation) = record.revoked else { return Ok(plan) };
+    let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
+    let Some(event) = revocation_event(&existing) else { return Ok(plan) };
+    plan.foreign.push(ForeignRevocation {
+        session: child.to_owned(),
+        child_root: child_root.to_owned(),
+        cascade: existing,
+        event,
+    });
+    Ok(plan)
+}
+
+/// Kafka mode: revokes the tree under `session` (this partition's) as part
+/// of a cascade planned in another partition.
+pub fn revoke_foreign(
+    txn: &WriteTransaction,
+    streams: &StreamRegistry,
+    session: &str,
+    cascade: &CascadeRecord,
+    event: &CascadeEvent,
+    now: u64,
+) -> Result<Plan, IngestError> {
+    let template = CascadeRecord {
+        events: Vec::new(),
+        total: 0,
+        undispatched: 0,
+        delivered: 0,
+        failed: 0,
+        completed_at_ms: None,
+        ..cascade.clone()
+    };
+    let cause = format!("foreign {} {session}", cascade.key);
+    revoke_trees(txn, streams, &[session.to_owned()], &template, event, now, &cause)
 }
 
 fn carried_event(event: &Event) -> CascadeEvent {

@@ -19,6 +19,9 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const CHILDREN: TableDefinition<(&str, &str), ()> = TableDefinition::new("session_children");
 const TOUCHES: TableDefinition<(&str, &str), u64> = TableDefinition::new("session_touches");
 const USER_SESSIONS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_sessions");
+/// (parent, child) → the child's root, for a child whose tree lives in
+/// another partition (Kafka mode: it was seen before its parent).
+const FOREIGN_CHILDREN: TableDefinition<(&str, &str), &str> = TableDefinition::new("session_foreign_children");
 /// (session, stream) pairs already sent a session-revoked: one per pair, ever.
 const REVOCATIONS_SENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("revocations_sent");
 
@@ -186,6 +189,31 @@ fn walk(
         order.push(id);
     }
     Ok(order)
+}
+
+/// Records a child whose tree lives in another partition, under `child_root`.
+pub fn add_foreign_child(txn: &WriteTransaction, parent: &str, child: &str, child_root: &str) -> Result<(), StoreError> {
+    let mut foreign = txn.open_table(FOREIGN_CHILDREN).map_err(storage)?;
+    foreign.insert((parent, child), child_root).map_err(storage)?;
+    Ok(())
+}
+
+/// A session's children whose trees live in other partitions: (child, its root).
+pub fn foreign_children(txn: &WriteTransaction, parent: &str) -> Result<Vec<(String, String)>, StoreError> {
+    let foreign = txn.open_table(FOREIGN_CHILDREN).map_err(storage)?;
+    let range = foreign.range((parent, "")..(parent, "\u{10FFFF}")).map_err(storage)?;
+    range.map(|row| row.map(|(k, v)| (k.value().1.to_owned(), v.value().to_owned())).map_err(storage)).collect()
+}
+
+/// [`foreign_children`] in a read snapshot.
+pub fn foreign_children_in(txn: &redb::ReadTransaction, parent: &str) -> Result<Vec<(String, String)>, StoreError> {
+    let foreign = match txn.open_table(FOREIGN_CHILDREN) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(error) => return Err(storage(error)),
+    };
+    let range = foreign.range((parent, "")..(parent, "\u{10FFFF}")).map_err(storage)?;
+    range.map(|row| row.map(|(k, v)| (k.value().1.to_owned(), v.value().to_owned())).map_err(storage)).collect()
 }
 
 /// The sessions of a user as named by `issuer`.

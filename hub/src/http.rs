@@ -106,12 +106,49 @@ async fn cascade_report(State(hub): Shared, Path(txn): Path<String>) -> Result<J
 
 async fn session_view(State(hub): Shared, Path(session_id): Path<String>) -> Result<Json<Value>, SsfError> {
     // In Kafka mode a session's graph lives with its partition's owner.
-    let Some(store) = hub.graph_store_of(&session_id) else { return Err(SsfError::NotFound) };
-    let view = store.read(|txn| session_view_in(txn, &session_id)).map_err(|e| SsfError::Storage(e.to_string()))?;
-    view.map(Json).ok_or(SsfError::NotFound)
+    let Some(store) = hub.graph_store_of(&session_id).await else { return Err(SsfError::NotFound) };
+    let storage = |e: StoreError| SsfError::Storage(e.to_string());
+    let Some((mut view, mut foreign)) = store.read(|txn| session_view_in(txn, &session_id)).map_err(storage)? else {
+        return Err(SsfError::NotFound);
+    };
+    // Subtrees that live in other partitions (Kafka mode: a session seen
+    // before its parent), as far as this instance holds them.
+    let mut seen: std::collections::BTreeSet<String> = view["subtree"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry["session_id"].as_str().map(str::to_owned))
+        .collect();
+    while let Some((child, root)) = foreign.pop() {
+        if !seen.insert(child.clone()) {
+            continue;
+        }
+        let part = match hub.graph_store_of_root(&root).await {
+            Some(store) => store.read(|txn| session_view_in(txn, &child)).map_err(storage)?,
+            None => None,
+        };
+        let subtree = view["subtree"].as_array_mut().ok_or_else(|| SsfError::Storage("view".into()))?;
+        match part {
+            Some((part, more)) => {
+                for entry in part["subtree"].as_array().cloned().unwrap_or_default() {
+                    let id = entry["session_id"].as_str().unwrap_or_default().to_owned();
+                    if id == child || seen.insert(id) {
+                        subtree.push(entry);
+                    }
+                }
+                foreign.extend(more);
+            }
+            None => subtree.push(json!({"session_id": child, "elsewhere": true})),
+        }
+    }
+    Ok(Json(view))
 }
 
-fn session_view_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Option<Value>, StoreError> {
+/// A session's view, and the (child, root) pairs of its subtree's children
+/// whose trees live in other partitions.
+type View = (Value, Vec<(String, String)>);
+
+fn session_view_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Option<View>, StoreError> {
     let Some(session) = graph::session_in(txn, session_id)? else { return Ok(None) };
     let touches_of = |id: &str| -> Result<Vec<Value>, StoreError> {
         Ok(graph::touches_in(txn, id)?
@@ -120,7 +157,9 @@ fn session_view_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Opti
             .collect())
     };
     let mut subtree = Vec::new();
+    let mut foreign = Vec::new();
     for id in graph::subtree_in(txn, &[session_id.to_owned()])? {
+        foreign.extend(graph::foreign_children_in(txn, &id)?);
         if let Some(record) = graph::session_in(txn, &id)? {
             subtree.push(json!({
                 "session_id": record.session_id,
@@ -131,5 +170,6 @@ fn session_view_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Opti
             }));
         }
     }
-    Ok(Some(json!({"session": session, "touches": touches_of(session_id)?, "subtree": subtree})))
+    let view = json!({"session": session, "touches": touches_of(session_id)?, "subtree": subtree});
+    Ok(Some((view, foreign)))
 }

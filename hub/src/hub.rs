@@ -39,11 +39,20 @@ pub struct Hub {
     barrier: OnceLock<Arc<dyn ReadBarrier>>,
     /// Where a session's graph is, when not in `store` (Kafka mode).
     graph_stores: OnceLock<Arc<dyn GraphStores>>,
+    cluster: OnceLock<Arc<dyn ClusterStatus>>,
 }
 
-/// The store holding a session's graph on this instance, if any.
+/// What an instance of a scaled-out hub is doing, for `/healthz`.
+pub trait ClusterStatus: Send + Sync {
+    fn status(&self) -> serde_json::Value;
+}
+
+/// The store holding a session's graph on this instance, if any, once it
+/// has applied every event logged before the call (read-your-writes).
 pub trait GraphStores: Send + Sync {
-    fn store_of(&self, session_id: &str) -> Option<Store>;
+    fn store_of<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Option<Store>>;
+    /// The store of the partition of trees rooted at `root`.
+    fn store_of_root<'a>(&'a self, root: &'a str) -> BoxFuture<'a, Option<Store>>;
 }
 
 /// Waits until this instance has seen every control-plane write any
@@ -71,6 +80,7 @@ impl Hub {
             issuers,
             barrier: OnceLock::new(),
             graph_stores: OnceLock::new(),
+            cluster: OnceLock::new(),
         })
     }
 
@@ -97,15 +107,33 @@ impl Hub {
         let _ = self.barrier.set(barrier);
     }
 
+    /// Sets the cluster status reporter (once).
+    pub fn set_cluster_status(&self, status: Arc<dyn ClusterStatus>) {
+        let _ = self.cluster.set(status);
+    }
+
+    /// The cluster status, in Kafka mode.
+    pub fn cluster_status(&self) -> Option<serde_json::Value> {
+        self.cluster.get().map(|status| status.status())
+    }
+
     /// Sets where sessions' graphs live when not in the hub's store (once).
     pub fn set_graph_stores(&self, stores: Arc<dyn GraphStores>) {
         let _ = self.graph_stores.set(stores);
     }
 
     /// The store holding a session's graph here, if this instance has it.
-    pub fn graph_store_of(&self, session_id: &str) -> Option<Store> {
+    pub async fn graph_store_of(&self, session_id: &str) -> Option<Store> {
         match self.graph_stores.get() {
-            Some(stores) => stores.store_of(session_id),
+            Some(stores) => stores.store_of(session_id).await,
+            None => Some(self.store.clone()),
+        }
+    }
+
+    /// The store holding the trees rooted at `root` here, if this instance has it.
+    pub async fn graph_store_of_root(&self, root: &str) -> Option<Store> {
+        match self.graph_stores.get() {
+            Some(stores) => stores.store_of_root(root).await,
             None => Some(self.store.clone()),
         }
     }

@@ -125,10 +125,18 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     let managed =
         admin.merge(http::router(transmitter.clone())).layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(health).with_state(Arc::clone(&hub)))
         .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
         .merge(managed)
         .merge(crate::http::ingest_router(hub))
+}
+
+/// Liveness, and in Kafka mode the partitions this instance works.
+async fn health(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    match hub.cluster_status() {
+        Some(cluster) => Json(json!({"status": "ok", "kafka": cluster})),
+        None => Json(json!({"status": "ok"})),
+    }
 }
 
 async fn catch_up(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {

@@ -284,8 +284,19 @@ async fn revoked(hub: &Hub, id: &str) -> Option<Value> {
     view["session"].get("revoked").filter(|r| !r.is_null()).cloned()
 }
 
+/// Waits (up to `WAIT`) for a session to be revoked, then checks by which
+/// cascade. Embedded, a revocation is in effect when the IdP gets its 202;
+/// on Kafka the 202 means it is logged, and a revocation continued in
+/// another partition takes one more hop.
 async fn assert_revoked_by(hub: &Hub, id: &str, txn: &str) {
-    let revocation = revoked(hub, id).await.unwrap_or_else(|| panic!("session {id} is not revoked"));
+    let deadline = Instant::now() + WAIT;
+    let revocation = loop {
+        if let Some(revocation) = revoked(hub, id).await {
+            break revocation;
+        }
+        assert!(Instant::now() < deadline, "session {id} is not revoked");
+        tokio::time::sleep(TICK).await;
+    };
     assert_eq!(revocation["txn"], txn, "session {id} revoked by another cascade: {revocation}");
 }
 
@@ -365,9 +376,7 @@ fn pairs_of(expected: &[(&Relying, &str)]) -> BTreeSet<(String, String)> {
 
 // ---------------------------------------------------------------- 1. exact leaf set
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams() {
-    let hub = Hub::start().await;
+async fn revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     let bob = email("bob@example.com");
@@ -475,9 +484,7 @@ async fn revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams(
 
 // ---------------------------------------------------------------- 2. user-level revocation
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_a_user_revokes_all_and_only_that_users_sessions() {
-    let hub = Hub::start().await;
+async fn revoking_a_user_revokes_all_and_only_that_users_sessions(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     let bob = email("bob@example.com");
@@ -579,9 +586,7 @@ async fn revoking_a_user_revokes_all_and_only_that_users_sessions() {
 
 // ---------------------------------------------------------------- 3. late spawn, late touch
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_born_or_touched_after_a_revocation_are_revoked_at_once() {
-    let hub = Hub::start().await;
+async fn sessions_born_or_touched_after_a_revocation_are_revoked_at_once(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     for (id, parent) in [("R", None), ("A", Some("R")), ("A1", Some("A")), ("A2", Some("A"))] {
@@ -652,9 +657,7 @@ async fn sessions_born_or_touched_after_a_revocation_are_revoked_at_once() {
 
 // ---------------------------------------------------------------- 4. replay
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_idp_set_has_no_second_effect() {
-    let hub = Hub::start().await;
+async fn a_replayed_idp_set_has_no_second_effect(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     idp.establish(&hub, "R", &alice, None).await;
@@ -717,9 +720,7 @@ fn assert_refused(reply: &Reply, err: &str, what: &str) {
     assert!(body["description"].as_str().is_some_and(|d| !d.is_empty()), "{what}: no description: {body}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_and_malformed_idp_sets_are_refused_and_change_nothing() {
-    let hub = Hub::start().await;
+async fn forged_and_malformed_idp_sets_are_refused_and_change_nothing(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let other_idp = Idp::register(&hub, "https://other-idp.example").await;
     let alice = email("alice@example.com");
@@ -823,10 +824,9 @@ async fn forged_and_malformed_idp_sets_are_refused_and_change_nothing() {
 
 // ---------------------------------------------------------------- 6. race
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_leaf_escapes_a_revocation_racing_spawns_and_touches() {
+async fn no_leaf_escapes_a_revocation_racing_spawns_and_touches(hub: Hub) {
     const CHILDREN: usize = 50;
-    let hub = Arc::new(Hub::start().await);
+    let hub = Arc::new(hub);
     let idp = Arc::new(Idp::register(&hub, IDP).await);
     let alice = email("alice@example.com");
     for (id, parent) in [("R", None), ("R-a", Some("R")), ("R-b", Some("R")), ("R-a-1", Some("R-a"))] {
@@ -899,9 +899,7 @@ async fn no_leaf_escapes_a_revocation_racing_spawns_and_touches() {
 
 // ---------------------------------------------------------------- 7. forwarding
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_caep_events_reach_the_streams_that_touched_the_session_or_its_descendants() {
-    let hub = Hub::start().await;
+async fn other_caep_events_reach_the_streams_that_touched_the_session_or_its_descendants(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     for (id, parent) in [("F", None), ("F1", Some("F")), ("F1a", Some("F1")), ("F2", Some("F"))] {
@@ -962,9 +960,7 @@ async fn other_caep_events_reach_the_streams_that_touched_the_session_or_its_des
 // `default_subjects: ALL` stream (those get leaves without a touch being
 // recorded): an ALL stream that later touches a revoked session is sent a
 // second session-revoked SET, with a new jti, for the same session.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice() {
-    let hub = Hub::start().await;
+async fn an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     for (id, parent) in [("R", None), ("A", Some("R")), ("A1", Some("A"))] {
@@ -997,9 +993,7 @@ async fn an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice() {
 // (RFC 8935 gives no ordering; a retried push overtakes), a sub-agent
 // session established before its parent is not revoked when the parent is
 // then established under a revoked ancestor, and its RPs are never told.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_established_before_its_parent_inherits_the_parents_revocation() {
-    let hub = Hub::start().await;
+async fn a_session_established_before_its_parent_inherits_the_parents_revocation(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     idp.establish(&hub, "R", &alice, None).await;
@@ -1048,9 +1042,7 @@ async fn a_session_established_before_its_parent_inherits_the_parents_revocation
 // the second event's leaves go out as the first event's type: here the
 // revocation reaches the RP as a credential-change (and, the other way
 // round, a credential-change as a session-revoked).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_sharing_one_idp_txn_keep_their_own_type() {
-    let hub = Hub::start().await;
+async fn events_sharing_one_idp_txn_keep_their_own_type(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
     idp.establish(&hub, "A", &alice, None).await;
@@ -1091,3 +1083,41 @@ async fn events_sharing_one_idp_txn_keep_their_own_type() {
         assert_eq!(set.event.payload()["initiating_entity"], want["initiating_entity"], "{set:?}");
     }
 }
+
+// ---------------------------------------------------------------- both backends
+
+/// Every behaviour above, on the embedded default and on Kafka (librdkafka's
+/// in-process mock cluster): the same tests, the same assertions.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Hub::start().await).await
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Hub::start_on_kafka().await).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams,
+    revoking_a_user_revokes_all_and_only_that_users_sessions,
+    sessions_born_or_touched_after_a_revocation_are_revoked_at_once,
+    a_replayed_idp_set_has_no_second_effect,
+    forged_and_malformed_idp_sets_are_refused_and_change_nothing,
+    no_leaf_escapes_a_revocation_racing_spawns_and_touches,
+    other_caep_events_reach_the_streams_that_touched_the_session_or_its_descendants,
+    an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice,
+    a_session_established_before_its_parent_inherits_the_parents_revocation,
+    events_sharing_one_idp_txn_keep_their_own_type,
+);

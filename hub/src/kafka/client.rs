@@ -787,6 +787,19 @@ impl GroupConsumer {
         .await
     }
 
+    /// A partition's high watermark now (the offset the next record gets).
+    pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, KafkaError> {
+        let consumer = self.current();
+        let topic = topic.to_owned();
+        blocking(move || {
+            consumer
+                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+                .map(|(_low, high)| high)
+                .map_err(|e| KafkaError::client(format!("fetching watermarks of {topic}/{partition}"), e))
+        })
+        .await
+    }
+
     /// Moves the read position of an owned partition (for replay).
     pub fn seek(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
         self.current()

@@ -108,6 +108,11 @@ impl Deliveries {
         Ok(())
     }
 
+    /// The partitions delivered here, ascending.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.assigned.read().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+
     fn outbox(&self) -> Option<&Arc<Outbox>> {
         self.transmitter.get().map(|t| t.outbox())
     }

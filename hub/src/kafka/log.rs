@@ -17,10 +17,10 @@ use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_transmitter::service::BoxFuture;
 use caep_transmitter::store::StoreError;
 
-use crate::effects::{self, IngestError, Plan, Route};
+use crate::effects::{self, IngestError, Plan, Route, rejected};
 use crate::kafka::client::{KafkaSettings, OutRecord, Producer, partition_for};
 use crate::kafka::records::{self, GraphRecord, SharedRecord};
-use crate::kafka::shared::SharedLog;
+use crate::kafka::shared::{RootEntry, SharedLog};
 use crate::log::EventLog;
 
 /// The Kafka event log.
@@ -37,31 +37,51 @@ impl KafkaLog {
         KafkaLog { topic: settings.topic(records::GRAPH), partitions: settings.partitions, producer, shared }
     }
 
-    /// The root of a session's tree, recording `proposed` (or the session
-    /// itself) when no instance has seen the session yet.
-    async fn root(&self, session_id: &str, proposed: Option<String>) -> Result<String, StoreError> {
-        if let Some(root) = self.shared.root_of(session_id)? {
-            return Ok(root);
+    /// A session's root entry, recording `proposed` (or the session itself)
+    /// as its root when no instance has seen it yet. `issuer` is the IdP
+    /// acting on it (`None` for a receiver's touch): another IdP's session
+    /// is refused here, before anything is logged.
+    async fn entry(
+        &self,
+        session_id: &str,
+        proposed: Option<String>,
+        issuer: Option<&str>,
+    ) -> Result<RootEntry, IngestError> {
+        let entry = match self.known(session_id).await? {
+            Some(entry) => entry,
+            None => {
+                let root = proposed.unwrap_or_else(|| session_id.to_owned());
+                let issuer = issuer.unwrap_or_default().to_owned();
+                let record = SharedRecord::Root { session_id: session_id.to_owned(), root, issuer };
+                self.shared.append_and_apply(&record).await?;
+                // Read back the winner: a concurrent first sighting elsewhere may have won.
+                self.shared.root_of(session_id)?.ok_or_else(|| {
+                    IngestError::Unavailable(format!("the root of session `{session_id}` was not recorded"))
+                })?
+            }
+        };
+        // A session first named by a receiver's touch has no IdP yet (empty).
+        if let Some(issuer) = issuer
+            && !entry.issuer.is_empty()
+            && entry.issuer != issuer
+        {
+            return Err(rejected("invalid_request", format!("session `{session_id}` belongs to another issuer")));
         }
-        // Another instance may have just recorded it: catch up before writing.
-        self.shared.barrier().await;
-        if let Some(root) = self.shared.root_of(session_id)? {
-            return Ok(root);
-        }
-        let root = proposed.unwrap_or_else(|| session_id.to_owned());
-        let record = SharedRecord::Root { session_id: session_id.to_owned(), root: root.clone() };
-        self.shared.append_and_apply(&record).await?;
-        // Read back the winner: a concurrent first sighting elsewhere may have won.
-        Ok(self.shared.root_of(session_id)?.unwrap_or(root))
+        Ok(entry)
     }
 
-    async fn partition_of(&self, session_id: &str, parent: Option<&str>) -> Result<i32, StoreError> {
-        let proposed = match parent {
-            Some(parent) => Some(Box::pin(self.root(parent, None)).await?),
-            None => None,
-        };
-        let root = self.root(session_id, proposed).await?;
-        Ok(partition_for(&root, self.partitions))
+    /// The entry of a session any instance has recorded.
+    async fn known(&self, session_id: &str) -> Result<Option<RootEntry>, StoreError> {
+        if let Some(entry) = self.shared.root_of(session_id)? {
+            return Ok(Some(entry));
+        }
+        // Another instance may have just recorded it: catch up, look again.
+        self.shared.barrier().await;
+        self.shared.root_of(session_id)
+    }
+
+    fn partition(&self, root: &str) -> i32 {
+        partition_for(root, self.partitions)
     }
 
     async fn send(&self, partitions: Vec<i32>, record: &GraphRecord, key: &str) -> Result<(), StoreError> {
@@ -78,6 +98,37 @@ impl KafkaLog {
         self.producer.send_all(out).await.map_err(|e| StoreError::storage(format!("kafka: {e}")))?;
         Ok(())
     }
+
+    /// Appends a session event to its tree's partition; an establish whose
+    /// session's tree started elsewhere (it was seen before its parent) also
+    /// tells the parent's partition, so the parent's revocation reaches it.
+    async fn append_session_event(
+        &self,
+        record: &GraphRecord,
+        session_id: String,
+        parent: Option<String>,
+        issuer: String,
+        at_ms: u64,
+    ) -> Result<(), IngestError> {
+        let parent = match parent {
+            Some(parent) => {
+                let entry = self.entry(&parent, None, Some(&issuer)).await?;
+                Some((parent, entry))
+            }
+            None => None,
+        };
+        let proposed = parent.as_ref().map(|(_, entry)| entry.root.clone());
+        let entry = self.entry(&session_id, proposed, Some(&issuer)).await?;
+        self.send(vec![self.partition(&entry.root)], record, &session_id).await?;
+        if let Some((parent, parent_entry)) = parent
+            && parent_entry.root != entry.root
+        {
+            let adopt =
+                GraphRecord::Adopt { parent, child: session_id.clone(), child_root: entry.root, issuer, at_ms };
+            self.send(vec![self.partition(&parent_entry.root)], &adopt, &session_id).await?;
+        }
+        Ok(())
+    }
 }
 
 impl EventLog for KafkaLog {
@@ -89,8 +140,7 @@ impl EventLog for KafkaLog {
             let record = GraphRecord::Event { claims: set.to_claims(), received_at_ms };
             match route {
                 Route::Session { session_id, parent } => {
-                    let partition = self.partition_of(&session_id, parent.as_deref()).await?;
-                    self.send(vec![partition], &record, &session_id).await?;
+                    self.append_session_event(&record, session_id, parent, set.iss.clone(), received_at_ms).await?;
                 }
                 Route::Everywhere => self.send((0..self.partitions).collect(), &record, &set.jti).await?,
             }
@@ -100,9 +150,9 @@ impl EventLog for KafkaLog {
 
     fn touch(&self, session_id: String, stream_id: String, at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>> {
         Box::pin(async move {
-            let partition = self.partition_of(&session_id, None).await?;
+            let entry = self.entry(&session_id, None, None).await?;
             let record = GraphRecord::Touch { session_id: session_id.clone(), stream_id, at_ms };
-            self.send(vec![partition], &record, &session_id).await?;
+            self.send(vec![self.partition(&entry.root)], &record, &session_id).await?;
             Ok(Plan::default())
         })
     }

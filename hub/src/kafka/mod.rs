@@ -103,7 +103,26 @@ pub async fn assemble(
         Arc::clone(&shared),
     )?;
     hub.set_graph_stores(graph.clone());
+    hub.set_cluster_status(Arc::new(Status { instance, graph: Arc::clone(&graph), deliveries }));
     Ok(Assembled { transmitter, hub, shared, graph })
+}
+
+/// `/healthz`'s view of this instance.
+struct Status {
+    instance: Instance,
+    graph: Arc<GraphPartitions>,
+    deliveries: Arc<Deliveries>,
+}
+
+impl crate::hub::ClusterStatus for Status {
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "instance_id": self.instance.id,
+            "url": self.instance.url,
+            "graph_partitions": self.graph.partitions(),
+            "delivery_partitions": self.deliveries.partitions(),
+        })
+    }
 }
 
 /// This instance's id: made once, kept in the data directory.

@@ -22,15 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use caep_schemas::set::SecurityEventToken;
-use caep_transmitter::outbox::NewSet;
+use caep_transmitter::outbox::{NewSet, now_ms};
 use caep_transmitter::registry::StreamRegistry;
 use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError};
 use redb::{TableDefinition, WriteTransaction};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::cascade::{self, CascadeRecord, Leaf};
-use crate::effects::{self, IngestError, Plan};
+use crate::effects::{self, ForeignRevocation, IngestError, Plan};
 use crate::hub::{Dispatcher, LeafSink};
 use crate::kafka::client::{
     GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
@@ -54,7 +54,7 @@ fn kafka_error(error: KafkaError) -> StoreError {
 /// Hands signed leaves to the `deliveries` topic, keyed by stream, after
 /// their report part is in `shared` (so no outcome can overtake its plan).
 pub struct KafkaSink {
-    producer: Producer,
+    pub(crate) producer: Producer,
     shared: Arc<SharedLog>,
     topic: String,
     partitions: i32,
@@ -123,14 +123,26 @@ pub struct GraphPartitions {
     workers: Mutex<HashMap<i32, mpsc::UnboundedSender<InRecord>>>,
     /// The open store of each partition being worked here.
     stores: Mutex<HashMap<i32, Store>>,
+    /// The next offset each partition worked here will apply.
+    progress: Mutex<HashMap<i32, watch::Sender<i64>>>,
     shared: Arc<SharedLog>,
 }
 
 impl crate::hub::GraphStores for GraphPartitions {
-    fn store_of(&self, session_id: &str) -> Option<Store> {
-        let root = self.shared.root_of(session_id).ok().flatten()?;
-        let partition = partition_for(&root, self.settings.partitions);
-        self.stores.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).cloned()
+    fn store_of<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Option<Store>> {
+        Box::pin(async move {
+            let entry = self.shared.root_of(session_id).ok().flatten()?;
+            self.store_of_root(&entry.root).await
+        })
+    }
+
+    fn store_of_root<'a>(&'a self, root: &'a str) -> BoxFuture<'a, Option<Store>> {
+        Box::pin(async move {
+            let partition = partition_for(root, self.settings.partitions);
+            let store = self.stores.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).cloned()?;
+            self.caught_up(partition).await;
+            Some(store)
+        })
     }
 }
 
@@ -159,6 +171,7 @@ impl GraphPartitions {
             consumer: Arc::new(consumer),
             workers: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             shared,
         });
         tokio::spawn(Arc::clone(&this).run(rebalances));
@@ -179,6 +192,40 @@ impl GraphPartitions {
                 },
             }
         }
+    }
+
+    /// Waits (bounded) until this instance has applied every record of
+    /// `partition` logged before the call.
+    async fn caught_up(&self, partition: i32) {
+        let high = match self.consumer.high_watermark(&self.topic, partition).await {
+            Ok(high) => high,
+            Err(error) => {
+                tracing::warn!(partition, %error, "graph read barrier: no high watermark");
+                return;
+            }
+        };
+        let watcher = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).map(watch::Sender::subscribe);
+        let Some(mut watcher) = watcher else { return };
+        let waited = tokio::time::timeout(Duration::from_secs(5), watcher.wait_for(|next| *next >= high)).await;
+        if waited.is_err() {
+            tracing::warn!(partition, high, "graph read barrier timed out; answering from local state");
+        }
+    }
+
+    fn set_progress(&self, partition: i32, next: i64) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(partition)
+            .or_insert_with(|| watch::channel(next).0)
+            .send_replace(next);
+    }
+
+    /// The partitions being worked here, ascending.
+    pub fn partitions(&self) -> Vec<i32> {
+        let mut partitions: Vec<i32> = self.workers.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
     }
 
     fn rebalance(self: &Arc<Self>, event: Rebalance) {
@@ -217,6 +264,7 @@ impl GraphPartitions {
                 tracing::error!(partition, %error, "graph partition worker stopped");
             }
             this.stores.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
+            this.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         });
         sender
     }
@@ -249,6 +297,7 @@ impl GraphPartitions {
         if committed > next {
             next = self.catch_up(partition, &store, next, committed).await?;
         }
+        self.set_progress(partition, next);
         while let Some(first) = records.recv().await {
             let mut batch = vec![first];
             while batch.len() < APPLY_BATCH {
@@ -261,7 +310,9 @@ impl GraphPartitions {
             let Some(last) = batch.last().map(|r| r.offset) else { continue };
             let plans = self.apply(&store, batch, false).await?;
             next = last + 1;
+            self.set_progress(partition, next);
             for plan in plans {
+                self.continue_elsewhere(partition, plan.foreign).await;
                 for (record, leaves) in plan.cascades {
                     if let Err(error) = dispatcher.dispatch_all(record, leaves).await {
                         tracing::warn!(partition, %error, "cascade dispatch failed; retrying until it succeeds");
@@ -274,6 +325,37 @@ impl GraphPartitions {
             }
         }
         Ok(())
+    }
+
+    /// Sends revocations on to the partitions of foreign trees, retrying
+    /// until the broker has them: the offset must not pass them unsent.
+    async fn continue_elsewhere(&self, partition: i32, foreign: Vec<ForeignRevocation>) {
+        if foreign.is_empty() {
+            return;
+        }
+        let records: Vec<OutRecord> = foreign
+            .into_iter()
+            .map(|revocation| {
+                let record = GraphRecord::RevokeForeign {
+                    session: revocation.session.clone(),
+                    cascade: Box::new(revocation.cascade),
+                    event: revocation.event,
+                    at_ms: now_ms(),
+                };
+                OutRecord {
+                    topic: self.topic.clone(),
+                    partition: partition_for(&revocation.child_root, self.settings.partitions),
+                    key: revocation.session.into_bytes(),
+                    payload: records::to_bytes(&record),
+                }
+            })
+            .collect();
+        let mut delay = Duration::from_millis(50);
+        while let Err(error) = self.sink.producer.send_all(records.clone()).await {
+            tracing::warn!(partition, %error, "cannot continue a revocation in another partition; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Replays records a previous owner already dispatched: state only.
@@ -396,6 +478,19 @@ fn apply_record(txn: &WriteTransaction, streams: &StreamRegistry, record: &InRec
         }
         GraphRecord::Touch { session_id, stream_id, at_ms } => {
             effects::late_touch_plan(txn, streams, &session_id, &stream_id, at_ms)
+        }
+        GraphRecord::Adopt { parent, child, child_root, issuer, .. } => {
+            effects::adopt(txn, &parent, &child, &child_root, &issuer)
+        }
+        GraphRecord::RevokeForeign { session, cascade, event, at_ms } => {
+            match effects::revoke_foreign(txn, streams, &session, &cascade, &event, at_ms) {
+                Ok(plan) => Ok(plan),
+                Err(IngestError::Rejected { description, .. }) => {
+                    tracing::warn!(session, %description, "foreign revocation refused");
+                    Ok(Plan::default())
+                }
+                Err(IngestError::Unavailable(reason)) => Err(StoreError::storage(reason)),
+            }
         }
     }
 }

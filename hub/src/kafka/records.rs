@@ -12,7 +12,7 @@ use caep_transmitter::control::ControlChange;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::cascade::{CascadeRecord, Leaf, Outcome};
+use crate::cascade::{CascadeEvent, CascadeRecord, Leaf, Outcome};
 use crate::issuers::IssuerChange;
 
 /// Topic names under the configured prefix, with their partition counts.
@@ -26,9 +26,10 @@ pub const DELIVERIES: &str = "deliveries";
 pub enum SharedRecord {
     Control { change: ControlChange },
     Issuer { change: IssuerChange },
-    /// A session's delegation root, which picks its `graph` partition. The
-    /// first record for a session wins on every instance alike.
-    Root { session_id: String, root: String },
+    /// A session's delegation root, which picks its `graph` partition, and
+    /// the IdP that named it first (only that IdP may act on it). The first
+    /// record for a session wins on every instance alike.
+    Root { session_id: String, root: String, issuer: String },
     /// The instance that delivers a `deliveries` partition and serves the
     /// polls of its streams.
     Owner { partition: i32, instance_id: String, url: String },
@@ -46,6 +47,13 @@ pub enum GraphRecord {
     Event { claims: Map<String, Value>, received_at_ms: u64 },
     /// A session reached a stream.
     Touch { session_id: String, stream_id: String, at_ms: u64 },
+    /// `child`, whose tree lives in another partition (under `child_root`),
+    /// was established under `parent`, whose tree lives here: a revocation
+    /// of `parent` must reach `child`'s tree.
+    Adopt { parent: String, child: String, child_root: String, issuer: String, at_ms: u64 },
+    /// Revoke the tree under `session` (this partition's) as part of a
+    /// cascade planned in another partition.
+    RevokeForeign { session: String, cascade: Box<CascadeRecord>, event: CascadeEvent, at_ms: u64 },
 }
 
 /// A record of the `deliveries` topic: one signed SET for one stream.

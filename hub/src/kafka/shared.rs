@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use caep_transmitter::control::{ControlChange, ControlLog, ControlOutcome};
 use caep_transmitter::service::{BoxFuture, Transmitter};
-use caep_transmitter::store::{Commit, Store, StoreError};
+use caep_transmitter::store::{Commit, Store, StoreError, decode, encode};
 use redb::{ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
@@ -30,8 +30,16 @@ use crate::kafka::records::{self, SharedRecord};
 
 /// Next offset of `shared` to apply (everything before it is applied).
 const SHARED_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_shared_next");
-/// session → delegation root: the `graph` partition key of its tree.
-const ROOTS: TableDefinition<&str, &str> = TableDefinition::new("kafka_roots");
+/// session → its [`RootEntry`] (JSON).
+const ROOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("kafka_roots");
+
+/// Where a session's tree lives and which IdP named the session first.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RootEntry {
+    /// The delegation root: the `graph` partition key of the session's tree.
+    pub root: String,
+    pub issuer: String,
+}
 
 /// Records applied in one store transaction at most.
 const APPLY_BATCH: usize = 512;
@@ -135,10 +143,10 @@ impl SharedLog {
         }
     }
 
-    /// The delegation root recorded for a session.
-    pub fn root_of(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+    /// The root entry recorded for a session.
+    pub fn root_of(&self, session_id: &str) -> Result<Option<RootEntry>, StoreError> {
         self.store.read(|txn| match txn.open_table(ROOTS) {
-            Ok(table) => Ok(table.get(session_id).map_err(storage)?.map(|v| v.value().to_owned())),
+            Ok(table) => table.get(session_id).map_err(storage)?.map(|v| decode(v.value())).transpose(),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
             Err(error) => Err(storage(error)),
         })
@@ -250,10 +258,11 @@ impl SharedLog {
                 let mut applied = cascade::Applied::default();
                 for record in &records {
                     match record {
-                        SharedRecord::Root { session_id, root } => {
+                        SharedRecord::Root { session_id, root, issuer } => {
                             let mut roots = txn.open_table(ROOTS).map_err(storage)?;
                             if roots.get(session_id.as_str()).map_err(storage)?.is_none() {
-                                roots.insert(session_id.as_str(), root.as_str()).map_err(storage)?;
+                                let entry = RootEntry { root: root.clone(), issuer: issuer.clone() };
+                                roots.insert(session_id.as_str(), encode(&entry)?.as_slice()).map_err(storage)?;
                             }
                         }
                         SharedRecord::Planned { cascade, leaves } => cascade::merge_planned(txn, cascade, leaves)?,

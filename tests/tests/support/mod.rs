@@ -53,11 +53,43 @@ pub struct HubOptions {
     pub long_poll_secs: u64,
     /// Empty: the SSRF guard refuses every loopback push endpoint.
     pub push_allow_cidrs: &'static str,
+    /// Run the hub in Kafka mode against librdkafka's in-process mock cluster.
+    pub kafka: bool,
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
-        HubOptions { min_verification_interval_secs: 0, long_poll_secs: 5, push_allow_cidrs: "127.0.0.0/8" }
+        HubOptions { min_verification_interval_secs: 0, long_poll_secs: 5, push_allow_cidrs: "127.0.0.0/8", kafka: false }
+    }
+}
+
+/// Partitions of the test hub's partitioned topics in Kafka mode.
+const KAFKA_PARTITIONS: i32 = 4;
+
+/// librdkafka's in-process Kafka mock cluster, with the hub's topics made
+/// (it has no CreateTopics). The cluster is not `Send`, so it lives on its
+/// own thread until this handle is dropped.
+struct MockKafka {
+    brokers: String,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl MockKafka {
+    fn start(prefix: &str) -> MockKafka {
+        let (address, brokers) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let prefix = prefix.to_owned();
+        std::thread::spawn(move || {
+            let mock = rdkafka::mocking::MockCluster::new(1).expect("mock Kafka cluster");
+            for (topic, partitions) in
+                [("shared", 1), ("graph", KAFKA_PARTITIONS), ("deliveries", KAFKA_PARTITIONS)]
+            {
+                mock.create_topic(&format!("{prefix}.{topic}"), partitions, 1).expect("mock topic");
+            }
+            address.send(mock.bootstrap_servers()).expect("test waits for the address");
+            let _ = stopped.recv(); // until the hub is dropped
+        });
+        MockKafka { brokers: brokers.recv().expect("mock cluster address"), _stop: stop }
     }
 }
 
@@ -119,6 +151,7 @@ pub struct Hub {
     pub http: reqwest::Client,
     server: JoinHandle<std::io::Result<()>>,
     _data_dir: TempDir,
+    _kafka: Option<MockKafka>,
 }
 
 impl Drop for Hub {
@@ -139,9 +172,17 @@ impl Hub {
         Hub::start_with(HubOptions::default()).await
     }
 
+    /// A hub in Kafka mode on an in-process mock cluster, with the default options.
+    pub async fn start_on_kafka() -> Hub {
+        Hub::start_with(HubOptions { kafka: true, ..HubOptions::default() }).await
+    }
+
     pub async fn start_with(options: HubOptions) -> Hub {
         let data_dir = tempfile::tempdir().expect("temp dir");
+        let kafka = options.kafka.then(|| MockKafka::start("caep"));
         let config = HubConfig {
+            kafka_brokers: kafka.as_ref().map(|k| k.brokers.clone()),
+            kafka_partitions: KAFKA_PARTITIONS,
             listen: "127.0.0.1:0".parse().expect("address"),
             data_dir: data_dir.path().join("hub"),
             admin_token: Some(ADMIN_TOKEN.into()),
@@ -168,7 +209,29 @@ impl Hub {
         let jwks_uri = metadata["jwks_uri"].as_str().expect("jwks_uri").to_owned();
         let jwks_text = http.get(jwks_uri).send().await.expect("JWKS").text().await.expect("JWKS body");
         let jwks = Jwks::from_json(&jwks_text).expect("JWKS parses");
-        Hub { issuer, metadata, jwks, http, server, _data_dir: data_dir }
+        let hub = Hub { issuer, metadata, jwks, http, server, _data_dir: data_dir, _kafka: kafka };
+        if options.kafka {
+            hub.wait_for_partitions().await;
+        }
+        hub
+    }
+
+    /// Waits until this (only) instance works every partition: the group
+    /// has formed, so what a test does next is applied promptly.
+    async fn wait_for_partitions(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let health: Value =
+                self.http.get(format!("{}/healthz", self.issuer)).send().await.expect("healthz").json().await.expect("JSON");
+            let count = |key: &str| health["kafka"][key].as_array().map_or(0, Vec::len);
+            if count("graph_partitions") == KAFKA_PARTITIONS as usize
+                && count("delivery_partitions") == KAFKA_PARTITIONS as usize
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "Kafka partitions never assigned: {health}");
+            tokio::time::sleep(TICK).await;
+        }
     }
 
     /// An endpoint from the metadata document, e.g. `configuration_endpoint`.
