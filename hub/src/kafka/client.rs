@@ -553,8 +553,9 @@ struct GroupContext {
     owned: Mutex<HashSet<(String, i32)>>,
     /// What the last rebalance revoked, to spot a round that changed nothing.
     revoked: Mutex<Option<HashSet<(String, i32)>>>,
-    /// When this member joined: a no-op round soon after is normal churn.
-    joined: Instant,
+    /// When this member last rejoined as a new one: at most one such rejoin
+    /// per grace period, so two members can never keep forcing rounds.
+    rejoined_at: Option<Instant>,
     /// The no-op grace: three session timeouts.
     grace: Duration,
     /// Set when this member should rejoin as a new member (see `rejoin`).
@@ -562,12 +563,12 @@ struct GroupContext {
 }
 
 impl GroupContext {
-    fn new(events: mpsc::UnboundedSender<Rebalance>, session_timeout_ms: u32) -> Self {
+    fn new(events: mpsc::UnboundedSender<Rebalance>, session_timeout_ms: u32, rejoined_at: Option<Instant>) -> Self {
         GroupContext {
             events,
             owned: Mutex::new(HashSet::new()),
             revoked: Mutex::new(None),
-            joined: Instant::now(),
+            rejoined_at,
             grace: Duration::from_millis(u64::from(session_timeout_ms) * 3),
             rejoin: std::sync::atomic::AtomicBool::new(false),
         }
@@ -587,7 +588,7 @@ impl GroupContext {
     fn note_assignment(&self, assigned: &HashSet<(String, i32)>) {
         let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner()).take();
         if revoked.is_some_and(|revoked| !revoked.is_empty() && &revoked == assigned)
-            && self.joined.elapsed() > self.grace
+            && self.rejoined_at.is_none_or(|at| at.elapsed() > self.grace)
         {
             tracing::warn!("rebalance changed nothing; rejoining as a new member so every member rebalances");
             self.rejoin.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -673,7 +674,7 @@ impl GroupConsumer {
             return Err(KafkaError::InvalidSettings("group id is empty".into()));
         }
         let (events, rx) = mpsc::unbounded_channel();
-        let consumer = Self::join(settings, topics, events.clone())?;
+        let consumer = Self::join(settings, topics, events.clone(), None)?;
         let this = Self {
             consumer: std::sync::RwLock::new(Arc::new(consumer)),
             settings: settings.clone(),
@@ -687,8 +688,9 @@ impl GroupConsumer {
         settings: &KafkaSettings,
         topics: &[String],
         events: mpsc::UnboundedSender<Rebalance>,
+        rejoined_at: Option<Instant>,
     ) -> Result<StreamConsumer<GroupContext>, KafkaError> {
-        let context = GroupContext::new(events, settings.session_timeout_ms);
+        let context = GroupContext::new(events, settings.session_timeout_ms, rejoined_at);
         let heartbeat = (settings.session_timeout_ms / 3).max(100);
         let consumer: StreamConsumer<GroupContext> = consumer_config(settings)
             .set("group.id", &settings.group_id)
@@ -718,7 +720,7 @@ impl GroupConsumer {
         if !current.context().rejoin.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
-        let fresh = Self::join(&self.settings, &self.topics, self.events.clone())?;
+        let fresh = Self::join(&self.settings, &self.topics, self.events.clone(), Some(Instant::now()))?;
         *self.consumer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
         // Closing leaves the group, which blocks: not on the runtime's threads.
         tokio::task::spawn_blocking(move || drop(current));
