@@ -470,13 +470,7 @@ impl OutcomeSink for Tracker {
             return Ok(());
         }
         let applied = cascade::apply_outcomes(txn, &outcomes)?;
-        for latency in applied.leaf_latencies_ms {
-            metrics::histogram!("caep_leaf_latency_seconds").record(latency as f64 / 1000.0);
-        }
-        for (cascade_txn, took) in applied.completed {
-            metrics::histogram!("caep_cascade_completion_seconds").record(took as f64 / 1000.0);
-            tracing::info!(txn = %cascade_txn, cascade_ms = took, "cascade complete");
-        }
+        crate::metrics::record_settled(&applied);
         Ok(())
     }
 }

@@ -58,3 +58,15 @@ fn describe() {
         counter!("caep_push_attempts_total", "outcome" => outcome).absolute(0);
     }
 }
+
+/// Records leaf latencies and completed cascades (on the instance that
+/// delivered the leaves, so a cluster counts each once).
+pub fn record_settled(applied: &crate::cascade::Applied) {
+    for latency in &applied.leaf_latencies_ms {
+        metrics::histogram!("caep_leaf_latency_seconds").record(*latency as f64 / 1000.0);
+    }
+    for (cascade_txn, took) in &applied.completed {
+        metrics::histogram!("caep_cascade_completion_seconds").record(*took as f64 / 1000.0);
+        tracing::info!(txn = %cascade_txn, cascade_ms = took, "cascade complete");
+    }
+}

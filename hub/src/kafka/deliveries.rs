@@ -271,7 +271,7 @@ impl Deliveries {
                     Err(_) => break,
                 }
             }
-            let record = SharedRecord::Settled { outcomes };
+            let record = SharedRecord::Settled { outcomes, instance_id: self.instance.id.clone() };
             let mut delay = Duration::from_millis(50);
             while let Err(error) = self.shared.append(&record).await {
                 tracing::warn!(%error, "cannot report delivery outcomes; retrying");

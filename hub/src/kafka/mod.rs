@@ -65,11 +65,11 @@ pub async fn assemble(
     ];
     client::ensure_topics(&settings, &topics).await.map_err(kafka_start)?;
     let producer = Producer::new(&settings).map_err(kafka_start)?;
-    let shared = SharedLog::open(&settings, producer.clone(), store.clone())?;
     let instance = Instance {
         id: instance_id(&config.data_dir)?,
         url: config.advertised_url.clone().unwrap_or_else(|| format!("http://{local_addr}")),
     };
+    let shared = SharedLog::open(&settings, producer.clone(), store.clone(), &instance.id)?;
     tracing::info!(instance_id = %instance.id, url = %instance.url, brokers = %settings.brokers, "joining the Kafka cluster");
     let sink = KafkaSink::new(&settings, producer.clone(), Arc::clone(&shared));
     let deliveries = Deliveries::new(&settings, instance.clone(), Arc::clone(&sink), Arc::clone(&shared));

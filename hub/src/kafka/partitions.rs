@@ -288,6 +288,7 @@ impl GraphPartitions {
     async fn work(self: Arc<Self>, partition: i32, mut records: mpsc::UnboundedReceiver<InRecord>) -> Result<(), StoreError> {
         let store = self.open_store(partition).await;
         self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, store.clone());
+        let pruning = AbortOnDrop(tokio::spawn(prune_hourly(partition, store.clone())));
         let sink: Arc<dyn LeafSink> = self.sink.clone();
         let dispatcher = Dispatcher::new(&self.issuer, Arc::clone(&self.transmitter), store.clone(), sink);
         // Leaves this file planned but never handed over (a crash between).
@@ -324,6 +325,7 @@ impl GraphPartitions {
                 tracing::debug!(partition, %error, "graph offset commit");
             }
         }
+        drop(pruning);
         Ok(())
     }
 
@@ -437,6 +439,29 @@ impl GraphPartitions {
 async fn reader_next(reader: &TailReader, until: i64) -> Result<Option<InRecord>, StoreError> {
     let record = reader.next().await.map_err(kafka_error)?;
     Ok((record.offset < until).then_some(record))
+}
+
+/// Aborts a task when dropped (the task lives as long as its owner).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Forgets IdP replay records no accepted SET can still match, as the
+/// embedded hub does for its own store.
+async fn prune_hourly(partition: i32, store: Store) {
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        hourly.tick().await;
+        match store.write(Commit::Lazy, |txn| effects::prune_ingested(txn, now_ms())).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(partition, removed, "pruned old IdP replay records"),
+            Err(error) => tracing::warn!(partition, %error, "cannot prune IdP replay records"),
+        }
+    }
 }
 
 fn next_offset(store: &Store) -> Result<i64, StoreError> {

@@ -35,8 +35,14 @@ pub enum SharedRecord {
     Owner { partition: i32, instance_id: String, url: String },
     /// Leaves a graph partition planned and handed to delivery.
     Planned { cascade: CascadeRecord, leaves: Vec<Leaf> },
-    /// What became of delivered (or dead-lettered) leaves.
-    Settled { outcomes: Vec<Outcome> },
+    /// What became of delivered (or dead-lettered) leaves, as reported by
+    /// the instance that delivered them (which alone counts them in its
+    /// latency metrics).
+    Settled {
+        outcomes: Vec<Outcome>,
+        #[serde(default)]
+        instance_id: String,
+    },
 }
 
 /// A record of the `graph` topic.

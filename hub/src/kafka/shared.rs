@@ -69,11 +69,18 @@ pub struct SharedLog {
     owners: RwLock<HashMap<i32, (String, String)>>,
     transmitter: OnceLock<Arc<Transmitter>>,
     hub: OnceLock<Weak<Hub>>,
+    /// This instance: only the deliverer of a leaf counts it in metrics.
+    instance_id: String,
 }
 
 impl SharedLog {
     /// Opens the replica, resuming after the last offset the main store applied.
-    pub fn open(settings: &KafkaSettings, producer: Producer, store: Store) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        settings: &KafkaSettings,
+        producer: Producer,
+        store: Store,
+        instance_id: &str,
+    ) -> Result<Arc<Self>, StoreError> {
         let topic = settings.topic(records::SHARED);
         let next = store.read(|txn| match txn.open_table(SHARED_NEXT) {
             Ok(table) => Ok(table.get("next").map_err(storage)?.map_or(0, |v| v.value())),
@@ -92,6 +99,7 @@ impl SharedLog {
             owners: RwLock::new(HashMap::new()),
             transmitter: OnceLock::new(),
             hub: OnceLock::new(),
+            instance_id: instance_id.to_owned(),
         }))
     }
 
@@ -252,6 +260,7 @@ impl SharedLog {
         if records.is_empty() {
             return Ok(());
         }
+        let me = self.instance_id.clone();
         let applied = self
             .store
             .write(Commit::Lazy, move |txn| {
@@ -266,10 +275,12 @@ impl SharedLog {
                             }
                         }
                         SharedRecord::Planned { cascade, leaves } => cascade::merge_planned(txn, cascade, leaves)?,
-                        SharedRecord::Settled { outcomes } => {
+                        SharedRecord::Settled { outcomes, instance_id } => {
                             let done = cascade::apply_outcomes(txn, outcomes)?;
-                            applied.leaf_latencies_ms.extend(done.leaf_latencies_ms);
-                            applied.completed.extend(done.completed);
+                            if *instance_id == me {
+                                applied.leaf_latencies_ms.extend(done.leaf_latencies_ms);
+                                applied.completed.extend(done.completed);
+                            }
                         }
                         _ => {}
                     }
@@ -277,9 +288,7 @@ impl SharedLog {
                 Ok(applied)
             })
             .await?;
-        for (txn, took) in applied.completed {
-            tracing::info!(%txn, cascade_ms = took, "cascade complete");
-        }
+        crate::metrics::record_settled(&applied);
         Ok(())
     }
 
