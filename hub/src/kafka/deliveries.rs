@@ -135,6 +135,10 @@ impl Deliveries {
                                 _ => break,
                             }
                         }
+                        // Records of a partition assigned in the same poll can
+                        // come before the assignment event: ownership is the
+                        // consumer's, known by the time it returns a record.
+                        batch.retain(|record| consumer.owns(&record.topic, record.partition));
                         let mut delay = Duration::from_millis(50);
                         while let Err(error) = self.import_batch(&batch).await {
                             tracing::error!(%error, "cannot import SETs into the outbox; retrying");
@@ -155,7 +159,8 @@ impl Deliveries {
         let Some(outbox) = self.outbox() else { return Ok(()) };
         let mut sets = Vec::new();
         let mut imported: Vec<(i32, i64, String, String)> = Vec::new();
-        for record in batch.iter().filter(|record| self.owns(record.partition)) {
+        for record in batch {
+            self.take_over(record.partition).await;
             match serde_json::from_slice::<DeliveryRecord>(&record.payload) {
                 Ok(set) => {
                     imported.push((record.partition, record.offset, set.stream_id.clone(), set.jti.clone()));
@@ -188,10 +193,7 @@ impl Deliveries {
         match event {
             Rebalance::Assigned(parts) => {
                 for (_, partition) in parts.into_iter().filter(|(topic, _)| *topic == self.topic) {
-                    self.purge_partition(partition).await;
-                    self.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, Inflight::default());
-                    self.assigned.write().unwrap_or_else(|p| p.into_inner()).insert(partition);
-                    tracing::info!(partition, "deliveries partition assigned");
+                    self.take_over(partition).await;
                     let owner = SharedRecord::Owner {
                         partition,
                         instance_id: self.instance.id.clone(),
@@ -211,6 +213,18 @@ impl Deliveries {
                 }
             }
         }
+    }
+
+    /// Starts delivering a partition, once per assignment: what an earlier
+    /// ownership left in the outbox goes, since the log has it all.
+    async fn take_over(&self, partition: i32) {
+        if self.owns(partition) {
+            return;
+        }
+        self.purge_partition(partition).await;
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, Inflight::default());
+        self.assigned.write().unwrap_or_else(|p| p.into_inner()).insert(partition);
+        tracing::info!(partition, "deliveries partition assigned");
     }
 
     /// Drops the outbox rows of a partition's streams: whoever owns it now

@@ -247,6 +247,10 @@ impl GraphPartitions {
     }
 
     fn route(self: &Arc<Self>, record: InRecord) {
+        // A record fetched before its partition was revoked: the next owner has it.
+        if !self.consumer.owns(&record.topic, record.partition) {
+            return;
+        }
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         let partition = record.partition;
         let worker = workers.entry(partition).or_insert_with(|| self.spawn_worker(partition));
