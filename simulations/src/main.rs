@@ -82,11 +82,11 @@ struct Args {
     kill_hub_at: Option<usize>,
     /// Kafka mode: SIGKILL one instance after this many leaves were delivered (it is not restarted; the others
     /// take over its partitions).
-    #[arg(long)]
+    #[arg(long, requires = "kafka")]
     kill_instance_at: Option<usize>,
     /// Kafka mode with --kafka tansu: stop the broker after this many leaves were delivered and restart it on the
     /// same port and storage after --broker-down-ms.
-    #[arg(long)]
+    #[arg(long, requires = "kafka")]
     restart_broker_at: Option<usize>,
     /// How long the restarted broker stays down (ms).
     #[arg(long, default_value_t = 1500)]
@@ -96,13 +96,13 @@ struct Args {
     #[arg(long, value_name = "BROKERS|tansu", conflicts_with = "hub")]
     kafka: Option<String>,
     /// Kafka mode: hub instances, behind a round-robin balancer the drill runs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, requires = "kafka", default_value_t = 3)]
     hubs: usize,
     /// Kafka mode: partitions of the graph and deliveries topics.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, requires = "kafka", default_value_t = 6)]
     partitions: usize,
     /// Kafka mode: wait this long after the instances are up before the drill starts (s).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, requires = "kafka", default_value_t = 0)]
     warmup_secs: u64,
     /// Drill an existing hub at this URL instead of starting one (it must allow 127.0.0.0/8 push endpoints).
     #[arg(long, requires = "admin_token")]
