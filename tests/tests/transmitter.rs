@@ -48,9 +48,8 @@ fn polled(response: &Value) -> Vec<(String, String)> {
 
 // ---------------------------------------------------------------- metadata
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadata_advertises_absolute_endpoints_under_the_issuer() {
-    let hub = Hub::start().await;
+async fn metadata_advertises_absolute_endpoints_under_the_issuer(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let metadata = &hub.metadata;
     assert_eq!(metadata["spec_version"], "1_0");
     assert_eq!(metadata["issuer"], hub.issuer);
@@ -99,9 +98,8 @@ async fn metadata_advertises_absolute_endpoints_under_the_issuer() {
 
 // ---------------------------------------------------------------- stream lifecycle
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_stream_lifecycle_create_read_list_update_replace_delete() {
-    let hub = Hub::start().await;
+async fn push_stream_lifecycle_create_read_list_update_replace_delete(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("lifecycle").await;
     let receiver = PushReceiver::accepting().await;
     let streams = hub.endpoint("configuration_endpoint");
@@ -200,9 +198,8 @@ async fn push_stream_lifecycle_create_read_list_update_replace_delete() {
     hub.get(&hub.status_url(&stream_id), &rp.token).await.expect(404).no_store();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poll_stream_lifecycle_with_a_transmitter_supplied_endpoint() {
-    let hub = Hub::start().await;
+async fn poll_stream_lifecycle_with_a_transmitter_supplied_endpoint(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("poller").await;
     let streams = hub.endpoint("configuration_endpoint");
 
@@ -279,9 +276,8 @@ fn operations(hub: &Hub, stream_id: &str, poll_url: &str) -> Vec<(&'static str, 
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_management_operation_needs_a_valid_bearer_token() {
-    let hub = Hub::start().await;
+async fn every_management_operation_needs_a_valid_bearer_token(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("authn").await;
     let (stream_id, poll_url) = hub.poll_stream(&rp).await;
 
@@ -319,9 +315,8 @@ async fn every_management_operation_needs_a_valid_bearer_token() {
     assert_eq!(status["status"], "enabled");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_token_may_read_but_not_manage() {
-    let hub = Hub::start().await;
+async fn a_read_only_token_may_read_but_not_manage(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let reader = hub
         .receiver_with(json!({"name": "reader", "audience": "https://reader.example/", "scopes": ["ssf.read"]}))
         .await;
@@ -352,9 +347,8 @@ async fn a_read_only_token_may_read_but_not_manage() {
 
 // ---------------------------------------------------------------- 404
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_stream_is_404_everywhere() {
-    let hub = Hub::start().await;
+async fn an_unknown_stream_is_404_everywhere(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("finder").await;
     let (stream_id, poll_url) = hub.poll_stream(&rp).await;
     assert!(poll_url.contains(&stream_id), "poll URL {poll_url} does not name its stream");
@@ -375,9 +369,8 @@ async fn an_unknown_stream_is_404_everywhere() {
 
 // ---------------------------------------------------------------- 400
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broken_request_bodies_are_400() {
-    let hub = Hub::start().await;
+async fn broken_request_bodies_are_400(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("clumsy").await;
     let streams = hub.endpoint("configuration_endpoint");
     let token = Some(rp.token.as_str());
@@ -437,9 +430,8 @@ async fn broken_request_bodies_are_400() {
     assert_eq!(reply.status, 400, "verification without stream_id: {}", reply.text);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_endpoint_on_loopback_is_400_without_an_allow_list() {
-    let hub = Hub::start_with(HubOptions { push_allow_cidrs: "", ..HubOptions::default() }).await;
+async fn a_push_endpoint_on_loopback_is_400_without_an_allow_list(base: HubOptions) {
+    let hub = Hub::start_with(HubOptions { push_allow_cidrs: "", ..base.clone() }).await;
     let rp = hub.receiver("ssrf").await;
     let receiver = PushReceiver::accepting().await;
     let streams = hub.endpoint("configuration_endpoint");
@@ -462,9 +454,8 @@ async fn a_push_endpoint_on_loopback_is_400_without_an_allow_list() {
 
 // ---------------------------------------------------------------- status
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_reads_enabled_then_paused_with_its_reason() {
-    let hub = Hub::start().await;
+async fn status_reads_enabled_then_paused_with_its_reason(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("status").await;
     let (stream_id, poll_url) = hub.poll_stream(&rp).await;
     let status = hub.get(&hub.status_url(&stream_id), &rp.token).await.expect(200).no_store().json();
@@ -491,9 +482,8 @@ async fn status_reads_enabled_then_paused_with_its_reason() {
 
 // ---------------------------------------------------------------- subjects
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subjects_are_added_and_removed() {
-    let hub = Hub::start().await;
+async fn subjects_are_added_and_removed(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("subjects").await;
     let (stream_id, _) = hub.poll_stream(&rp).await;
     let add = hub.endpoint("add_subject_endpoint");
@@ -515,9 +505,8 @@ async fn subjects_are_added_and_removed() {
 
 // ---------------------------------------------------------------- verification
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verification_over_push_with_and_without_an_authorization_header() {
-    let hub = Hub::start_with(HubOptions { min_verification_interval_secs: 5, ..HubOptions::default() }).await;
+async fn verification_over_push_with_and_without_an_authorization_header(base: HubOptions) {
+    let hub = Hub::start_with(HubOptions { min_verification_interval_secs: 5, ..base.clone() }).await;
     let rp = hub.receiver("verifier").await;
 
     let with_header = PushReceiver::accepting().await;
@@ -555,9 +544,8 @@ async fn verification_over_push_with_and_without_an_authorization_header() {
     assert_eq!(with_header.requests().len(), 1, "one stream's SET went to another's endpoint");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verification_over_poll_with_acknowledgement_and_long_poll() {
-    let hub = Arc::new(Hub::start_with(HubOptions { long_poll_secs: 2, ..HubOptions::default() }).await);
+async fn verification_over_poll_with_acknowledgement_and_long_poll(base: HubOptions) {
+    let hub = Arc::new(Hub::start_with(HubOptions { long_poll_secs: 2, ..base.clone() }).await);
     let rp = hub.receiver("poll-verifier").await;
     let (stream_id, poll_url) = hub.poll_stream(&rp).await;
 
@@ -618,9 +606,8 @@ async fn verification_over_poll_with_acknowledgement_and_long_poll() {
 
 // ---------------------------------------------------------------- isolation
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receiver_cannot_see_or_touch_another_receivers_stream() {
-    let hub = Hub::start().await;
+async fn a_receiver_cannot_see_or_touch_another_receivers_stream(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let alice = hub.receiver("alice").await;
     let bob = hub.receiver("bob").await;
     let (alice_stream, alice_poll) = hub.poll_stream(&alice).await;
@@ -669,9 +656,8 @@ async fn a_receiver_cannot_see_or_touch_another_receivers_stream() {
 
 // ---------------------------------------------------------------- push retries and dead letters
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_is_retried_with_the_same_jti_until_accepted() {
-    let hub = Hub::start().await;
+async fn push_is_retried_with_the_same_jti_until_accepted(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("flaky").await;
     let receiver = PushReceiver::scripted(vec![Answer::Status(503), Answer::Status(503)], Answer::Status(202)).await;
     let stream_id = hub.push_stream(&rp, &receiver.url, Some("Bearer flaky")).await;
@@ -692,9 +678,8 @@ async fn push_is_retried_with_the_same_jti_until_accepted() {
     assert_eq!(hub.dead_letters(&stream_id).await, Vec::<Value>::new());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_push_is_dead_lettered_and_replayed_with_the_same_jti() {
-    let hub = Hub::start().await;
+async fn a_rejected_push_is_dead_lettered_and_replayed_with_the_same_jti(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("rejecting").await;
     let rejection = Answer::Json(400, json!({"err": "invalid_key", "description": "x"}));
     let receiver = PushReceiver::scripted(Vec::new(), rejection).await;
@@ -736,9 +721,8 @@ async fn a_rejected_push_is_dead_lettered_and_replayed_with_the_same_jti() {
 
 // ---------------------------------------------------------------- pause and resume
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_push_stream_holds_its_sets_until_resumed() {
-    let hub = Hub::start().await;
+async fn a_paused_push_stream_holds_its_sets_until_resumed(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("pauser").await;
     let receiver = PushReceiver::accepting().await;
     let stream_id = hub.push_stream(&rp, &receiver.url, None).await;
@@ -758,9 +742,8 @@ async fn a_paused_push_stream_holds_its_sets_until_resumed() {
 
 // ---------------------------------------------------------------- transmitter-initiated status
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transmitter_initiated_pause_is_announced_by_a_stream_updated_set() {
-    let hub = Hub::start().await;
+async fn a_transmitter_initiated_pause_is_announced_by_a_stream_updated_set(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("announced").await;
     let receiver = PushReceiver::accepting().await;
     let stream_id = hub.push_stream(&rp, &receiver.url, Some("Bearer announced")).await;
@@ -798,9 +781,8 @@ async fn a_transmitter_initiated_pause_is_announced_by_a_stream_updated_set() {
 // and `StreamRegistry::put` is an unconditional upsert: a receiver's PATCH
 // made during the wait is reverted, and a stream the receiver deleted during
 // the wait is written back (resurrected).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_changes_during_a_transmitter_initiated_pause_are_not_lost() {
-    let hub = Arc::new(Hub::start().await);
+async fn receiver_changes_during_a_transmitter_initiated_pause_are_not_lost(base: HubOptions) {
+    let hub = Arc::new(Hub::start_with(base.clone()).await);
     let rp = hub.receiver("busy").await;
     // Receivers that never acknowledge, so the announcement is awaited.
     let patched_receiver = PushReceiver::scripted(Vec::new(), Answer::Status(503)).await;
@@ -845,9 +827,8 @@ async fn receiver_changes_during_a_transmitter_initiated_pause_are_not_lost() {
 
 // ---------------------------------------------------------------- receiver removal
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_receiver_revokes_its_token_and_disables_its_streams() {
-    let hub = Hub::start().await;
+async fn deleting_a_receiver_revokes_its_token_and_disables_its_streams(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("leaving").await;
     let receiver = PushReceiver::accepting().await;
     let stream_id = hub.push_stream(&rp, &receiver.url, None).await;
@@ -884,9 +865,8 @@ async fn deleting_a_receiver_revokes_its_token_and_disables_its_streams() {
 // the route's status (still `Enabled` in the last value) and never notices the
 // sender is gone, so a SET being retried keeps being pushed after its stream
 // is deleted (or disabled), until `push_give_up_secs` (24 h by default).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_push_stream_stops_retrying_its_sets() {
-    let hub = Hub::start().await;
+async fn deleting_a_push_stream_stops_retrying_its_sets(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("deleted-while-failing").await;
     let receiver = PushReceiver::scripted(Vec::new(), Answer::Status(503)).await;
     let stream_id = hub.push_stream(&rp, &receiver.url, None).await;
@@ -902,9 +882,8 @@ async fn deleting_a_push_stream_stops_retrying_its_sets() {
 }
 
 // PRODUCT BUG (see report): same cause as `deleting_a_push_stream_stops_retrying_its_sets`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disabling_a_push_stream_drops_the_set_being_retried() {
-    let hub = Hub::start().await;
+async fn disabling_a_push_stream_drops_the_set_being_retried(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("disabled-while-failing").await;
     let receiver = PushReceiver::scripted(Vec::new(), Answer::Status(503)).await;
     let stream_id = hub.push_stream(&rp, &receiver.url, None).await;
@@ -936,9 +915,8 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 // every counter incremented before the first scrape (here: the push of the
 // verification SET) goes to the no-op recorder and is lost. This is the only
 // test that scrapes /metrics, so the first scrape happens after the delivery.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_push_attempts_and_deliveries_and_show_outbox_depth() {
-    let hub = Hub::start().await;
+async fn metrics_count_push_attempts_and_deliveries_and_show_outbox_depth(base: HubOptions) {
+    let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("measured").await;
     let receiver = PushReceiver::accepting().await;
     let delivered_stream = hub.push_stream(&rp, &receiver.url, None).await;
@@ -963,3 +941,53 @@ async fn metrics_count_push_attempts_and_deliveries_and_show_outbox_depth() {
     assert_eq!(sample(&text, "caep_outbox_depth", &[("stream_id", &delivered_stream)]), Some(0.0), "{text}");
     assert_eq!(sample(&text, "caep_outbox_depth", &[("stream_id", &held_stream)]), Some(1.0), "{text}");
 }
+
+// ---------------------------------------------------------------- both backends
+
+/// Every conformance test above, on the embedded default and in Kafka mode
+/// (librdkafka's in-process mock cluster).
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::HubOptions::default()).await
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::HubOptions { kafka: true, ..super::HubOptions::default() }).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    metadata_advertises_absolute_endpoints_under_the_issuer,
+    push_stream_lifecycle_create_read_list_update_replace_delete,
+    poll_stream_lifecycle_with_a_transmitter_supplied_endpoint,
+    every_management_operation_needs_a_valid_bearer_token,
+    a_read_only_token_may_read_but_not_manage,
+    an_unknown_stream_is_404_everywhere,
+    broken_request_bodies_are_400,
+    a_push_endpoint_on_loopback_is_400_without_an_allow_list,
+    status_reads_enabled_then_paused_with_its_reason,
+    subjects_are_added_and_removed,
+    verification_over_push_with_and_without_an_authorization_header,
+    verification_over_poll_with_acknowledgement_and_long_poll,
+    a_receiver_cannot_see_or_touch_another_receivers_stream,
+    push_is_retried_with_the_same_jti_until_accepted,
+    a_rejected_push_is_dead_lettered_and_replayed_with_the_same_jti,
+    a_paused_push_stream_holds_its_sets_until_resumed,
+    a_transmitter_initiated_pause_is_announced_by_a_stream_updated_set,
+    receiver_changes_during_a_transmitter_initiated_pause_are_not_lost,
+    deleting_a_receiver_revokes_its_token_and_disables_its_streams,
+    deleting_a_push_stream_stops_retrying_its_sets,
+    disabling_a_push_stream_drops_the_set_being_retried,
+    metrics_count_push_attempts_and_deliveries_and_show_outbox_depth,
+);

@@ -141,6 +141,13 @@ pub enum Placement {
 /// Which instance serves each stream.
 pub trait StreamPlacement: Send + Sync {
     fn place(&self, stream_id: &str) -> Placement;
+
+    /// Resolves once this instance holds every SET routed to the stream
+    /// before the call (a poll or an announcement check then sees them); at
+    /// once where SETs never travel (embedded) or the stream is not served here.
+    fn caught_up<'a>(&'a self, _stream_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The embedded placement: this instance serves every stream.

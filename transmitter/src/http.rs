@@ -277,7 +277,7 @@ async fn poll_stream(
         return Err(SsfError::NotFound);
     }
     match transmitter.placement().place(&stream_id) {
-        Placement::Local => {}
+        Placement::Local => transmitter.placement().caught_up(&stream_id).await,
         Placement::Unknown => return Err(SsfError::Unavailable { retry_after_secs: 1 }),
         Placement::Remote { base_url } => {
             if headers.contains_key(poll::FORWARDED_HEADER) {

@@ -578,7 +578,11 @@ impl Transmitter {
         self.set_status(&record, status, reason).await
     }
 
+    /// Waits (bounded) for the announcement to leave the outbox. Where SETs
+    /// travel through a shared log, only the instance delivering the stream
+    /// can see that; elsewhere this returns at once.
     async fn await_acknowledgement(&self, stream_id: &str, jti: &str) {
+        self.placement().caught_up(stream_id).await;
         let deadline = tokio::time::Instant::now() + self.settings.announce_timeout;
         while tokio::time::Instant::now() < deadline {
             match self.outbox.contains(stream_id, jti) {

@@ -70,6 +70,7 @@ pub struct Deliveries {
     inflight: Mutex<HashMap<i32, Inflight>>,
     settled: mpsc::UnboundedSender<Outcome>,
     settled_rx: Mutex<Option<mpsc::UnboundedReceiver<Outcome>>>,
+    consumer: OnceLock<Arc<GroupConsumer>>,
 }
 
 impl Deliveries {
@@ -88,6 +89,7 @@ impl Deliveries {
             inflight: Mutex::new(HashMap::new()),
             settled,
             settled_rx: Mutex::new(Some(settled_rx)),
+            consumer: OnceLock::new(),
         })
     }
 
@@ -100,6 +102,7 @@ impl Deliveries {
         let (consumer, rebalances) =
             GroupConsumer::new(&group, std::slice::from_ref(&self.topic)).map_err(kafka_error)?;
         let consumer = Arc::new(consumer);
+        let _ = self.consumer.set(Arc::clone(&consumer));
         tokio::spawn(Arc::clone(self).import(Arc::clone(&consumer), rebalances));
         tokio::spawn(Arc::clone(self).sweep(consumer));
         if let Some(settled) = self.settled_rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -222,7 +225,13 @@ impl Deliveries {
             return;
         }
         self.purge_partition(partition).await;
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, Inflight::default());
+        // Where importing resumes: the group's committed offset.
+        let resumes = match self.consumer.get() {
+            Some(consumer) => consumer.committed(&self.topic, partition).await.ok().flatten(),
+            None => None,
+        };
+        let part = Inflight { next: resumes, ..Inflight::default() };
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, part);
         self.assigned.write().unwrap_or_else(|p| p.into_inner()).insert(partition);
         tracing::info!(partition, "deliveries partition assigned");
     }
@@ -303,6 +312,38 @@ impl SetRouter for Deliveries {
 }
 
 impl StreamPlacement for Deliveries {
+    fn caught_up<'a>(&'a self, stream_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let partition = partition_for(stream_id, self.settings.partitions);
+            let Some(consumer) = self.consumer.get() else { return };
+            if !self.owns(partition) {
+                return;
+            }
+            let high = match consumer.high_watermark(&self.topic, partition).await {
+                Ok(high) => high,
+                Err(error) => {
+                    tracing::warn!(partition, %error, "deliveries read barrier: no high watermark");
+                    return;
+                }
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while tokio::time::Instant::now() < deadline {
+                let imported = self
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&partition)
+                    .and_then(|part| part.next)
+                    .unwrap_or(0);
+                if imported >= high || !self.owns(partition) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tracing::warn!(partition, high, "deliveries read barrier timed out");
+        })
+    }
+
     fn place(&self, stream_id: &str) -> Placement {
         let partition = partition_for(stream_id, self.settings.partitions);
         if self.owns(partition) {
