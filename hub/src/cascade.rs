@@ -88,6 +88,22 @@ pub struct Leaf {
     pub err: Option<String>,
 }
 
+impl CascadeRecord {
+    /// The same cascade with no events or leaves counted yet: where another
+    /// partition's part of it starts.
+    pub fn template(&self) -> CascadeRecord {
+        CascadeRecord {
+            events: Vec::new(),
+            total: 0,
+            undispatched: 0,
+            delivered: 0,
+            failed: 0,
+            completed_at_ms: None,
+            ..self.clone()
+        }
+    }
+}
+
 impl Leaf {
     /// Milliseconds from plan to acknowledgement, once acknowledged.
     pub fn latency_ms(&self) -> Option<u64> {
@@ -166,15 +182,7 @@ pub fn plan(
 /// Leaves already known are left alone: a merge replayed after a crash, or
 /// a plan sent twice, neither double-counts nor resets a delivered leaf.
 pub fn merge_planned(txn: &WriteTransaction, planned: &CascadeRecord, leaves: &[Leaf]) -> Result<(), StoreError> {
-    let mut record = cascade(txn, &planned.key)?.unwrap_or_else(|| CascadeRecord {
-        events: Vec::new(),
-        total: 0,
-        undispatched: 0,
-        delivered: 0,
-        failed: 0,
-        completed_at_ms: None,
-        ..planned.clone()
-    });
+    let mut record = cascade(txn, &planned.key)?.unwrap_or_else(|| planned.template());
     // Parts of one cascade start in several partitions: it started at the first.
     record.started_at_ms = record.started_at_ms.min(planned.started_at_ms);
     let mut added = 0;

@@ -491,15 +491,7 @@ pub fn revoke_foreign(
     event: &CascadeEvent,
     now: u64,
 ) -> Result<Plan, IngestError> {
-    let template = CascadeRecord {
-        events: Vec::new(),
-        total: 0,
-        undispatched: 0,
-        delivered: 0,
-        failed: 0,
-        completed_at_ms: None,
-        ..cascade.clone()
-    };
+    let template = cascade.template();
     let cause = format!("foreign {} {session}", cascade.key);
     revoke_trees(txn, streams, &[session.to_owned()], &template, event, now, &cause)
 }

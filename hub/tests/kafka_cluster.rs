@@ -24,7 +24,7 @@ use caep_schemas::set::{Expectations, SecurityEventToken};
 use caep_schemas::subject::SubjectId;
 use serde_json::{Value, json};
 use support::HubProcess;
-use support::tansu::Tansu;
+use caep_simulations::tansu::TansuBroker;
 use tokio::task::JoinSet;
 
 const ADMIN: &str = "kafka-cluster-admin";
@@ -133,7 +133,7 @@ struct Receiver {
 struct Cluster {
     // Dropped in this order: the hubs, then the broker, then the directory.
     hubs: Vec<HubProcess>,
-    tansu: Tansu,
+    tansu: TansuBroker,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -143,9 +143,9 @@ impl Drop for Cluster {
             for hub in &self.hubs {
                 eprintln!("===== {} ({}) log tail =====\n{}", hub.name, hub.base, hub.log_tail(80));
             }
-            eprintln!("===== tansu log tail =====\n{}", self.tansu.log_tail(40));
+            eprintln!("===== tansu log tail =====\n{}", support::tail(&self.tansu.log_path(), 40));
             if let Some(dir) = self.dir.take() {
-                let _ = std::fs::copy(&self.tansu.log, dir.path().join("tansu.log"));
+                let _ = std::fs::copy(self.tansu.log_path(), dir.path().join("tansu.log"));
                 eprintln!("logs kept in {}", dir.keep().display());
             }
         }
@@ -365,9 +365,10 @@ fn tally(receiver: &Receiver, jwks: &[(String, Jwks)], txns: &BTreeMap<usize, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_deliver_every_leaf_across_a_sigkill() {
     let started = Instant::now();
-    let tansu = tokio::task::spawn_blocking(Tansu::start).await.expect("tansu start");
+    let binary = caep_simulations::tansu::binary().unwrap_or_else(|e| panic!("{e:#}"));
+    let tansu = TansuBroker::start(binary).await.unwrap_or_else(|e| panic!("tansu: {e:#}"));
     let dir = tempfile::Builder::new().prefix("kafka-cluster-").tempdir().expect("temp dir");
-    let hubs = start_hubs(dir.path(), &tansu.brokers);
+    let hubs = start_hubs(dir.path(), &tansu.brokers());
     let mut cluster = Cluster { tansu, hubs, dir: Some(dir) };
     let client = &client();
     for hub in &mut cluster.hubs {

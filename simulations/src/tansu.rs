@@ -1,12 +1,12 @@
 //! A private Tansu broker (a Kafka-protocol broker with SQLite storage, see
-//! `.ci/install-tansu` and `/work/shared/KAFKA.md`) that the drill owns: its
+//! `.ci/install-tansu`) that the drill owns: its
 //! own free loopback port and database in a temporary directory, stopped and
 //! restarted on the same port and storage for the broker-restart fault,
 //! killed when dropped.
 //!
-//! The binary is found the way the hub's Kafka tests find it
-//! (`hub/tests/support/tansu.rs`): `$CAEP_TANSU`, then `tansu` on `PATH`,
-//! then `~/.cache/caep-hub/tansu/bin/tansu`.
+//! The hub's multi-process Kafka test (`hub/tests/kafka_cluster.rs`) uses it
+//! too. The binary is `$CAEP_TANSU`, then `tansu` on `PATH`, then
+//! `~/.cache/caep-hub/tansu/bin/tansu`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

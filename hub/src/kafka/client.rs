@@ -514,15 +514,7 @@ impl TailReader {
     /// The partition's high watermark now: the offset the next produced
     /// record will get. Reading up to it (exclusive) is a read barrier.
     pub async fn high_watermark(&self) -> Result<i64, KafkaError> {
-        let consumer = self.consumer.clone();
-        let (topic, partition) = (self.topic.clone(), self.partition);
-        blocking(move || {
-            consumer
-                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
-                .map(|(_low, high)| high)
-                .map_err(|e| KafkaError::client(format!("fetching watermarks of {topic}/{partition}"), e))
-        })
-        .await
+        high_watermark(self.consumer.clone(), &self.topic, self.partition).await
     }
 
     /// Moves the read position (the partition stays assigned).
@@ -791,15 +783,7 @@ impl GroupConsumer {
 
     /// A partition's high watermark now (the offset the next record gets).
     pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, KafkaError> {
-        let consumer = self.current();
-        let topic = topic.to_owned();
-        blocking(move || {
-            consumer
-                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
-                .map(|(_low, high)| high)
-                .map_err(|e| KafkaError::client(format!("fetching watermarks of {topic}/{partition}"), e))
-        })
-        .await
+        high_watermark(self.current(), topic, partition).await
     }
 
     /// Moves the read position of an owned partition (for replay).
@@ -825,6 +809,22 @@ impl GroupConsumer {
         parts.sort();
         parts
     }
+}
+
+/// A partition's high watermark as `consumer` sees it (a blocking request).
+async fn high_watermark<X, C>(consumer: Arc<C>, topic: &str, partition: i32) -> Result<i64, KafkaError>
+where
+    X: ConsumerContext + 'static,
+    C: Consumer<X> + Send + Sync + 'static,
+{
+    let topic = topic.to_owned();
+    blocking(move || {
+        consumer
+            .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+            .map(|(_low, high)| high)
+            .map_err(|e| KafkaError::client(format!("fetching watermarks of {topic}/{partition}"), e))
+    })
+    .await
 }
 
 fn tpl_of(partitions: &[(String, i32)]) -> TopicPartitionList {

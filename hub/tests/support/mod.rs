@@ -2,7 +2,6 @@
 //! test file that uses them).
 #![allow(dead_code)]
 
-pub mod tansu;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -90,7 +89,7 @@ impl HubProcess {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        tansu::tail(&self.log, lines)
+        tail(&self.log, lines)
     }
 }
 
@@ -101,4 +100,11 @@ impl Drop for HubProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// The last `lines` lines of a text file (empty if it cannot be read).
+pub fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
