@@ -364,7 +364,8 @@ impl Effect<'_> {
         let txn_id = self.txn_id();
         let key = cascade::key_for(self.txn, &txn_id, &self.set.iss)?;
         let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
-        let leaves = plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
+        let leaves =
+            plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
         let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves)?;
         let mut plan = Plan::default();
         plan.add(record, leaves);

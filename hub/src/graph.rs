@@ -192,7 +192,12 @@ fn walk(
 }
 
 /// Records a child whose tree lives in another partition, under `child_root`.
-pub fn add_foreign_child(txn: &WriteTransaction, parent: &str, child: &str, child_root: &str) -> Result<(), StoreError> {
+pub fn add_foreign_child(
+    txn: &WriteTransaction,
+    parent: &str,
+    child: &str,
+    child_root: &str,
+) -> Result<(), StoreError> {
     let mut foreign = txn.open_table(FOREIGN_CHILDREN).map_err(storage)?;
     foreign.insert((parent, child), child_root).map_err(storage)?;
     Ok(())

@@ -258,7 +258,8 @@ impl LeafSink for LocalOutbox {
             // leaves them planned, and start-up signs them again (same jti).
             store
                 .write(Commit::Lazy, move |txn| {
-                    let moved: BTreeSet<String> = cascade::mark_pending(txn, &cascade_key, &jtis)?.into_iter().collect();
+                    let moved: BTreeSet<String> =
+                        cascade::mark_pending(txn, &cascade_key, &jtis)?.into_iter().collect();
                     let fresh: Vec<NewSet> = signed.into_iter().filter(|set| moved.contains(&set.jti)).collect();
                     Outbox::insert(txn, &fresh)
                 })
@@ -331,7 +332,11 @@ impl Dispatcher {
     /// A storage or broker hiccup must not strand leaves until the next
     /// restart: retry with backoff, then leave them planned (a restart signs
     /// them again with the same jti).
-    async fn dispatch_with_retries(self: &Arc<Self>, record: &CascadeRecord, chunk: Vec<Leaf>) -> Result<(), StoreError> {
+    async fn dispatch_with_retries(
+        self: &Arc<Self>,
+        record: &CascadeRecord,
+        chunk: Vec<Leaf>,
+    ) -> Result<(), StoreError> {
         let mut delay = std::time::Duration::from_millis(50);
         for attempt in 1.. {
             match self.dispatch_chunk(record, chunk.clone()).await {

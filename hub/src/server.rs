@@ -122,8 +122,9 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
         .merge(crate::http::admin_router(Arc::clone(&hub)))
         .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
     // Management reads see every write acknowledged at any instance.
-    let managed =
-        admin.merge(http::router(transmitter.clone())).layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up));
+    let managed = admin
+        .merge(http::router(transmitter.clone()))
+        .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up));
     Router::new()
         .route("/healthz", get(health).with_state(Arc::clone(&hub)))
         .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))

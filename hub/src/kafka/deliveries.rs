@@ -76,7 +76,12 @@ pub struct Deliveries {
 impl Deliveries {
     /// The deliveries side; it routes and places at once, and delivers once
     /// [`Deliveries::start`] has joined the group.
-    pub fn new(settings: &KafkaSettings, instance: Instance, sink: Arc<KafkaSink>, shared: Arc<SharedLog>) -> Arc<Self> {
+    pub fn new(
+        settings: &KafkaSettings,
+        instance: Instance,
+        sink: Arc<KafkaSink>,
+        shared: Arc<SharedLog>,
+    ) -> Arc<Self> {
         let (settled, settled_rx) = mpsc::unbounded_channel();
         Arc::new(Deliveries {
             instance,

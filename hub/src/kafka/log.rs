@@ -123,8 +123,7 @@ impl KafkaLog {
         if let Some((parent, parent_entry)) = parent
             && parent_entry.root != entry.root
         {
-            let adopt =
-                GraphRecord::Adopt { parent, child: session_id.clone(), child_root: entry.root, issuer, at_ms };
+            let adopt = GraphRecord::Adopt { parent, child: session_id.clone(), child_root: entry.root, issuer, at_ms };
             self.send(vec![self.partition(&parent_entry.root)], &adopt, &session_id).await?;
         }
         Ok(())

@@ -81,8 +81,14 @@ pub async fn assemble(
     let guard = PushUrlGuard::new(transmitter_settings.push_allow.clone());
     let touch_hook = Arc::new(TouchHook::default());
     let tracker = Arc::new(KafkaTracker(Arc::clone(&deliveries)));
-    let transmitter =
-        Transmitter::open(transmitter_settings, store.clone(), Arc::clone(&keys), tracker, touch_hook.clone(), Some(cluster))?;
+    let transmitter = Transmitter::open(
+        transmitter_settings,
+        store.clone(),
+        Arc::clone(&keys),
+        tracker,
+        touch_hook.clone(),
+        Some(cluster),
+    )?;
     let issuers = Issuers::load_with(store.clone(), guard, Arc::new(KafkaIssuers(Arc::clone(&shared))))?;
     let log = Box::new(log::KafkaLog::new(&settings, producer, Arc::clone(&shared)));
     let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log);

@@ -101,7 +101,8 @@ impl LeafSink for KafkaSink {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let signed_jtis: std::collections::BTreeSet<&str> = signed.iter().map(|s| s.jti.as_str()).collect();
-            let reported: Vec<Leaf> = leaves.into_iter().filter(|leaf| signed_jtis.contains(leaf.jti.as_str())).collect();
+            let reported: Vec<Leaf> =
+                leaves.into_iter().filter(|leaf| signed_jtis.contains(leaf.jti.as_str())).collect();
             let jtis: Vec<String> = reported.iter().map(|leaf| leaf.jti.clone()).collect();
             self.shared.append(&SharedRecord::Planned { cascade: record.clone(), leaves: reported }).await?;
             self.send_sets(signed).await?;
@@ -204,7 +205,8 @@ impl GraphPartitions {
                 return;
             }
         };
-        let watcher = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).map(watch::Sender::subscribe);
+        let watcher =
+            self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).map(watch::Sender::subscribe);
         let Some(mut watcher) = watcher else { return };
         let waited = tokio::time::timeout(Duration::from_secs(5), watcher.wait_for(|next| *next >= high)).await;
         if waited.is_err() {
@@ -289,7 +291,11 @@ impl GraphPartitions {
         }
     }
 
-    async fn work(self: Arc<Self>, partition: i32, mut records: mpsc::UnboundedReceiver<InRecord>) -> Result<(), StoreError> {
+    async fn work(
+        self: Arc<Self>,
+        partition: i32,
+        mut records: mpsc::UnboundedReceiver<InRecord>,
+    ) -> Result<(), StoreError> {
         let store = self.open_store(partition).await;
         self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, store.clone());
         let pruning = AbortOnDrop(tokio::spawn(prune_hourly(partition, store.clone())));

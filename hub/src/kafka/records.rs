@@ -24,17 +24,32 @@ pub const DELIVERIES: &str = "deliveries";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SharedRecord {
-    Control { change: ControlChange },
-    Issuer { change: IssuerChange },
+    Control {
+        change: ControlChange,
+    },
+    Issuer {
+        change: IssuerChange,
+    },
     /// A session's delegation root, which picks its `graph` partition, and
     /// the IdP that named it first (only that IdP may act on it). The first
     /// record for a session wins on every instance alike.
-    Root { session_id: String, root: String, issuer: String },
+    Root {
+        session_id: String,
+        root: String,
+        issuer: String,
+    },
     /// The instance that delivers a `deliveries` partition and serves the
     /// polls of its streams.
-    Owner { partition: i32, instance_id: String, url: String },
+    Owner {
+        partition: i32,
+        instance_id: String,
+        url: String,
+    },
     /// Leaves a graph partition planned and handed to delivery.
-    Planned { cascade: CascadeRecord, leaves: Vec<Leaf> },
+    Planned {
+        cascade: CascadeRecord,
+        leaves: Vec<Leaf>,
+    },
     /// What became of delivered (or dead-lettered) leaves, as reported by
     /// the instance that delivered them (which alone counts them in its
     /// latency metrics).
