@@ -1,25 +1,20 @@
 //! `kill -9` of a running hub mid-delivery loses nothing: every SET whose
 //! request was answered is delivered after a restart, with its own `jti`.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-use axum::routing::post;
 use caep_schemas::event::Event;
 use caep_schemas::jose::Jwks;
 use caep_schemas::set::{Expectations, SecurityEventToken};
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_caep-hub");
+use support::BIN;
 const ADMIN: &str = "durability-admin";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 fn spawn_hub(data_dir: &Path, port: u16) -> Child {
     Command::new(BIN)
@@ -46,27 +41,6 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("hub not healthy");
-}
-
-/// A slow push receiver: records every SET, answers 202 after `delay`.
-async fn slow_receiver(delay: Duration) -> (String, Arc<Mutex<Vec<String>>>) {
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&received);
-    let app = axum::Router::new().route(
-        "/events",
-        post(move |body: String| {
-            let sink = Arc::clone(&sink);
-            async move {
-                tokio::time::sleep(delay).await;
-                sink.lock().expect("lock").push(body);
-                StatusCode::ACCEPTED
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, received)
 }
 
 /// Registers a receiver through the admin API and creates its stream with
@@ -107,13 +81,13 @@ async fn push_receiver(
 async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
     const SETS: usize = 120;
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
+    let port = support::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let mut hub = spawn_hub(dir.path(), port);
     wait_healthy(&client, &base).await;
 
-    let (push_url, received) = slow_receiver(Duration::from_millis(150)).await;
+    let (push_url, received) = support::recording_webhook(Duration::from_millis(150)).await;
     let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}});
     let (token, stream_id) = push_receiver(&client, &base, "slow RP", "https://slow.example", stream).await;
 
@@ -197,7 +171,7 @@ async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
     const SESSIONS: usize = 60;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
+    let port = support::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let mut hub = spawn_hub(dir.path(), port);
@@ -217,7 +191,7 @@ async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
     // Two slow receivers, each touching every session of the tree.
     let mut receivers = Vec::new();
     for name in ["a", "b"] {
-        let (push_url, received) = slow_receiver(Duration::from_millis(150)).await;
+        let (push_url, received) = support::recording_webhook(Duration::from_millis(150)).await;
         let audience = format!("https://{name}.durability.example");
         let body = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url},
             "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]});

@@ -16,15 +16,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::http::StatusCode;
-use axum::routing::post;
 use caep_schemas::event::{Event, SessionEstablished, SessionRevoked};
 use caep_schemas::jose::{Algorithm, Jwks, SigningKey};
 use caep_schemas::set::{Expectations, SecurityEventToken};
 use caep_schemas::subject::SubjectId;
+use caep_simulations::tansu::TansuBroker;
 use serde_json::{Value, json};
 use support::HubProcess;
-use caep_simulations::tansu::TansuBroker;
 use tokio::task::JoinSet;
 
 const ADMIN: &str = "kafka-cluster-admin";
@@ -101,21 +99,7 @@ struct Webhook {
 }
 
 async fn webhook() -> Webhook {
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&received);
-    let app = axum::Router::new().route(
-        "/events",
-        post(move |body: String| {
-            let sink = Arc::clone(&sink);
-            async move {
-                sink.lock().expect("lock").push(body);
-                StatusCode::ACCEPTED
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, received) = support::recording_webhook(Duration::ZERO).await;
     Webhook { url, received }
 }
 

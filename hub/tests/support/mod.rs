@@ -2,11 +2,14 @@
 //! test file that uses them).
 #![allow(dead_code)]
 
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::routing::post;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_caep-hub");
 
@@ -107,4 +110,26 @@ pub fn tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A push receiver on loopback that records every SET body and answers 202
+/// after `delay`; returns its endpoint URL and what it received.
+pub async fn recording_webhook(delay: Duration) -> (String, Arc<Mutex<Vec<String>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/events",
+        post(move |body: String| {
+            let sink = Arc::clone(&sink);
+            async move {
+                tokio::time::sleep(delay).await;
+                sink.lock().expect("lock").push(body);
+                StatusCode::ACCEPTED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
 }
