@@ -59,7 +59,12 @@ pub struct HubOptions {
 
 impl Default for HubOptions {
     fn default() -> Self {
-        HubOptions { min_verification_interval_secs: 0, long_poll_secs: 5, push_allow_cidrs: "127.0.0.0/8", kafka: false }
+        HubOptions {
+            min_verification_interval_secs: 0,
+            long_poll_secs: 5,
+            push_allow_cidrs: "127.0.0.0/8",
+            kafka: false,
+        }
     }
 }
 
@@ -81,9 +86,7 @@ impl MockKafka {
         let prefix = prefix.to_owned();
         std::thread::spawn(move || {
             let mock = rdkafka::mocking::MockCluster::new(1).expect("mock Kafka cluster");
-            for (topic, partitions) in
-                [("shared", 1), ("graph", KAFKA_PARTITIONS), ("deliveries", KAFKA_PARTITIONS)]
-            {
+            for (topic, partitions) in [("shared", 1), ("graph", KAFKA_PARTITIONS), ("deliveries", KAFKA_PARTITIONS)] {
                 mock.create_topic(&format!("{prefix}.{topic}"), partitions, 1).expect("mock topic");
             }
             address.send(mock.bootstrap_servers()).expect("test waits for the address");
@@ -221,8 +224,15 @@ impl Hub {
     async fn wait_for_partitions(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let health: Value =
-                self.http.get(format!("{}/healthz", self.issuer)).send().await.expect("healthz").json().await.expect("JSON");
+            let health: Value = self
+                .http
+                .get(format!("{}/healthz", self.issuer))
+                .send()
+                .await
+                .expect("healthz")
+                .json()
+                .await
+                .expect("JSON");
             let count = |key: &str| health["kafka"][key].as_array().map_or(0, Vec::len);
             if count("graph_partitions") == KAFKA_PARTITIONS as usize
                 && count("delivery_partitions") == KAFKA_PARTITIONS as usize
