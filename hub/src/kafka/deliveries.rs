@@ -30,6 +30,7 @@ use crate::cascade::Outcome;
 use crate::kafka::client::{GroupConsumer, InRecord, KafkaError, KafkaSettings, Rebalance, partition_for};
 use crate::kafka::partitions::KafkaSink;
 use crate::kafka::records::{self, DeliveryRecord, SharedRecord};
+use crate::kafka::retry::until_ok;
 use crate::kafka::shared::SharedLog;
 
 /// SETs imported into the outbox in one transaction at most.
@@ -147,12 +148,7 @@ impl Deliveries {
                         // come before the assignment event: ownership is the
                         // consumer's, known by the time it returns a record.
                         batch.retain(|record| consumer.owns(&record.topic, record.partition));
-                        let mut delay = Duration::from_millis(50);
-                        while let Err(error) = self.import_batch(&batch).await {
-                            tracing::error!(%error, "cannot import SETs into the outbox; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
+                        until_ok("importing SETs into the outbox", || self.import_batch(&batch)).await;
                     }
                     Err(error) => {
                         tracing::warn!(%error, "deliveries consumer");
@@ -300,12 +296,7 @@ impl Deliveries {
                 }
             }
             let record = SharedRecord::Settled { outcomes, instance_id: self.instance.id.clone() };
-            let mut delay = Duration::from_millis(50);
-            while let Err(error) = self.shared.append(&record).await {
-                tracing::warn!(%error, "cannot report delivery outcomes; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            until_ok("reporting delivery outcomes", || self.shared.append(&record)).await;
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod deliveries;
 pub mod log;
 pub mod partitions;
 pub mod records;
+pub mod retry;
 pub mod shared;
 
 use std::net::SocketAddr;

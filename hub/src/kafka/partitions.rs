@@ -36,6 +36,7 @@ use crate::kafka::client::{
     GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
 };
 use crate::kafka::records::{self, DeliveryRecord, GraphRecord, SharedRecord};
+use crate::kafka::retry::until_ok;
 use crate::kafka::shared::SharedLog;
 
 /// The next offset of this file's partition to apply.
@@ -277,18 +278,8 @@ impl GraphPartitions {
 
     async fn open_store(&self, partition: i32) -> Store {
         let path = self.dir.join(format!("graph-{partition}.redb"));
-        let mut delay = Duration::from_millis(20);
-        loop {
-            // The previous worker of this partition may still hold the file.
-            match Store::open(&path) {
-                Ok(store) => return store,
-                Err(error) => {
-                    tracing::debug!(partition, %error, "graph partition store busy; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
+        // The previous worker of this partition may still hold the file.
+        until_ok("opening a graph partition's store", || std::future::ready(Store::open(&path))).await
     }
 
     async fn work(
@@ -362,12 +353,8 @@ impl GraphPartitions {
                 }
             })
             .collect();
-        let mut delay = Duration::from_millis(50);
-        while let Err(error) = self.sink.producer.send_all(records.clone()).await {
-            tracing::warn!(partition, %error, "cannot continue a revocation in another partition; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        tracing::debug!(partition, revocations = records.len(), "revocation continues in other partitions");
+        until_ok("continuing a revocation in another partition", || self.sink.producer.send_all(records.clone())).await;
     }
 
     /// Replays records a previous owner already dispatched: state only.
@@ -417,28 +404,13 @@ impl GraphPartitions {
     /// Dispatches every planned leaf in `store`, retrying until all are
     /// handed over: the partition must not move on past unsent leaves.
     async fn dispatch_planned(&self, store: &Store, dispatcher: &Arc<Dispatcher>) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let planned = match store.read(cascade::all_planned) {
-                Ok(planned) => planned,
-                Err(error) => {
-                    tracing::error!(%error, "cannot read planned leaves");
-                    Vec::new()
-                }
-            };
-            let mut failed = false;
-            for (record, leaves) in planned {
-                if let Err(error) = dispatcher.dispatch_all(record, leaves).await {
-                    tracing::warn!(%error, "re-dispatch failed; retrying");
-                    failed = true;
-                }
+        until_ok("dispatching planned leaves", || async {
+            for (record, leaves) in store.read(cascade::all_planned)? {
+                dispatcher.dispatch_all(record, leaves).await?;
             }
-            if !failed {
-                return;
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+            Ok::<(), StoreError>(())
+        })
+        .await;
     }
 }
 

@@ -27,6 +27,7 @@ use crate::hub::Hub;
 use crate::issuers::{IssuerChange, IssuerLog};
 use crate::kafka::client::{InRecord, KafkaError, KafkaSettings, Producer, TailReader};
 use crate::kafka::records::{self, SharedRecord};
+use crate::kafka::retry::until_ok;
 
 /// Next offset of `shared` to apply (everything before it is applied).
 const SHARED_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_shared_next");
@@ -176,13 +177,8 @@ impl SharedLog {
                 }
             };
             let Some(last) = batch.last().map(|r| r.offset) else { continue };
-            let mut delay = Duration::from_millis(50);
-            while let Err(error) = self.apply_batch(&batch).await {
-                // Skipping a record would fork this replica from the others.
-                tracing::error!(%error, offset = last, "shared log: cannot apply; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            // Skipping a record would fork this replica from the others.
+            until_ok("applying the shared log", || self.apply_batch(&batch)).await;
             self.next.send_replace(last + 1);
         }
     }
