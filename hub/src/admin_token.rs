@@ -6,8 +6,10 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,10 +18,20 @@ use sha2::{Digest, Sha256};
 
 const DIGEST_FILE: &str = "admin-token.sha256";
 
-/// Checks presented admin tokens without holding the token itself.
-#[derive(Clone)]
+/// Checks presented admin tokens without holding the token itself. A
+/// token kept as a digest file is re-read whenever the file changes, so
+/// `caep-hub admin-token rotate` takes effect in a running hub at once.
 pub struct AdminToken {
+    /// The digest file, when the token is not configured.
+    file: Option<PathBuf>,
+    current: Mutex<Loaded>,
+}
+
+#[derive(Clone, Copy)]
+struct Loaded {
     digest: [u8; 32],
+    /// The file version the digest was read from: (inode, modification time).
+    version: Option<(u64, SystemTime)>,
 }
 
 impl std::fmt::Debug for AdminToken {
@@ -31,20 +43,23 @@ impl std::fmt::Debug for AdminToken {
 /// A token minted now, to show the operator exactly once.
 pub struct NewToken(pub String);
 
+impl std::fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewToken(<redacted>)")
+    }
+}
+
 impl AdminToken {
     /// The configured token, or the stored digest, or a new token (returned so
     /// the caller can show it once).
     pub fn load_or_create(data_dir: &Path, configured: Option<&str>) -> std::io::Result<(Self, Option<NewToken>)> {
         if let Some(token) = configured {
-            return Ok((AdminToken { digest: digest(token) }, None));
+            let current = Mutex::new(Loaded { digest: digest(token), version: None });
+            return Ok((AdminToken { file: None, current }, None));
         }
-        match fs::read_to_string(digest_path(data_dir)) {
-            Ok(hex) => {
-                let digest = parse_hex(hex.trim()).ok_or_else(|| {
-                    std::io::Error::other(format!("{} is damaged; run `caep-hub admin-token rotate`", DIGEST_FILE))
-                })?;
-                Ok((AdminToken { digest }, None))
-            }
+        let path = digest_path(data_dir);
+        match read_digest(&path) {
+            Ok(loaded) => Ok((AdminToken { file: Some(path), current: Mutex::new(loaded) }, None)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let (token, new) = Self::rotate(data_dir)?;
                 Ok((token, Some(new)))
@@ -58,16 +73,48 @@ impl AdminToken {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let token = URL_SAFE_NO_PAD.encode(bytes);
-        let digest = digest(&token);
-        write_private(&digest_path(data_dir), hex(&digest).as_bytes())?;
-        Ok((AdminToken { digest }, NewToken(token)))
+        let path = digest_path(data_dir);
+        write_private(&path, hex(&digest(&token)).as_bytes())?;
+        let loaded = read_digest(&path)?;
+        Ok((AdminToken { file: Some(path), current: Mutex::new(loaded) }, NewToken(token)))
     }
 
     /// Whether `presented` is the admin token. Compares digests, so the time
     /// taken says nothing about the token's bytes.
     pub fn accepts(&self, presented: &str) -> bool {
-        digest(presented) == self.digest
+        digest(presented) == self.current_digest()
     }
+
+    /// The digest in force: the file's, re-read when it was replaced. A
+    /// damaged file keeps the digest read before (and says so).
+    fn current_digest(&self) -> [u8; 32] {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.file
+            && version_of(path).ok() != current.version
+        {
+            match read_digest(path) {
+                Ok(loaded) => {
+                    tracing::info!("admin token digest reloaded");
+                    *current = loaded;
+                }
+                Err(error) => tracing::warn!(%error, "cannot reload the admin token digest; keeping the one in force"),
+            }
+        }
+        current.digest
+    }
+}
+
+fn version_of(path: &Path) -> std::io::Result<(u64, SystemTime)> {
+    let meta = fs::metadata(path)?;
+    Ok((meta.ino(), meta.modified()?))
+}
+
+fn read_digest(path: &Path) -> std::io::Result<Loaded> {
+    let version = version_of(path)?;
+    let hex = fs::read_to_string(path)?;
+    let digest = parse_hex(hex.trim())
+        .ok_or_else(|| std::io::Error::other(format!("{DIGEST_FILE} is damaged; run `caep-hub admin-token rotate`")))?;
+    Ok(Loaded { digest, version: Some(version) })
 }
 
 fn digest_path(data_dir: &Path) -> PathBuf {
@@ -130,6 +177,9 @@ mod tests {
 
         let (rotated, NewToken(fresh)) = AdminToken::rotate(dir.path()).expect("rotated");
         assert!(rotated.accepts(&fresh) && !rotated.accepts(&token));
+        // The token loaded before the rotation (a running hub) follows the file.
+        assert!(again.accepts(&fresh), "a running hub takes the rotated token");
+        assert!(!again.accepts(&token), "and stops taking the old one");
     }
 
     #[test]

@@ -29,8 +29,7 @@ pub struct CascadeEvent {
 /// One cascade: everything one cause (one IdP `txn`) sent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CascadeRecord {
-    /// Where the cascade is stored and reported: the IdP's `txn`, or, when
-    /// another IdP already used that `txn`, the `txn` tagged with this IdP.
+    /// Where the cascade is stored: [`key`] of its IdP and `txn`.
     pub key: String,
     /// The `txn` every leaf carries on the wire.
     pub txn: String,
@@ -74,9 +73,13 @@ pub enum LeafStatus {
 pub struct Leaf {
     pub jti: String,
     pub stream_id: String,
-    /// The session's id; its subject and user are read from the graph when
-    /// the leaf is signed, rather than copied into every leaf.
+    /// The session's graph key; its subject and user are read from the
+    /// graph when the leaf is signed, rather than copied into every leaf.
     pub session_id: String,
+    /// Whether the SET may name the session's user to this stream (the
+    /// disclosure rule: the receiver showed it knew the user).
+    #[serde(default)]
+    pub with_user: bool,
     /// Index of the event it carries in the cascade's `events`.
     #[serde(default)]
     pub event: usize,
@@ -128,18 +131,10 @@ fn put_cascade(txn: &WriteTransaction, record: &CascadeRecord) -> Result<(), Sto
     Ok(())
 }
 
-/// The key of `issuer`'s cascade with wire `txn`: the `txn` itself unless
-/// another IdP's cascade holds it, so two IdPs never share a cascade.
-pub fn key_for(txn: &WriteTransaction, wire_txn: &str, issuer: &str) -> Result<String, StoreError> {
-    match cascade(txn, wire_txn)? {
-        Some(existing) if existing.issuer != issuer => {
-            use sha2::Digest;
-            let tag: String =
-                sha2::Sha256::digest(issuer.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
-            Ok(format!("{wire_txn}~{tag}"))
-        }
-        _ => Ok(wire_txn.to_owned()),
-    }
+/// The key of `issuer`'s cascade with wire `txn`: the pair, so two IdPs
+/// using one `txn` never share a cascade, whatever `txn` either chooses.
+pub fn key(issuer: &str, txn: &str) -> String {
+    crate::scope::scoped(issuer, txn)
 }
 
 /// Adds leaves carrying `event` to the cascade `template.key` (created from
@@ -258,7 +253,8 @@ pub fn all_planned(txn: &ReadTransaction) -> Result<Vec<(CascadeRecord, Vec<Leaf
         }
         let key = record.key.as_str();
         let mut planned = Vec::new();
-        for leaf in leaves.range((key, "")..(key, "\u{10FFFF}")).map_err(storage)? {
+        let end = crate::graph::after(key);
+        for leaf in leaves.range((key, "")..(end.as_str(), "")).map_err(storage)? {
             let (_, value) = leaf.map_err(storage)?;
             let leaf: Leaf = decode(value.value())?;
             if leaf.status == LeafStatus::Planned {
@@ -335,6 +331,8 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
 #[derive(Clone, Debug, Serialize)]
 pub struct CascadeReport {
     pub txn: String,
+    /// The IdP whose event caused it.
+    pub issuer: String,
     pub root: String,
     pub event_type: String,
     pub started_at: u64,
@@ -363,7 +361,7 @@ pub struct LeafReport {
     pub err: Option<String>,
 }
 
-/// Builds the report of a cascade from a read snapshot.
+/// Builds the report of the cascade with key `id` from a read snapshot.
 pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, StoreError> {
     let cascades = match txn.open_table(CASCADES) {
         Ok(table) => table,
@@ -374,7 +372,8 @@ pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, 
     let record: CascadeRecord = decode(row.value())?;
     let table = txn.open_table(LEAVES).map_err(storage)?;
     let mut leaves = Vec::new();
-    for row in table.range((id, "")..(id, "\u{10FFFF}")).map_err(storage)? {
+    let end = crate::graph::after(id);
+    for row in table.range((id, "")..(end.as_str(), "")).map_err(storage)? {
         let (_, value) = row.map_err(storage)?;
         leaves.push(decode::<Leaf>(value.value())?);
     }
@@ -385,6 +384,7 @@ pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, 
     let total = leaves.len() as u64;
     Ok(Some(CascadeReport {
         txn: record.txn,
+        issuer: record.issuer,
         root: record.root,
         event_type: record.event_type,
         started_at: record.started_at_ms,
@@ -402,7 +402,7 @@ pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, 
             .map(|leaf| LeafReport {
                 latency_ms: leaf.latency_ms(),
                 stream_id: leaf.stream_id,
-                session_id: leaf.session_id,
+                session_id: crate::scope::local_id(&leaf.session_id).to_owned(),
                 jti: leaf.jti,
                 status: leaf.status,
                 err: leaf.err,
@@ -430,6 +430,7 @@ mod tests {
             jti: jti.into(),
             stream_id: stream.into(),
             session_id: "s".into(),
+            with_user: false,
             event: 0,
             planned_at_ms: at,
             status: LeafStatus::Planned,
@@ -470,13 +471,12 @@ mod tests {
                 let (_, first) = plan(txn, &template("t"), &a, vec![leaf("1", "s", 1)])?;
                 let (record, second) = plan(txn, &template("t"), &b, vec![leaf("2", "s", 1)])?;
                 assert_eq!(record.events, [a, b]);
-                let other_key = key_for(txn, "t", "https://another-idp")?;
-                Ok((first, second, other_key))
+                Ok((first, second, key("https://another-idp", "t")))
             })
             .await
             .expect("plan");
         assert_eq!((first[0].event, second[0].event), (0, 1));
-        assert!(other_key.starts_with("t~") && other_key.len() > 2, "{other_key}");
+        assert_ne!(other_key, key("https://idp", "t"));
     }
 
     #[test]

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 /// Environment variable naming the optional configuration file.
 pub const CONFIG_FILE_ENV: &str = "CAEP_HUB_CONFIG";
 
-/// The hub's settings as the layers combine them.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The hub's settings as the layers combine them. `Debug` redacts the admin
+/// token (see the impl below), so a logged configuration leaks no secret.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct HubConfig {
     /// `CAEP_HUB_LISTEN`: address the HTTP server binds.
     pub listen: SocketAddr,
@@ -72,6 +73,17 @@ impl Default for HubConfig {
             kafka_replication: 1,
             advertised_url: None,
         }
+    }
+}
+
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Through the serialized form so a new field is never forgotten here.
+        let mut shown = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        if let Some(token) = shown.get_mut("admin_token").filter(|token| !token.is_null()) {
+            *token = serde_json::Value::String("<redacted>".into());
+        }
+        write!(f, "HubConfig {shown}")
     }
 }
 
@@ -210,5 +222,13 @@ mod tests {
             assert!(matches!(HubConfig::load(Some(Path::new("missing.toml"))), Err(ConfigError::MissingFile(_))));
             Ok(())
         });
+    }
+
+    #[test]
+    fn debug_redacts_the_admin_token() {
+        let config = HubConfig { admin_token: Some("very-secret-token".into()), ..HubConfig::default() };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("very-secret-token") && shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("push_give_up_secs"), "{shown}");
     }
 }

@@ -6,12 +6,12 @@
 //! them here on the instance that owns their partition. The same event
 //! applied twice has no second effect (`(iss, jti)` is recorded).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use caep_schemas::event::{CaepCommon, Event, SessionRevoked, event_type};
 use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_schemas::subject::SubjectId;
-use caep_transmitter::registry::StreamRegistry;
+use caep_transmitter::registry::{StreamRecord, StreamRegistry};
 use caep_transmitter::store::StoreError;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
@@ -36,6 +36,31 @@ pub fn prune_ingested(txn: &WriteTransaction, now_ms: u64) -> Result<u64, StoreE
     Ok(before - ingested.len().map_err(StoreError::storage)?)
 }
 
+/// What one pruning pass removed.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    pub replay_records: u64,
+    pub pending_touches: usize,
+}
+
+impl Pruned {
+    pub fn is_empty(&self) -> bool {
+        self.replay_records == 0 && self.pending_touches == 0
+    }
+}
+
+/// Pending touches removed per pass: a bounded write, the rest next time.
+const PRUNE_BATCH: usize = 10_000;
+
+/// Forgets what no event can still need: old replay records, expired
+/// pending touches (at most [`PRUNE_BATCH`]).
+pub fn prune(txn: &WriteTransaction, now_ms: u64) -> Result<Pruned, StoreError> {
+    Ok(Pruned {
+        replay_records: prune_ingested(txn, now_ms)?,
+        pending_touches: graph::prune_pending_touches(txn, now_ms, PRUNE_BATCH)?,
+    })
+}
+
 /// What an event planned: its cascade and the new leaves, and revocations
 /// for trees in other partitions (Kafka mode; empty in embedded mode).
 #[derive(Debug, Default)]
@@ -49,7 +74,7 @@ impl Plan {
         self.cascades.push((cascade, leaves));
     }
 
-    fn extend(&mut self, other: Plan) {
+    pub(crate) fn extend(&mut self, other: Plan) {
         self.cascades.extend(other.cascades);
         self.foreign.extend(other.foreign);
     }
@@ -74,6 +99,9 @@ pub enum IngestError {
     /// The hub could not process it now (storage, key fetch); the IdP retries.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// A per-receiver bound is reached (pending touches); retry later.
+    #[error("too many requests: {0}")]
+    TooMany(String),
 }
 
 pub(crate) fn rejected(err: &'static str, description: impl Into<String>) -> IngestError {
@@ -90,7 +118,8 @@ impl From<StoreError> for IngestError {
 #[derive(Debug, PartialEq)]
 pub enum Route {
     /// Where the session's delegation tree lives; an establish also names
-    /// the parent whose tree the session joins.
+    /// the parent whose tree the session joins. Both are graph keys (the
+    /// event's IdP's sessions).
     Session { session_id: String, parent: Option<String> },
     /// A user-level event: that user's sessions may live in any partition.
     Everywhere,
@@ -99,10 +128,11 @@ pub enum Route {
 /// Routes an event, refusing (before anything is written anywhere) what
 /// [`apply`] would refuse without looking at the graph.
 pub fn route(set: &SecurityEventToken) -> Result<Route, IngestError> {
-    let session = set.sub_id.as_complex().and_then(|complex| complex.session.as_ref()).map(graph::session_key);
+    let key = |subject: &SubjectId| graph::session_key(&set.iss, subject);
+    let session = set.sub_id.as_complex().and_then(|complex| complex.session.as_ref()).map(key);
     match (&set.event, session) {
         (Event::SessionEstablished(established), Some(session_id)) => {
-            let parent = established.parent_session.as_ref().map(graph::session_key);
+            let parent = established.parent_session.as_ref().map(key);
             if parent.as_deref() == Some(session_id.as_str()) {
                 return Err(rejected("invalid_request", "a session cannot be its own parent"));
             }
@@ -192,22 +222,23 @@ impl Effect<'_> {
         }
     }
 
-    /// A session record, refusing sessions another IdP established.
-    fn own_session(&self, session_id: &str) -> Result<Option<SessionRecord>, IngestError> {
-        match graph::session(self.txn, session_id)? {
-            Some(record) if record.issuer != self.set.iss => {
-                Err(rejected("invalid_request", format!("session `{session_id}` belongs to another issuer")))
-            }
-            other => Ok(other),
-        }
+    /// The graph key of one of this IdP's sessions.
+    fn key(&self, subject: &SubjectId) -> String {
+        graph::session_key(&self.set.iss, subject)
+    }
+
+    /// One of this IdP's sessions (keys are scoped by IdP, so another IdP's
+    /// session of the same id is never read here).
+    fn own_session(&self, key: &str) -> Result<Option<SessionRecord>, IngestError> {
+        Ok(graph::session(self.txn, key)?.filter(|record| record.issuer == self.set.iss))
     }
 
     fn establish(&self, event: &caep_schemas::event::SessionEstablished) -> Result<Plan, IngestError> {
         let (subject, user) = self
             .session_subject()
             .ok_or_else(|| rejected("invalid_request", "session-established needs a complex sub_id with `session`"))?;
-        let session_id = graph::session_key(&subject);
-        let parent = event.parent_session.as_ref().map(graph::session_key);
+        let session_id = self.key(&subject);
+        let parent = event.parent_session.as_ref().map(|parent| self.key(parent));
         if parent.as_deref() == Some(session_id.as_str()) {
             return Err(rejected("invalid_request", "a session cannot be its own parent"));
         }
@@ -233,7 +264,7 @@ impl Effect<'_> {
             established_at_ms: self.now,
             revoked: revoked.clone(),
         };
-        graph::insert_session(self.txn, &record)?;
+        graph::insert_session(self.txn, &record, self.now)?;
         let Some(revocation) = revoked else { return Ok(Plan::default()) };
         // Born revoked. Touches of a session new to the graph must learn of it
         // now (a tombstone's touches were planned when they happened), and so
@@ -252,16 +283,19 @@ impl Effect<'_> {
         self.plan_for_revoked(&sessions, &revocation)
     }
 
+    /// The IdP addressed a receiver for the session: a touch that may name
+    /// the session's user. Only receivers bound to this IdP are touched.
     fn presented(&self, audience: Option<&str>) -> Result<Plan, IngestError> {
         let (Some((subject, _)), Some(audience)) = (self.session_subject(), audience) else {
             return Ok(Plan::default());
         };
-        let session_id = graph::session_key(&subject);
-        self.own_session(&session_id)?;
+        let key = self.key(&subject);
+        let touch = graph::Touch { at_ms: self.now, by_idp: true, named_user: None };
         let mut plan = Plan::default();
-        for stream in self.streams.all().iter().filter(|s| s.config.aud.contains(audience)) {
-            let late = late_touch_plan(self.txn, self.streams, &session_id, &stream.config.stream_id, self.now)?;
-            plan.extend(late);
+        let addressed = self.streams.all();
+        let addressed = addressed.iter().filter(|s| s.config.aud.contains(audience) && s.hears_from(&self.set.iss));
+        for stream in addressed {
+            plan.extend(late_touch_plan(self.txn, self.streams, &key, &stream.config.stream_id, &touch)?);
         }
         Ok(plan)
     }
@@ -295,7 +329,7 @@ impl Effect<'_> {
     /// session it has not established (yet): a later establish or touch of it
     /// is then revoked at birth.
     fn session_root(&self, subject: SubjectId, user: Option<SubjectId>) -> Result<String, IngestError> {
-        let session_id = graph::session_key(&subject);
+        let session_id = self.key(&subject);
         if self.own_session(&session_id)?.is_none() {
             let tombstone = SessionRecord {
                 session_id: session_id.clone(),
@@ -307,7 +341,7 @@ impl Effect<'_> {
                 established_at_ms: self.now,
                 revoked: None,
             };
-            graph::insert_session(self.txn, &tombstone)?;
+            graph::insert_session(self.txn, &tombstone, self.now)?;
         }
         Ok(session_id)
     }
@@ -316,7 +350,7 @@ impl Effect<'_> {
     /// (touched stream, newly revoked session).
     fn revoke_subtrees(&self, roots: &[String], root: &str, event: SessionRevoked) -> Result<Plan, IngestError> {
         let wire_txn = self.txn_id();
-        let key = cascade::key_for(self.txn, &wire_txn, &self.set.iss)?;
+        let key = cascade::key(&self.set.iss, &wire_txn);
         let event = Event::SessionRevoked(event);
         let template = self.cascade_template(&key, &wire_txn, root, &event);
         let plan =
@@ -346,7 +380,7 @@ impl Effect<'_> {
     fn forward(&self) -> Result<Plan, IngestError> {
         let roots = match (self.session_subject(), self.user_subject()) {
             (Some((subject, _)), _) => {
-                let id = graph::session_key(&subject);
+                let id = self.key(&subject);
                 if self.own_session(&id)?.is_none() {
                     return Ok(Plan::default());
                 }
@@ -362,7 +396,7 @@ impl Effect<'_> {
             }
         }
         let txn_id = self.txn_id();
-        let key = cascade::key_for(self.txn, &txn_id, &self.set.iss)?;
+        let key = cascade::key(&self.set.iss, &txn_id);
         let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
         let leaves =
             plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
@@ -381,7 +415,7 @@ impl Effect<'_> {
 
     fn root_label(&self) -> String {
         match self.session_subject() {
-            Some((subject, _)) => format!("session:{}", graph::session_key(&subject)),
+            Some((subject, _)) => format!("session:{}", graph::local_session_id(&subject)),
             None => format!("subject:{}", self.set.sub_id.to_value()),
         }
     }
@@ -511,7 +545,8 @@ fn short_type(uri: &str) -> &str {
 }
 
 /// One leaf per (stream that wants `event_type` about the session, session):
-/// streams the session touched, plus streams that take every subject.
+/// streams the session touched, plus streams granted every subject of the
+/// session's IdP. A leaf names the user only where the disclosure rule lets it.
 fn plan_leaves(
     txn: &WriteTransaction,
     streams: &StreamRegistry,
@@ -520,36 +555,36 @@ fn plan_leaves(
     now: u64,
     cause: &str,
 ) -> Result<Vec<Leaf>, StoreError> {
-    let takes_all: Vec<String> = streams
-        .all()
-        .iter()
-        .filter(|s| s.all_subjects && s.delivers(event_type))
-        .map(|s| s.config.stream_id.clone())
-        .collect();
+    let all = streams.all();
     let mut leaves = Vec::new();
     for session in sessions {
-        let mut targets: BTreeSet<String> = graph::touched_streams(txn, &session.session_id)?
-            .into_iter()
-            .filter(|id| streams.get(id).is_some_and(|s| s.delivers(event_type)))
-            .collect();
-        targets.extend(takes_all.iter().cloned());
-        for stream_id in targets {
+        let wants = |stream: &StreamRecord| stream.delivers(event_type) && stream.hears_from(&session.issuer);
+        // stream → whether the SET may name the user.
+        let mut targets: BTreeMap<String, bool> =
+            all.iter().filter(|s| s.all_subjects && wants(s)).map(|s| (s.config.stream_id.clone(), true)).collect();
+        for (stream_id, touch) in graph::touches(txn, &session.session_id)? {
+            if streams.get(&stream_id).is_some_and(|s| wants(&s)) {
+                *targets.entry(stream_id).or_default() |= touch.discloses(session.user.as_ref());
+            }
+        }
+        for (stream_id, with_user) in targets {
             if event_type == event_type::SESSION_REVOKED
                 && !graph::claim_revocation(txn, &session.session_id, &stream_id)?
             {
                 continue;
             }
-            leaves.push(new_leaf(stream_id, session.session_id.clone(), now, cause));
+            leaves.push(new_leaf(stream_id, session.session_id.clone(), with_user, now, cause));
         }
     }
     Ok(leaves)
 }
 
-fn new_leaf(stream_id: String, session_id: String, now: u64, cause: &str) -> Leaf {
+fn new_leaf(stream_id: String, session_id: String, with_user: bool, now: u64, cause: &str) -> Leaf {
     Leaf {
         jti: leaf_jti(cause, &session_id, &stream_id),
         stream_id,
         session_id,
+        with_user,
         event: 0, // set by cascade::plan
         planned_at_ms: now,
         status: LeafStatus::Planned,
@@ -572,30 +607,41 @@ fn leaf_jti(cause: &str, session_id: &str, stream_id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&hash.finalize()[..16])
 }
 
-/// Records a touch; when the session is already revoked and the stream was
-/// never told, plans that stream's revocation leaf in the revoking cascade.
+/// Records that the session `key` reached `stream_id`; when the session is
+/// already revoked and the stream was never told, plans that stream's
+/// revocation leaf in the revoking cascade. A session no IdP has named yet
+/// keeps the touch pending until it is named (capped per stream).
 pub(crate) fn late_touch_plan(
     txn: &WriteTransaction,
     streams: &StreamRegistry,
-    session_id: &str,
+    key: &str,
     stream_id: &str,
-    now: u64,
-) -> Result<Plan, StoreError> {
+    touch: &graph::Touch,
+) -> Result<Plan, IngestError> {
     let mut plan = Plan::default();
-    graph::touch(txn, session_id, stream_id, now)?;
-    let Some(record) = graph::session(txn, session_id)? else { return Ok(plan) };
+    let Some(record) = graph::session(txn, key)? else {
+        return match graph::touch_pending(txn, key, stream_id, touch) {
+            Ok(()) => Ok(plan),
+            Err(graph::PendingError::Full) => Err(IngestError::TooMany(graph::PendingError::Full.to_string())),
+            Err(graph::PendingError::Store(error)) => Err(error.into()),
+        };
+    };
+    graph::touch(txn, key, stream_id, touch)?;
     let Some(revocation) = record.revoked.clone() else { return Ok(plan) };
-    if !streams.get(stream_id).is_some_and(|s| s.delivers(event_type::SESSION_REVOKED)) {
+    if !streams.get(stream_id).is_some_and(|s| s.delivers(event_type::SESSION_REVOKED) && s.hears_from(&record.issuer))
+    {
         return Ok(plan);
     }
     // Told already (by the cascade, at birth, or by an earlier touch)?
-    if !graph::claim_revocation(txn, session_id, stream_id)? {
+    if !graph::claim_revocation(txn, key, stream_id)? {
         return Ok(plan);
     }
     let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
     let Some(event) = revocation_event(&existing) else { return Ok(plan) };
-    let leaf = new_leaf(stream_id.to_owned(), session_id.to_owned(), now, &format!("touch {}", revocation.txn));
-    tracing::info!(txn = %existing.txn, session_id, stream_id, "touch by a revoked session: revocation sent");
+    let with_user = touch.discloses(record.user.as_ref());
+    let cause = format!("touch {}", revocation.txn);
+    let leaf = new_leaf(stream_id.to_owned(), key.to_owned(), with_user, touch.at_ms, &cause);
+    tracing::info!(txn = %existing.txn, session_id = record.local_id(), stream_id, "touch by a revoked session: revocation sent");
     let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
     plan.add(updated, leaves);
     Ok(plan)

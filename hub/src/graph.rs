@@ -12,12 +12,23 @@ use std::collections::{BTreeSet, VecDeque};
 use caep_schemas::event::Authority;
 use caep_schemas::subject::SubjectId;
 use caep_transmitter::store::{StoreError, decode, encode};
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::scope::{local_id, scoped};
+
+// Every session key below is a scoped key (`scope::scoped(issuer, id)`):
+// a session belongs to the IdP that named it, and another IdP's session
+// with the same id is another session.
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const CHILDREN: TableDefinition<(&str, &str), ()> = TableDefinition::new("session_children");
-const TOUCHES: TableDefinition<(&str, &str), u64> = TableDefinition::new("session_touches");
+/// (session, stream) → [`Touch`].
+const TOUCHES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("session_touches_v2");
+/// (session, stream) → [`Touch`] of a session no IdP has named yet: it
+/// becomes a touch when the session appears, and expires otherwise.
+const PENDING_TOUCHES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("pending_touches");
+/// stream → how many pending touches it holds (capped per stream).
+const PENDING_PER_STREAM: TableDefinition<&str, u64> = TableDefinition::new("pending_touches_per_stream");
 const USER_SESSIONS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_sessions");
 /// (parent, child) → the child's root, for a child whose tree lives in
 /// another partition (Kafka mode: it was seen before its parent).
@@ -25,10 +36,16 @@ const FOREIGN_CHILDREN: TableDefinition<(&str, &str), &str> = TableDefinition::n
 /// (session, stream) pairs already sent a session-revoked: one per pair, ever.
 const REVOCATIONS_SENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("revocations_sent");
 
+/// Pending touches one stream may hold: a receiver reporting sessions no
+/// IdP ever names cannot grow the graph without bound.
+pub const MAX_PENDING_TOUCHES_PER_STREAM: u64 = 10_000;
+/// How long a touch of a session no IdP has named yet waits for it.
+pub const PENDING_TOUCH_TTL_MS: u64 = 3600 * 1000;
+
 /// Why and when a session was revoked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Revocation {
-    /// The cascade that revoked it.
+    /// The cascade that revoked it (its key, see `cascade::key`).
     pub txn: String,
     pub at_ms: u64,
 }
@@ -36,6 +53,7 @@ pub struct Revocation {
 /// One agent session.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
+    /// The session's key: (issuer, id) scoped, see [`session_key`].
     pub session_id: String,
     /// The session as the IdP named it (the `session` member of `sub_id`).
     pub subject: SubjectId,
@@ -43,6 +61,7 @@ pub struct SessionRecord {
     pub issuer: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<SubjectId>,
+    /// The parent's key (always of the same IdP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,43 +71,110 @@ pub struct SessionRecord {
     pub revoked: Option<Revocation>,
 }
 
-/// The graph key of a session subject: an opaque id is used as is, any
+impl SessionRecord {
+    /// The session's id as its IdP named it.
+    pub fn local_id(&self) -> &str {
+        local_id(&self.session_id)
+    }
+}
+
+/// How a session reached a stream, and what that shows the receiver knows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Touch {
+    pub at_ms: u64,
+    /// The IdP itself addressed the receiver for this session
+    /// (`session-presented` naming its audience).
+    #[serde(default)]
+    pub by_idp: bool,
+    /// The user the receiver named with the session, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_user: Option<SubjectId>,
+}
+
+impl Touch {
+    /// Whether a SET about the session may name its user to this stream:
+    /// only when the IdP addressed the receiver, or the receiver itself
+    /// named that same user (the disclosure rule, ARCHITECTURE.md).
+    pub fn discloses(&self, user: Option<&SubjectId>) -> bool {
+        match (user, &self.named_user) {
+            (Some(_), _) if self.by_idp => true,
+            (Some(user), Some(named)) => normalized(user) == normalized(named),
+            _ => false,
+        }
+    }
+}
+
+/// The id a session subject has within its IdP: an opaque id as is, any
 /// other format by its canonical JSON, so distinct subjects never collide.
-pub fn session_key(subject: &SubjectId) -> String {
+pub fn local_session_id(subject: &SubjectId) -> String {
     match subject {
         SubjectId::Opaque { id } => id.clone(),
         other => other.to_value().to_string(),
     }
 }
 
-/// The index key of a user subject, scoped by the issuer that named it.
-pub fn user_key(issuer: &str, user: &SubjectId) -> String {
-    let normalized = match user {
+/// The graph key of `issuer`'s session `subject`.
+pub fn session_key(issuer: &str, subject: &SubjectId) -> String {
+    scoped(issuer, &local_session_id(subject))
+}
+
+fn normalized(user: &SubjectId) -> SubjectId {
+    match user {
         SubjectId::Email { email } => SubjectId::Email { email: email.to_ascii_lowercase() },
         other => other.clone(),
-    };
-    format!("{issuer} {}", normalized.to_value())
+    }
+}
+
+/// The index key of a user subject, scoped by the issuer that named it.
+pub fn user_key(issuer: &str, user: &SubjectId) -> String {
+    scoped(issuer, &normalized(user).to_value().to_string())
 }
 
 fn storage<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::storage(error)
 }
 
+/// The exclusive upper bound of the keys `(first, _)`: every such key sorts
+/// below `(after(first), "")` (whatever its second element), and every key
+/// with a greater first element sorts at or above it, since NUL is the
+/// smallest character. So a range scan covers exactly one first element.
+pub(crate) fn after(first: &str) -> String {
+    format!("{first}\0")
+}
+
+/// Every `(first, second)` key's second element and value, in order.
+fn scan<V, T>(
+    table: &impl ReadableTable<(&'static str, &'static str), V>,
+    first: &str,
+    mut each: impl FnMut(&str, V::SelfType<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError>
+where
+    V: redb::Value + 'static,
+{
+    let end = after(first);
+    let mut out = Vec::new();
+    for row in table.range((first, "")..(end.as_str(), "")).map_err(storage)? {
+        let (key, value) = row.map_err(storage)?;
+        out.push(each(key.value().1, value.value())?);
+    }
+    Ok(out)
+}
+
 /// Reads a session.
-pub fn session(txn: &WriteTransaction, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+pub fn session(txn: &WriteTransaction, key: &str) -> Result<Option<SessionRecord>, StoreError> {
     let sessions = txn.open_table(SESSIONS).map_err(storage)?;
-    let row = sessions.get(session_id).map_err(storage)?;
+    let row = sessions.get(key).map_err(storage)?;
     row.map(|value| decode(value.value())).transpose()
 }
 
 /// Reads a session from a read snapshot.
-pub fn session_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+pub fn session_in(txn: &redb::ReadTransaction, key: &str) -> Result<Option<SessionRecord>, StoreError> {
     let sessions = match txn.open_table(SESSIONS) {
         Ok(table) => table,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(error) => return Err(storage(error)),
     };
-    let row = sessions.get(session_id).map_err(storage)?;
+    let row = sessions.get(key).map_err(storage)?;
     row.map(|value| decode(value.value())).transpose()
 }
 
@@ -100,8 +186,9 @@ pub fn put_session(txn: &WriteTransaction, record: &SessionRecord) -> Result<(),
     Ok(())
 }
 
-/// Records a new session, its parent edge and its user index entry.
-pub fn insert_session(txn: &WriteTransaction, record: &SessionRecord) -> Result<(), StoreError> {
+/// Records a new session, its parent edge and its user index entry, and
+/// turns the touches that waited for it into touches.
+pub fn insert_session(txn: &WriteTransaction, record: &SessionRecord, now_ms: u64) -> Result<(), StoreError> {
     put_session(txn, record)?;
     if let Some(parent) = &record.parent {
         let mut children = txn.open_table(CHILDREN).map_err(storage)?;
@@ -112,50 +199,139 @@ pub fn insert_session(txn: &WriteTransaction, record: &SessionRecord) -> Result<
         let mut index = txn.open_table(USER_SESSIONS).map_err(storage)?;
         index.insert((key.as_str(), record.session_id.as_str()), ()).map_err(storage)?;
     }
+    adopt_pending_touches(txn, &record.session_id, now_ms)
+}
+
+/// Records that the session `key` reached `stream_id`; true when it is new.
+/// A later touch that shows more (the IdP's own, or a named user) is kept.
+pub fn touch(txn: &WriteTransaction, key: &str, stream_id: &str, touch: &Touch) -> Result<bool, StoreError> {
+    let mut touches = txn.open_table(TOUCHES).map_err(storage)?;
+    let known: Option<Touch> =
+        touches.get((key, stream_id)).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
+    let merged = match &known {
+        None => touch.clone(),
+        Some(known) => Touch {
+            at_ms: known.at_ms,
+            by_idp: known.by_idp || touch.by_idp,
+            named_user: known.named_user.clone().or_else(|| touch.named_user.clone()),
+        },
+    };
+    if known.as_ref() != Some(&merged) {
+        touches.insert((key, stream_id), encode(&merged)?.as_slice()).map_err(storage)?;
+    }
+    Ok(known.is_none())
+}
+
+/// Why a pending touch was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PendingError {
+    #[error("this stream holds {MAX_PENDING_TOUCHES_PER_STREAM} touches of sessions no identity provider has named")]
+    Full,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Keeps the touch of a session no IdP has named yet, until it is named
+/// (then it becomes a touch) or expires.
+pub fn touch_pending(txn: &WriteTransaction, key: &str, stream_id: &str, touch: &Touch) -> Result<(), PendingError> {
+    let mut pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
+    let mut counts = txn.open_table(PENDING_PER_STREAM).map_err(storage)?;
+    let count = counts.get(stream_id).map_err(storage)?.map_or(0, |v| v.value());
+    let is_new = pending.get((key, stream_id)).map_err(storage)?.is_none();
+    if is_new && count >= MAX_PENDING_TOUCHES_PER_STREAM {
+        return Err(PendingError::Full);
+    }
+    pending.insert((key, stream_id), encode(touch)?.as_slice()).map_err(storage)?;
+    if is_new {
+        counts.insert(stream_id, count + 1).map_err(storage)?;
+    }
     Ok(())
 }
 
-/// Records that `session_id` reached `stream_id`; true when it is new.
-pub fn touch(txn: &WriteTransaction, session_id: &str, stream_id: &str, at_ms: u64) -> Result<bool, StoreError> {
-    let mut touches = txn.open_table(TOUCHES).map_err(storage)?;
-    if touches.get((session_id, stream_id)).map_err(storage)?.is_some() {
-        return Ok(false);
+fn adopt_pending_touches(txn: &WriteTransaction, key: &str, now_ms: u64) -> Result<(), StoreError> {
+    let waiting: Vec<(String, Touch)> = {
+        let pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
+        scan(&pending, key, |stream, value| Ok((stream.to_owned(), decode::<Touch>(value)?)))?
+    };
+    for (stream_id, pending) in waiting {
+        forget_pending(txn, key, &stream_id)?;
+        if pending.at_ms.saturating_add(PENDING_TOUCH_TTL_MS) >= now_ms {
+            touch(txn, key, &stream_id, &pending)?;
+        }
     }
-    touches.insert((session_id, stream_id), at_ms).map_err(storage)?;
-    Ok(true)
+    Ok(())
 }
 
-/// Marks that `stream_id` is (being) told of `session_id`'s revocation;
+fn forget_pending(txn: &WriteTransaction, key: &str, stream_id: &str) -> Result<(), StoreError> {
+    let mut pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
+    if pending.remove((key, stream_id)).map_err(storage)?.is_some() {
+        let mut counts = txn.open_table(PENDING_PER_STREAM).map_err(storage)?;
+        let count = counts.get(stream_id).map_err(storage)?.map_or(0, |v| v.value());
+        if count <= 1 {
+            counts.remove(stream_id).map_err(storage)?;
+        } else {
+            counts.insert(stream_id, count - 1).map_err(storage)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes pending touches older than [`PENDING_TOUCH_TTL_MS`], at most
+/// `limit` of them; returns how many went.
+pub fn prune_pending_touches(txn: &WriteTransaction, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    let horizon = now_ms.saturating_sub(PENDING_TOUCH_TTL_MS);
+    let expired: Vec<(String, String)> = {
+        let pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
+        if pending.is_empty().map_err(storage)? {
+            return Ok(0);
+        }
+        let mut expired = Vec::new();
+        for row in pending.iter().map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            if decode::<Touch>(value.value())?.at_ms < horizon {
+                let (session, stream) = key.value();
+                expired.push((session.to_owned(), stream.to_owned()));
+                if expired.len() >= limit {
+                    break;
+                }
+            }
+        }
+        expired
+    };
+    for (key, stream_id) in &expired {
+        forget_pending(txn, key, stream_id)?;
+    }
+    Ok(expired.len())
+}
+
+/// Marks that `stream_id` is (being) told of the session `key`'s revocation;
 /// false when it already was, so no path sends a pair twice.
-pub fn claim_revocation(txn: &WriteTransaction, session_id: &str, stream_id: &str) -> Result<bool, StoreError> {
+pub fn claim_revocation(txn: &WriteTransaction, key: &str, stream_id: &str) -> Result<bool, StoreError> {
     let mut sent = txn.open_table(REVOCATIONS_SENT).map_err(storage)?;
-    Ok(sent.insert((session_id, stream_id), ()).map_err(storage)?.is_none())
+    Ok(sent.insert((key, stream_id), ()).map_err(storage)?.is_none())
 }
 
-/// The streams a session touched.
-pub fn touched_streams(txn: &WriteTransaction, session_id: &str) -> Result<Vec<String>, StoreError> {
+/// The streams a session touched, with how.
+pub fn touches(txn: &WriteTransaction, key: &str) -> Result<Vec<(String, Touch)>, StoreError> {
     let touches = txn.open_table(TOUCHES).map_err(storage)?;
-    let range = touches.range((session_id, "")..(session_id, "\u{10FFFF}")).map_err(storage)?;
-    range.map(|row| row.map(|(key, _)| key.value().1.to_owned()).map_err(storage)).collect()
+    scan(&touches, key, |stream, value| Ok((stream.to_owned(), decode(value)?)))
 }
 
-/// The streams a session touched, with when, from a read snapshot.
-pub fn touches_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+/// The streams a session touched, with how, from a read snapshot.
+pub fn touches_in(txn: &redb::ReadTransaction, key: &str) -> Result<Vec<(String, Touch)>, StoreError> {
     let touches = match txn.open_table(TOUCHES) {
         Ok(table) => table,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(error) => return Err(storage(error)),
     };
-    let range = touches.range((session_id, "")..(session_id, "\u{10FFFF}")).map_err(storage)?;
-    range.map(|row| row.map(|(key, at)| (key.value().1.to_owned(), at.value())).map_err(storage)).collect()
+    scan(&touches, key, |stream, value| Ok((stream.to_owned(), decode(value)?)))
 }
 
 fn children_of(
     table: &impl ReadableTable<(&'static str, &'static str), ()>,
     parent: &str,
 ) -> Result<Vec<String>, StoreError> {
-    let range = table.range((parent, "")..(parent, "\u{10FFFF}")).map_err(storage)?;
-    range.map(|row| row.map(|(key, _)| key.value().1.to_owned()).map_err(storage)).collect()
+    scan(table, parent, |child, ()| Ok(child.to_owned()))
 }
 
 /// `roots` and all their descendants, breadth first, each once.
@@ -206,8 +382,7 @@ pub fn add_foreign_child(
 /// A session's children whose trees live in other partitions: (child, its root).
 pub fn foreign_children(txn: &WriteTransaction, parent: &str) -> Result<Vec<(String, String)>, StoreError> {
     let foreign = txn.open_table(FOREIGN_CHILDREN).map_err(storage)?;
-    let range = foreign.range((parent, "")..(parent, "\u{10FFFF}")).map_err(storage)?;
-    range.map(|row| row.map(|(k, v)| (k.value().1.to_owned(), v.value().to_owned())).map_err(storage)).collect()
+    scan(&foreign, parent, |child, root| Ok((child.to_owned(), root.to_owned())))
 }
 
 /// [`foreign_children`] in a read snapshot.
@@ -217,16 +392,14 @@ pub fn foreign_children_in(txn: &redb::ReadTransaction, parent: &str) -> Result<
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(error) => return Err(storage(error)),
     };
-    let range = foreign.range((parent, "")..(parent, "\u{10FFFF}")).map_err(storage)?;
-    range.map(|row| row.map(|(k, v)| (k.value().1.to_owned(), v.value().to_owned())).map_err(storage)).collect()
+    scan(&foreign, parent, |child, root| Ok((child.to_owned(), root.to_owned())))
 }
 
-/// The sessions of a user as named by `issuer`.
+/// The keys of a user's sessions as named by `issuer`.
 pub fn sessions_of_user(txn: &WriteTransaction, issuer: &str, user: &SubjectId) -> Result<Vec<String>, StoreError> {
     let key = user_key(issuer, user);
     let index = txn.open_table(USER_SESSIONS).map_err(storage)?;
-    let range = index.range((key.as_str(), "")..(key.as_str(), "\u{10FFFF}")).map_err(storage)?;
-    range.map(|row| row.map(|(k, _)| k.value().1.to_owned()).map_err(storage)).collect()
+    scan(&index, &key, |session, ()| Ok(session.to_owned()))
 }
 
 #[cfg(test)]
@@ -234,17 +407,27 @@ mod tests {
     use super::*;
     use caep_transmitter::store::{Commit, Store};
 
+    const IDP: &str = "https://idp";
+
+    fn key(id: &str) -> String {
+        scoped(IDP, id)
+    }
+
     fn record(id: &str, parent: Option<&str>, user: &str) -> SessionRecord {
         SessionRecord {
-            session_id: id.into(),
+            session_id: key(id),
             subject: SubjectId::opaque(id),
-            issuer: "https://idp".into(),
+            issuer: IDP.into(),
             user: Some(SubjectId::email(user)),
-            parent: parent.map(str::to_owned),
+            parent: parent.map(key),
             authority: None,
             established_at_ms: 1,
             revoked: None,
         }
+    }
+
+    fn at(at_ms: u64) -> Touch {
+        Touch { at_ms, ..Touch::default() }
     }
 
     #[tokio::test]
@@ -254,29 +437,73 @@ mod tests {
         let (tree, touched, users) = store
             .write(Commit::Durable, |txn| {
                 for (id, parent) in [("r", None), ("a", Some("r")), ("b", Some("r")), ("a1", Some("a")), ("x", None)] {
-                    insert_session(txn, &record(id, parent, if id == "x" { "other@x" } else { "u@x" }))?;
+                    insert_session(txn, &record(id, parent, if id == "x" { "other@x" } else { "u@x" }), 1)?;
                 }
-                assert!(touch(txn, "a1", "stream-1", 5)?);
-                assert!(!touch(txn, "a1", "stream-1", 6)?, "a second touch is not new");
-                touch(txn, "a1", "stream-2", 7)?;
-                touch(txn, "a10", "stream-3", 7)?;
-                let tree = subtree(txn, &["a".into()])?;
-                Ok((tree, touched_streams(txn, "a1")?, sessions_of_user(txn, "https://idp", &SubjectId::email("U@X"))?))
+                assert!(touch(txn, &key("a1"), "stream-1", &at(5))?);
+                assert!(!touch(txn, &key("a1"), "stream-1", &at(6))?, "a second touch is not new");
+                touch(txn, &key("a1"), "stream-2", &at(7))?;
+                touch(txn, &key("a10"), "stream-3", &at(7))?;
+                // A key past the old "\u{10FFFF}" upper bound is still found.
+                touch(txn, &key("a1"), "\u{10FFFF}\u{10FFFF}", &at(8))?;
+                let tree = subtree(txn, &[key("a")])?;
+                let touched: Vec<String> = touches(txn, &key("a1"))?.into_iter().map(|(s, _)| s).collect();
+                Ok((tree, touched, sessions_of_user(txn, IDP, &SubjectId::email("U@X"))?))
             })
             .await
             .expect("write");
-        assert_eq!(tree, ["a", "a1"]);
-        assert_eq!(touched, ["stream-1", "stream-2"], "no prefix bleed from a10");
-        assert_eq!(users, ["a", "a1", "b", "r"], "email users match case-insensitively; x is someone else");
-        let whole = store.read(|txn| subtree_in(txn, &["r".into()])).expect("read");
-        assert_eq!(whole, ["r", "a", "b", "a1"]);
+        assert_eq!(tree, [key("a"), key("a1")]);
+        assert_eq!(touched, ["stream-1", "stream-2", "\u{10FFFF}\u{10FFFF}"], "no prefix bleed from a10");
+        assert_eq!(users, [key("a"), key("a1"), key("b"), key("r")], "email users match case-insensitively");
+        let whole = store.read(|txn| subtree_in(txn, &[key("r")])).expect("read");
+        assert_eq!(whole, [key("r"), key("a"), key("b"), key("a1")]);
+    }
+
+    #[tokio::test]
+    async fn pending_touches_become_touches_are_capped_and_expire() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("g.redb")).expect("open");
+        let scenario = |txn: &WriteTransaction| -> Result<(), PendingError> {
+            touch_pending(txn, &key("late"), "s1", &at(10))?;
+            touch_pending(txn, &key("stale"), "s1", &at(10))?;
+            let now = 20 + PENDING_TOUCH_TTL_MS;
+            insert_session(txn, &record("late", None, "u@x"), 20)?;
+            assert_eq!(touches(txn, &key("late"))?.len(), 1, "the waiting touch became a touch");
+            assert_eq!(prune_pending_touches(txn, now, 100)?, 1, "the other expired");
+            insert_session(txn, &record("stale", None, "u@x"), now)?;
+            assert!(touches(txn, &key("stale"))?.is_empty());
+            for n in 0..MAX_PENDING_TOUCHES_PER_STREAM {
+                touch_pending(txn, &key(&format!("p{n}")), "s2", &at(now))?;
+            }
+            touch_pending(txn, &key("p0"), "s2", &at(now))?;
+            assert!(matches!(touch_pending(txn, &key("one-too-many"), "s2", &at(now)), Err(PendingError::Full)));
+            touch_pending(txn, &key("one-too-many"), "s3", &at(now))?;
+            Ok(())
+        };
+        store.write(Commit::Durable, move |txn| Ok(scenario(txn))).await.expect("write").expect("scenario");
     }
 
     #[test]
-    fn session_keys_do_not_collide_across_formats() {
-        assert_eq!(session_key(&SubjectId::opaque("S1")), "S1");
+    fn users_are_disclosed_only_to_who_showed_they_knew() {
+        let alice = SubjectId::email("alice@x");
+        let by_idp = Touch { by_idp: true, ..at(1) };
+        let named = Touch { named_user: Some(SubjectId::email("ALICE@x")), ..at(1) };
+        let other = Touch { named_user: Some(SubjectId::email("bob@x")), ..at(1) };
+        assert!(by_idp.discloses(Some(&alice)));
+        assert!(named.discloses(Some(&alice)));
+        assert!(!other.discloses(Some(&alice)));
+        assert!(!at(1).discloses(Some(&alice)));
+        assert!(!by_idp.discloses(None));
+    }
+
+    #[test]
+    fn session_keys_do_not_collide_across_formats_or_issuers() {
+        assert_eq!(local_session_id(&SubjectId::opaque("S1")), "S1");
         let jwt = SubjectId::JwtId { iss: "i".into(), jti: "S1".into() };
-        assert_ne!(session_key(&jwt), "S1");
+        assert_ne!(session_key(IDP, &jwt), session_key(IDP, &SubjectId::opaque("S1")));
+        assert_ne!(
+            session_key("https://a", &SubjectId::opaque("S1")),
+            session_key("https://b", &SubjectId::opaque("S1"))
+        );
         assert_ne!(user_key("https://a", &SubjectId::email("u@x")), user_key("https://b", &SubjectId::email("u@x")));
     }
 }

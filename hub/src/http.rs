@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use caep_transmitter::error::SsfError;
 use caep_transmitter::store::StoreError;
@@ -34,6 +34,7 @@ pub fn ingest_router(hub: Arc<Hub>) -> Router {
 pub fn admin_router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/admin/issuers", get(list_issuers).post(register_issuer))
+        .route("/admin/issuers/{issuer}", delete(untrust_issuer))
         .route("/admin/cascades/{txn}", get(cascade_report))
         .route("/admin/sessions/{session_id}", get(session_view))
         .with_state(hub)
@@ -58,7 +59,7 @@ async fn ingest(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Response
             tracing::info!(err, %description, "IdP SET refused");
             rfc8935_error(err, &description)
         }
-        Err(IngestError::Unavailable(reason)) => {
+        Err(IngestError::Unavailable(reason) | IngestError::TooMany(reason)) => {
             tracing::error!(%reason, "IdP SET not processed");
             let body =
                 json!({"err": "temporarily_unavailable", "description": "the hub cannot process SETs now; retry"});
@@ -93,23 +94,76 @@ async fn register_issuer(State(hub): Shared, body: Bytes) -> Result<Response, Ss
     Ok((status, Json(issuer)).into_response())
 }
 
+/// Untrusts an IdP (its issuer percent-encoded in the path): its SETs are
+/// refused from now on; cascades it already caused complete.
+async fn untrust_issuer(State(hub): Shared, Path(issuer): Path<String>) -> Result<StatusCode, SsfError> {
+    match hub.issuers().delete(&issuer).await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(SsfError::NotFound),
+        Err(error) => Err(SsfError::Storage(error.to_string())),
+    }
+}
+
 async fn list_issuers(State(hub): Shared) -> Result<Json<Value>, SsfError> {
     let issuers = hub.issuers().list().map_err(|e| SsfError::Storage(e.to_string()))?;
     Ok(Json(serde_json::to_value(issuers).unwrap_or_default()))
 }
 
-async fn cascade_report(State(hub): Shared, Path(txn): Path<String>) -> Result<Json<Value>, SsfError> {
-    let report = hub.report(&txn).map_err(|e| SsfError::Storage(e.to_string()))?;
-    let report = report.ok_or(SsfError::NotFound)?;
+/// `?issuer=`: which IdP's cascade or session, when several used one id.
+#[derive(Deserialize)]
+struct IssuerQuery {
+    #[serde(default)]
+    issuer: Option<String>,
+}
+
+/// One match, or 404 for none and 400 naming the IdPs for several.
+fn the_one<T>(mut found: Vec<(String, T)>, what: &str) -> Result<T, SsfError> {
+    match found.len() {
+        0 => Err(SsfError::NotFound),
+        1 => Ok(found.remove(0).1),
+        _ => {
+            let issuers: Vec<String> = found.into_iter().map(|(issuer, _)| issuer).collect();
+            Err(SsfError::BadRequest(format!("several IdPs used this {what}; add ?issuer= (one of {issuers:?})")))
+        }
+    }
+}
+
+async fn cascade_report(
+    State(hub): Shared,
+    Path(txn): Path<String>,
+    Query(query): Query<IssuerQuery>,
+) -> Result<Json<Value>, SsfError> {
+    let reports = hub.reports(&txn, query.issuer.as_deref()).map_err(|e| SsfError::Storage(e.to_string()))?;
+    let report = the_one(reports.into_iter().map(|report| (report.issuer.clone(), report)).collect(), "txn")?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }
 
-async fn session_view(State(hub): Shared, Path(session_id): Path<String>) -> Result<Json<Value>, SsfError> {
+async fn session_view(
+    State(hub): Shared,
+    Path(session_id): Path<String>,
+    Query(query): Query<IssuerQuery>,
+) -> Result<Json<Value>, SsfError> {
+    let issuers = match query.issuer {
+        Some(issuer) => vec![issuer],
+        None => hub.issuers().names(),
+    };
+    let mut found = Vec::new();
+    for issuer in issuers {
+        let key = crate::scope::scoped(&issuer, &session_id);
+        if let Some(view) = session_view_of(&hub, &key).await? {
+            found.push((issuer, view));
+        }
+    }
+    Ok(Json(the_one(found, "session id")?))
+}
+
+/// The view of the session `key`, merged across partitions (Kafka mode).
+async fn session_view_of(hub: &Hub, key: &str) -> Result<Option<Value>, SsfError> {
     // In Kafka mode a session's graph lives with its partition's owner.
-    let Some(store) = hub.graph_store_of(&session_id).await else { return Err(SsfError::NotFound) };
+    let Some(store) = hub.graph_store_of(key).await else { return Ok(None) };
     let storage = |e: StoreError| SsfError::Storage(e.to_string());
-    let Some((mut view, mut foreign)) = store.read(|txn| session_view_in(txn, &session_id)).map_err(storage)? else {
-        return Err(SsfError::NotFound);
+    let Some((mut view, mut foreign)) = store.read(|txn| session_view_in(txn, key)).map_err(storage)? else {
+        return Ok(None);
     };
     // Subtrees that live in other partitions (Kafka mode: a session seen
     // before its parent), as far as this instance holds them.
@@ -117,7 +171,7 @@ async fn session_view(State(hub): Shared, Path(session_id): Path<String>) -> Res
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|entry| entry["session_id"].as_str().map(str::to_owned))
+        .filter_map(|entry| entry["key"].as_str().map(str::to_owned))
         .collect();
     while let Some((child, root)) = foreign.pop() {
         if !seen.insert(child.clone()) {
@@ -131,45 +185,65 @@ async fn session_view(State(hub): Shared, Path(session_id): Path<String>) -> Res
         match part {
             Some((part, more)) => {
                 for entry in part["subtree"].as_array().cloned().unwrap_or_default() {
-                    let id = entry["session_id"].as_str().unwrap_or_default().to_owned();
+                    let id = entry["key"].as_str().unwrap_or_default().to_owned();
                     if id == child || seen.insert(id) {
                         subtree.push(entry);
                     }
                 }
                 foreign.extend(more);
             }
-            None => subtree.push(json!({"session_id": child, "elsewhere": true})),
+            None => subtree.push(json!({"session_id": crate::scope::local_id(&child), "elsewhere": true})),
         }
     }
-    Ok(Json(view))
+    // The graph keys served to merge partitions; the operator sees ids.
+    for entry in view["subtree"].as_array_mut().into_iter().flatten() {
+        if let Some(entry) = entry.as_object_mut() {
+            entry.remove("key");
+        }
+    }
+    Ok(Some(view))
 }
 
 /// A session's view, and the (child, root) pairs of its subtree's children
 /// whose trees live in other partitions.
 type View = (Value, Vec<(String, String)>);
 
-fn session_view_in(txn: &redb::ReadTransaction, session_id: &str) -> Result<Option<View>, StoreError> {
-    let Some(session) = graph::session_in(txn, session_id)? else { return Ok(None) };
+/// A session as the operator sees it: ids as the IdP named them.
+fn session_json(record: &graph::SessionRecord) -> Value {
+    json!({
+        "session_id": record.local_id(),
+        "issuer": record.issuer,
+        "subject": record.subject,
+        "user": record.user,
+        "parent": record.parent.as_deref().map(crate::scope::local_id),
+        "authority": record.authority,
+        "established_at_ms": record.established_at_ms,
+        "revoked": record.revoked.as_ref().map(|revoked| json!({
+            "txn": crate::scope::local_id(&revoked.txn),
+            "at_ms": revoked.at_ms,
+        })),
+    })
+}
+
+fn session_view_in(txn: &redb::ReadTransaction, key: &str) -> Result<Option<View>, StoreError> {
+    let Some(session) = graph::session_in(txn, key)? else { return Ok(None) };
     let touches_of = |id: &str| -> Result<Vec<Value>, StoreError> {
         Ok(graph::touches_in(txn, id)?
             .into_iter()
-            .map(|(stream_id, at)| json!({"stream_id": stream_id, "touched_at_ms": at}))
+            .map(|(stream_id, touch)| json!({"stream_id": stream_id, "touched_at_ms": touch.at_ms, "by_idp": touch.by_idp}))
             .collect())
     };
     let mut subtree = Vec::new();
     let mut foreign = Vec::new();
-    for id in graph::subtree_in(txn, &[session_id.to_owned()])? {
+    for id in graph::subtree_in(txn, &[key.to_owned()])? {
         foreign.extend(graph::foreign_children_in(txn, &id)?);
         if let Some(record) = graph::session_in(txn, &id)? {
-            subtree.push(json!({
-                "session_id": record.session_id,
-                "parent": record.parent,
-                "authority": record.authority,
-                "revoked": record.revoked,
-                "touches": touches_of(&id)?,
-            }));
+            let mut entry = session_json(&record);
+            entry["key"] = json!(record.session_id);
+            entry["touches"] = Value::Array(touches_of(&id)?);
+            subtree.push(entry);
         }
     }
-    let view = json!({"session": session, "touches": touches_of(session_id)?, "subtree": subtree});
+    let view = json!({"session": session_json(&session), "touches": touches_of(key)?, "subtree": subtree});
     Ok(Some((view, foreign)))
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use caep_schemas::event::Event;
 use caep_schemas::set::SecurityEventToken;
 use caep_schemas::subject::SubjectId;
+use caep_transmitter::error::SsfError;
 use caep_transmitter::outbox::{NewSet, Outbox, OutcomeSink, SetOutcome, now_ms};
 use caep_transmitter::registry::StreamRecord;
 use caep_transmitter::service::{BoxFuture, Outgoing, SubjectHook, Transmitter};
@@ -85,17 +86,18 @@ impl Hub {
     }
 
     /// Re-dispatches leaves a crash left planned, and starts the hourly
-    /// pruning of replay records no SET can still need.
+    /// pruning of replay records no SET can still need and of expired
+    /// pending touches.
     pub fn start(self: &Arc<Self>) -> Result<(), StoreError> {
         let store = self.store.clone();
         tokio::spawn(async move {
             let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
             loop {
                 hourly.tick().await;
-                match store.write(Commit::Lazy, |txn| crate::effects::prune_ingested(txn, now_ms())).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "pruned old IdP replay records"),
-                    Err(error) => tracing::warn!(%error, "cannot prune IdP replay records"),
+                match store.write(Commit::Lazy, |txn| crate::effects::prune(txn, now_ms())).await {
+                    Ok(pruned) if pruned.is_empty() => {}
+                    Ok(pruned) => tracing::info!(?pruned, "pruned expired records"),
+                    Err(error) => tracing::warn!(%error, "cannot prune expired records"),
                 }
             }
         });
@@ -205,24 +207,51 @@ impl Hub {
     }
 
     /// A receiver reported that a session reached its stream (add-subject
-    /// with a complex `session` subject): record the touch, and if the
-    /// session is already revoked, send that stream the revocation now.
-    pub async fn touched(self: &Arc<Self>, stream: &StreamRecord, subject: &SubjectId) {
-        let Some(session) = subject.as_complex().and_then(|c| c.session.as_ref()) else { return };
-        let session_id = graph::session_key(session);
-        match self.log.touch(session_id, stream.config.stream_id.clone(), now_ms()).await {
+    /// with a complex `session` subject): record the touch under each IdP
+    /// the stream hears from, and if the session is already revoked, send
+    /// that stream the revocation now. Fails (so the receiver retries) when
+    /// the touch cannot be recorded.
+    pub async fn touched(self: &Arc<Self>, stream: &StreamRecord, subject: &SubjectId) -> Result<(), SsfError> {
+        let Some(complex) = subject.as_complex() else { return Ok(()) };
+        let Some(session) = &complex.session else { return Ok(()) };
+        let issuers = match &stream.issuers {
+            Some(bound) => bound.clone(),
+            None => self.issuers.names(),
+        };
+        let keys: Vec<String> = issuers.iter().map(|issuer| graph::session_key(issuer, session)).collect();
+        let touch = graph::Touch { at_ms: now_ms(), by_idp: false, named_user: complex.user.clone() };
+        match self.log.touch(keys, stream.config.stream_id.clone(), touch).await {
             Ok(plan) => {
                 for (record, leaves) in plan.cascades {
                     self.dispatch(record, leaves);
                 }
+                Ok(())
             }
-            Err(error) => tracing::error!(%error, "cannot record a touch"),
+            Err(IngestError::TooMany(reason)) => {
+                tracing::warn!(stream_id = %stream.config.stream_id, %reason, "touch refused");
+                Err(SsfError::TooManyRequests { retry_after_secs: 60 })
+            }
+            Err(error) => {
+                tracing::error!(stream_id = %stream.config.stream_id, %error, "cannot record a touch");
+                Err(SsfError::Unavailable { retry_after_secs: 1 })
+            }
         }
     }
 
-    /// The cascade report.
-    pub fn report(&self, cascade_txn: &str) -> Result<Option<cascade::CascadeReport>, StoreError> {
-        self.store.read(|txn| cascade::report(txn, cascade_txn))
+    /// The reports of the cascades with wire `txn`: `issuer`'s, or (when
+    /// `None`) every trusted IdP's that exists.
+    pub fn reports(&self, txn: &str, issuer: Option<&str>) -> Result<Vec<cascade::CascadeReport>, StoreError> {
+        let issuers = match issuer {
+            Some(issuer) => vec![issuer.to_owned()],
+            None => self.issuers.names(),
+        };
+        self.store.read(|read| {
+            let mut found = Vec::new();
+            for issuer in &issuers {
+                found.extend(cascade::report(read, &cascade::key(issuer, txn))?);
+            }
+            Ok(found)
+        })
     }
 }
 
@@ -418,10 +447,11 @@ fn sessions_of(txn: &redb::ReadTransaction, leaves: &[Leaf]) -> Result<SessionSu
 }
 
 /// The leaf's `sub_id`: complex `{session, user}` as the IdP named them.
+/// The user is named only where the leaf may disclose it (see `Leaf::with_user`).
 fn session_subject(leaf: &Leaf, sessions: &SessionSubjects) -> SubjectId {
     match sessions.get(&leaf.session_id) {
-        Some((session, user)) => SubjectId::session_of(session.clone(), user.clone()),
-        None => SubjectId::session_of(SubjectId::opaque(&leaf.session_id), None),
+        Some((session, user)) => SubjectId::session_of(session.clone(), user.clone().filter(|_| leaf.with_user)),
+        None => SubjectId::session_of(SubjectId::opaque(crate::scope::local_id(&leaf.session_id)), None),
     }
 }
 
@@ -432,17 +462,7 @@ fn set_rejection(error: caep_schemas::set::SetError) -> IngestError {
 /// The `iss` of a compact JWS, read before verification only to choose the
 /// keys to verify it with.
 fn unverified_issuer(token: &str) -> Result<String, IngestError> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).ok_or_else(|| rejected("invalid_request", "not a compact JWS"))?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| rejected("invalid_request", "payload is not base64url"))?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| rejected("invalid_request", "payload is not JSON"))?;
-    match claims.get("iss") {
-        Some(serde_json::Value::String(iss)) => Ok(iss.clone()),
-        _ => Err(rejected("invalid_request", "claim `iss` is missing")),
-    }
+    caep_schemas::set::unverified_issuer(token).map_err(|reason| rejected("invalid_request", reason))
 }
 
 /// Applies delivery outcomes to cascade leaves inside the transaction that
@@ -494,10 +514,15 @@ impl TouchHook {
 }
 
 impl SubjectHook for TouchHook {
-    fn subject_added<'a>(&'a self, stream: &'a StreamRecord, subject: &'a SubjectId) -> BoxFuture<'a, ()> {
+    fn subject_added<'a>(
+        &'a self,
+        stream: &'a StreamRecord,
+        subject: &'a SubjectId,
+    ) -> BoxFuture<'a, Result<(), SsfError>> {
         Box::pin(async move {
-            if let Some(hub) = self.hub.get().and_then(Weak::upgrade) {
-                hub.touched(stream, subject).await;
+            match self.hub.get().and_then(Weak::upgrade) {
+                Some(hub) => hub.touched(stream, subject).await,
+                None => Err(SsfError::Unavailable { retry_after_secs: 1 }),
             }
         })
     }

@@ -208,6 +208,14 @@ impl Issuers {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).remove(issuer);
     }
 
+    /// Every trusted issuer, sorted: whom a receiver bound to "every
+    /// trusted issuer" hears from.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.keys.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// The key cache of an issuer, if it is trusted.
     pub fn keys_for(&self, issuer: &str) -> Option<Arc<JwksCache>> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).get(issuer).cloned()
@@ -234,8 +242,9 @@ impl Issuers {
         }
     }
 
-    /// Registers (or replaces) an issuer. A `jwks_uri` must pass the SSRF
-    /// guard and answer with usable keys now. Returns true when it is new.
+    /// Registers (or replaces) an issuer. A `jwks_uri` must be https (plain
+    /// http only inside the allowlist), pass the SSRF guard and answer with
+    /// usable keys now. Returns true when it is new.
     pub async fn register(
         &self,
         issuer: String,
@@ -247,7 +256,7 @@ impl Issuers {
         }
         if let Some(uri) = &jwks_uri {
             self.guard
-                .check_url(uri)
+                .check_key_url(uri)
                 .await
                 .map_err(|refused| IssuerError::Invalid(format!("`jwks_uri`: {refused}")))?;
         }

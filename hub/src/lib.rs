@@ -15,4 +15,5 @@ pub mod issuers;
 pub mod kafka;
 pub mod log;
 pub mod metrics;
+pub mod scope;
 pub mod server;

@@ -13,6 +13,7 @@ use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store};
 
 use crate::effects::{self, IngestError, Plan};
+use crate::graph::Touch;
 
 /// Makes verified IdP events take effect durably.
 pub trait EventLog: Send + Sync {
@@ -20,9 +21,11 @@ pub trait EventLog: Send + Sync {
     /// returns the plan, for the caller to dispatch.
     fn append(&self, set: SecurityEventToken, received_at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>>;
 
-    /// Records that a session reached a stream; resolves once durable, with
-    /// the revocation it owes that stream if the session is revoked already.
-    fn touch(&self, session_id: String, stream_id: String, at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>>;
+    /// Records that a session reached a stream, under each of `keys` (the
+    /// session as named by each IdP the stream hears from); resolves once
+    /// durable, with the revocations it owes that stream if the session is
+    /// revoked already.
+    fn touch(&self, keys: Vec<String>, stream_id: String, touch: Touch) -> BoxFuture<'_, Result<Plan, IngestError>>;
 }
 
 /// The embedded log: effects applied at once in the local store.
@@ -48,16 +51,31 @@ impl EventLog for LocalLog {
         })
     }
 
-    fn touch(&self, session_id: String, stream_id: String, at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>> {
+    fn touch(&self, keys: Vec<String>, stream_id: String, touch: Touch) -> BoxFuture<'_, Result<Plan, IngestError>> {
         let transmitter = Arc::clone(&self.transmitter);
         Box::pin(async move {
-            let plan = self
-                .store
+            self.store
                 .write(Commit::Durable, move |txn| {
-                    effects::late_touch_plan(txn, transmitter.streams(), &session_id, &stream_id, at_ms)
+                    let mut plan = Plan::default();
+                    let (mut recorded, mut refused) = (0, None);
+                    for key in &keys {
+                        match effects::late_touch_plan(txn, transmitter.streams(), key, &stream_id, &touch) {
+                            Ok(more) => {
+                                recorded += 1;
+                                plan.extend(more);
+                            }
+                            Err(error) => refused = Some(error),
+                        }
+                    }
+                    // Refused only when nothing was recorded: a plan must be
+                    // dispatched, and a full pending list only drops a guess
+                    // about an IdP that never named the session.
+                    Ok(match refused {
+                        Some(error) if recorded == 0 => Err(error),
+                        _ => Ok(plan),
+                    })
                 })
-                .await?;
-            Ok(plan)
+                .await?
         })
     }
 }

@@ -88,6 +88,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config),
         Command::Keys(command) => keys(config, command),
         Command::AdminToken(AdminTokenCommand::Rotate) => {
+            if config.admin_token.is_some() {
+                anyhow::bail!(
+                    "the admin token is set by CAEP_HUB_ADMIN_TOKEN (or the config file): change it there and \
+                     restart the hub; rotate only replaces a generated token"
+                );
+            }
             let (_, token) = AdminToken::rotate(&config.data_dir)?;
             show_admin_token(&token);
             Ok(())

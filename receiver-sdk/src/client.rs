@@ -406,7 +406,24 @@ impl Receiver {
     ///
     /// As [`add_subject`](Self::add_subject).
     pub async fn touch(&self, stream_id: &str, session_id: &str) -> Result<(), ReceiverError> {
-        self.add_subject(stream_id, &SubjectId::session_of(SubjectId::opaque(session_id), None)).await?;
+        self.touch_of(stream_id, session_id, None).await
+    }
+
+    /// Like [`touch`](Self::touch), also naming the user the relying party
+    /// knows is behind the session (e.g. the token's subject). A transmitter
+    /// that keeps the disclosure rule names a session's user in its SETs only
+    /// to a receiver that showed it knew that user; this is how to show it.
+    ///
+    /// # Errors
+    ///
+    /// As [`add_subject`](Self::add_subject).
+    pub async fn touch_of(
+        &self,
+        stream_id: &str,
+        session_id: &str,
+        user: Option<SubjectId>,
+    ) -> Result<(), ReceiverError> {
+        self.add_subject(stream_id, &SubjectId::session_of(SubjectId::opaque(session_id), user)).await?;
         tracing::debug!(%stream_id, %session_id, "touch reported");
         Ok(())
     }

@@ -277,6 +277,14 @@ impl SetVerifier {
     /// [`VerifyError`]; see [`VerifyError::rfc8935_err`] and
     /// [`VerifyError::is_transient`].
     pub async fn verify(&self, token: &str) -> Result<Verified, VerifyError> {
+        // Another issuer's SET is refused for good before any key fetch: no
+        // JWKS request on a stranger's behalf, and no "retry later" answer
+        // that would make a misconfigured transmitter retry for a day.
+        if let Ok(iss) = caep_schemas::set::unverified_issuer(token)
+            && iss != self.issuer
+        {
+            return Err(SetError::WrongIssuer { found: truncate(&iss) }.into());
+        }
         let jwks = self.jwks.get().await.map_err(VerifyError::KeysUnavailable)?;
         let jose_verified = match jose::verify(token, &jwks, SET_TYP) {
             Err(JoseError::UnknownKey { kid }) => {
@@ -365,5 +373,22 @@ mod tests {
         assert!(!retried.duplicate);
         retried.accept();
         assert!(verifier.verify(&token).await.expect("duplicate").duplicate);
+    }
+
+    #[tokio::test]
+    async fn another_issuers_set_is_refused_for_good_without_fetching_keys() {
+        // Keys that cannot be fetched: any key fetch would make this transient.
+        let unreachable = JwksCache::new(reqwest::Client::new(), "http://127.0.0.1:9/jwks.json".into());
+        let verifier = SetVerifier::new(ISS, AUD, unreachable);
+        let key = SigningKey::generate(Algorithm::Es256).expect("key");
+        let event = Event::SessionRevoked(SessionRevoked::default());
+        let stranger = SecurityEventToken::new("https://another-hub.example", AUD, SubjectId::opaque("s"), event)
+            .sign(&key)
+            .expect("sign");
+        let error = verifier.verify(&stranger).await.expect_err("refused");
+        assert_eq!(error.rfc8935_err(), "invalid_issuer");
+        assert!(!error.is_transient(), "{error}");
+        let ours = verifier.verify(&signed(&key, AUD)).await.expect_err("keys unreachable");
+        assert!(ours.is_transient(), "the expected issuer's SET still waits for keys: {ours}");
     }
 }

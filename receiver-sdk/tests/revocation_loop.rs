@@ -83,8 +83,10 @@ async fn an_idp_revocation_reaches_push_and_poll_handlers() {
     let child = SessionEstablished { parent_session: Some(SubjectId::opaque("root")), ..SessionEstablished::default() };
     ingest(&hub, &idp_key, "child", Event::SessionEstablished(child), "est-2").await;
 
-    // The sub-agent reached the push RP, the parent the poll RP.
-    push_rp.touch(&push_stream.stream_id, "child").await.expect("touch child");
+    // The sub-agent reached the push RP (which knows its user from the
+    // token it was shown), the parent the poll RP (which names no user).
+    let ada = SubjectId::email("ada@example.com");
+    push_rp.touch_of(&push_stream.stream_id, "child", Some(ada)).await.expect("touch child");
     poll_rp.touch(&poll_stream.stream_id, "root").await.expect("touch root");
 
     // The IdP revokes the parent: both relying parties hear of it.
@@ -97,6 +99,7 @@ async fn an_idp_revocation_reaches_push_and_poll_handlers() {
     assert!(by_push.txn().is_some(), "cascade SETs carry a txn");
     assert_eq!(by_push.txn(), by_poll.txn(), "one cascade, one txn");
     assert_eq!(by_push.user(), Some(&SubjectId::email("ada@example.com")));
+    assert_eq!(by_poll.user(), None, "the disclosure rule: the poll RP never named the user");
     assert!(by_push.latency_ms() >= -1000, "latency measured from the event: {}", by_push.latency_ms());
 
     stop.send(()).expect("poll loop running");

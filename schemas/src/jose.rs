@@ -659,13 +659,10 @@ pub fn verify(token: &str, jwks: &Jwks, expected_typ: &str) -> Result<Verified, 
             });
         }
     }
-    // We understand no extension, so any critical one must make us refuse.
-    match header.get("crit") {
-        None => {}
-        Some(Value::Array(names)) if names.is_empty() => {}
-        Some(_) => {
-            return Err(JoseError::Malformed("crit header extensions are not supported"));
-        }
+    // We understand no extension, so any critical one must make us refuse;
+    // an empty list is malformed (RFC 7515 §4.1.11: it MUST NOT be empty).
+    if header.contains_key("crit") {
+        return Err(JoseError::Malformed("crit header extensions are not supported"));
     }
     // RFC 7797 unencoded payloads would change what the signature covers.
     match header.get("b64") {
@@ -975,7 +972,7 @@ mod tests {
         assert!(matches!(verify(&token, &jwks, TYP), Err(JoseError::Malformed(_))));
         let header = json!({"alg": "ES256", "kid": k.kid(), "typ": TYP, "crit": []});
         let token = forge(&header, &claims(), k.signer.as_ref());
-        verify(&token, &jwks, TYP).expect("empty crit is accepted");
+        assert!(matches!(verify(&token, &jwks, TYP), Err(JoseError::Malformed(_))), "an empty crit is malformed");
 
         let header = json!({"alg": "ES256", "kid": k.kid(), "typ": TYP, "b64": false});
         let token = forge(&header, &claims(), k.signer.as_ref());

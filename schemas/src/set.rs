@@ -125,6 +125,22 @@ impl SetError {
     }
 }
 
+/// The `iss` claim of a compact JWS, read *without* verifying anything: only
+/// to choose the keys to verify it with, or to refuse at once a SET from an
+/// issuer nobody expects (before any key fetch). `Err` says why it cannot
+/// be read.
+pub fn unverified_issuer(token: &str) -> Result<String, &'static str> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).ok_or("not a compact JWS")?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).map_err(|_| "payload is not base64url")?;
+    let claims: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| "payload is not a JSON object")?;
+    match claims.get("iss") {
+        Some(Value::String(iss)) => Ok(iss.clone()),
+        _ => Err("claim `iss` is missing"),
+    }
+}
+
 /// Seconds since the epoch, now.
 pub fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)

@@ -63,7 +63,7 @@ fn graph_walk(c: &mut Criterion) {
     runtime
         .block_on(store.write(Commit::Durable, move |txn| {
             for session in &sessions {
-                graph::insert_session(txn, session)?;
+                graph::insert_session(txn, session, 0)?;
             }
             Ok(())
         }))

@@ -79,8 +79,11 @@ async fn streams(bench: &Bench, push: bool) -> Vec<(String, String)> {
     let mut created = Vec::new();
     for i in 0..STREAMS {
         let audience = format!("https://rp{i}.example/{}", if push { "push" } else { "poll" });
-        let (receiver, token) =
-            bench.transmitter.create_receiver(&format!("rp{i}"), &audience, vec![]).await.expect("receiver");
+        let (receiver, token) = bench
+            .transmitter
+            .create_receiver(caep_transmitter::receivers::ReceiverSpec::new(&format!("rp{i}"), &audience))
+            .await
+            .expect("receiver");
         let body = if push {
             json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_receiver().await},
                    "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]})

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::SsfError;
-use crate::receivers::ReceiverError;
+use crate::receivers::{ReceiverError, ReceiverSpec};
 use crate::registry::StreamRecord;
 use crate::service::{Transmitter, store_error};
 
@@ -41,17 +41,9 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, SsfError> {
     }
 }
 
-#[derive(Deserialize)]
-struct NewReceiver {
-    name: String,
-    audience: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-}
-
 async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Response, SsfError> {
-    let request: NewReceiver = parse(&body)?;
-    let created = transmitter.create_receiver(&request.name, &request.audience, request.scopes).await;
+    let spec: ReceiverSpec = parse(&body)?;
+    let created = transmitter.create_receiver(spec).await;
     let (receiver, token) = created.map_err(|error| match error {
         ReceiverError::Invalid(reason) => SsfError::BadRequest(reason),
         ReceiverError::DuplicateAudience(_) | ReceiverError::Conflict(_) => SsfError::Conflict(error.to_string()),
@@ -63,6 +55,8 @@ async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Resp
         "audience": receiver.audience,
         "name": receiver.name,
         "scopes": receiver.scopes,
+        "issuers": receiver.issuers,
+        "all_subjects": receiver.all_subjects,
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -83,6 +77,8 @@ async fn list_receivers(State(transmitter): Shared) -> Result<Json<Value>, SsfEr
                 "name": receiver.name,
                 "audience": receiver.audience,
                 "scopes": receiver.scopes,
+                "issuers": receiver.issuers,
+                "all_subjects": receiver.all_subjects,
                 "created_at_ms": receiver.created_at_ms,
                 "streams": streams,
             })
@@ -106,6 +102,7 @@ fn operator_view(transmitter: &Transmitter, record: &StreamRecord) -> Value {
         "reason": record.reason,
         "events_delivered": record.config.events_delivered,
         "all_subjects": record.all_subjects,
+        "issuers": record.issuers,
         "subjects": transmitter.streams().subject_count(&record.config.stream_id),
         "queued": transmitter.outbox().depth(&record.config.stream_id).unwrap_or(0),
     })

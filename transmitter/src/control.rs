@@ -227,6 +227,8 @@ mod tests {
             audience: audience.into(),
             scopes: vec![SCOPE_READ.into()],
             created_at_ms: 7,
+            issuers: None,
+            all_subjects: false,
         }
     }
 
@@ -320,8 +322,12 @@ mod tests {
     async fn originators_record_through_the_log_and_read_their_writes() {
         let dir = tempfile::tempdir().expect("temp dir");
         let transmitter = open(dir.path(), "https://hub.example");
-        let (rp, _token) = transmitter.create_receiver("RP", "https://rp.example", vec![]).await.expect("create");
-        let duplicate = transmitter.create_receiver("RP2", "https://rp.example", vec![]).await;
+        let (rp, _token) = transmitter
+            .create_receiver(crate::receivers::ReceiverSpec::new("RP", "https://rp.example"))
+            .await
+            .expect("create");
+        let duplicate =
+            transmitter.create_receiver(crate::receivers::ReceiverSpec::new("RP2", "https://rp.example")).await;
         assert!(duplicate.is_err());
         let stream = transmitter.create_stream(&rp, POLL_BODY).await.expect("stream");
         let paused = transmitter.set_status(&stream, StreamStatus::Paused, None).await.expect("pause");
@@ -412,7 +418,10 @@ mod tests {
         )
         .expect("open");
         control.bind(&transmitter);
-        let (rp, token) = transmitter.create_receiver("RP", "https://rp.example", vec![]).await.expect("receiver");
+        let (rp, token) = transmitter
+            .create_receiver(crate::receivers::ReceiverSpec::new("RP", "https://rp.example"))
+            .await
+            .expect("receiver");
         let stream_id = transmitter.create_stream(&rp, POLL_BODY).await.expect("stream").config.stream_id.clone();
         tokio::spawn(async move { axum::serve(listener, crate::http::router(transmitter)).await });
 

@@ -168,12 +168,37 @@ async fn classify(response: reqwest::Response) -> Attempt {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     if status.as_u16() == 400 || status.as_u16() == 413 {
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        let err = body.get("err").and_then(|v| v.as_str()).unwrap_or("invalid_request").to_owned();
-        let description = body.get("description").and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let body = read_capped(response, MAX_ERROR_BODY).await.unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let text = |member: &str| body.get(member).and_then(|v| v.as_str()).map(|v| truncated(v, MAX_ERROR_TEXT));
+        let err = text("err").unwrap_or_else(|| "invalid_request".to_owned());
+        let description = text("description").unwrap_or_default();
         return Attempt::Permanent { err, description: format!("HTTP {status}: {description}") };
     }
     Attempt::Retry { reason: format!("HTTP {status}"), retry_after }
+}
+
+/// The most of a receiver's error body the pusher reads: an RFC 8935 error
+/// is a few hundred bytes, and a hostile receiver must not make it buffer more.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The most of an error's `err` or `description` kept (it is stored with the
+/// dead letter and shown to operators).
+const MAX_ERROR_TEXT: usize = 512;
+
+/// The body, or `None` when it is longer than `cap` or cannot be read.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.ok()? {
+        if body.len() + chunk.len() > cap {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
+}
+
+fn truncated(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
 }
 
 fn transport_reason(error: &reqwest::Error) -> String {

@@ -33,6 +33,36 @@ pub struct Receiver {
     pub audience: String,
     pub scopes: Vec<String>,
     pub created_at_ms: u64,
+    /// The IdPs whose sessions it may hear about; `None`: every trusted IdP
+    /// (the single-IdP default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuers: Option<Vec<String>>,
+    /// The operator granted its streams every subject of its IdPs
+    /// (`default_subjects: ALL`); a receiver can never grant itself this.
+    #[serde(default)]
+    pub all_subjects: bool,
+}
+
+/// What the operator asks for a new receiver (`POST /admin/receivers`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverSpec {
+    pub name: String,
+    pub audience: String,
+    /// Empty: both `ssf.manage` and `ssf.read`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub issuers: Option<Vec<String>>,
+    #[serde(default)]
+    pub all_subjects: bool,
+}
+
+impl ReceiverSpec {
+    /// A receiver with both scopes, bound to every trusted IdP.
+    pub fn new(name: &str, audience: &str) -> Self {
+        ReceiverSpec { name: name.to_owned(), audience: audience.to_owned(), ..ReceiverSpec::default() }
+    }
 }
 
 impl Receiver {
@@ -111,10 +141,10 @@ impl Receivers {
     /// Validates a new receiver and decides everything random about it (id,
     /// token, creation time), without storing anything: the caller records
     /// [`ControlChange::ReceiverCreated`](crate::control::ControlChange) with
-    /// the receiver and the token's digest. `scopes` empty means both
-    /// `ssf.manage` and `ssf.read`. The audience is checked against local
-    /// state here for a prompt answer, and again when the change is applied.
-    pub fn prepare(&self, name: &str, audience: &str, scopes: Vec<String>) -> Result<NewReceiver, ReceiverError> {
+    /// the receiver and the token's digest. The audience is checked against
+    /// local state here for a prompt answer, and again when the change is applied.
+    pub fn prepare(&self, spec: ReceiverSpec) -> Result<NewReceiver, ReceiverError> {
+        let ReceiverSpec { name, audience, scopes, issuers, all_subjects } = spec;
         if name.trim().is_empty() || audience.trim().is_empty() {
             return Err(ReceiverError::Invalid("`name` and `audience` must be non-empty strings".into()));
         }
@@ -122,15 +152,24 @@ impl Receivers {
         if let Some(unknown) = scopes.iter().find(|s| *s != SCOPE_MANAGE && *s != SCOPE_READ) {
             return Err(ReceiverError::Invalid(format!("unknown scope `{unknown}` (ssf.manage, ssf.read)")));
         }
+        if let Some(issuers) = &issuers
+            && (issuers.is_empty() || issuers.iter().any(|issuer| issuer.trim().is_empty()))
+        {
+            return Err(ReceiverError::Invalid(
+                "`issuers` must list at least one issuer (omit it to bind every trusted issuer)".into(),
+            ));
+        }
         if self.list()?.iter().any(|existing| existing.audience == audience) {
-            return Err(ReceiverError::DuplicateAudience(audience.to_owned()));
+            return Err(ReceiverError::DuplicateAudience(audience));
         }
         let receiver = Receiver {
             receiver_id: uuid::Uuid::new_v4().simple().to_string(),
-            name: name.to_owned(),
-            audience: audience.to_owned(),
+            name,
+            audience,
             scopes,
             created_at_ms: now_ms(),
+            issuers,
+            all_subjects,
         };
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
@@ -257,7 +296,7 @@ mod tests {
         audience: &str,
         scopes: Vec<String>,
     ) -> Result<(Receiver, String), ReceiverError> {
-        let new = receivers.prepare(name, audience, scopes)?;
+        let new = receivers.prepare(ReceiverSpec { scopes, ..ReceiverSpec::new(name, audience) })?;
         match receivers.apply_created(new.receiver.clone(), &new.token_digest).await? {
             Ok(()) => Ok((new.receiver, new.token)),
             Err(_) => Err(ReceiverError::DuplicateAudience(audience.to_owned())),
@@ -268,8 +307,8 @@ mod tests {
     async fn concurrent_creations_with_one_audience_are_decided_by_apply_order() {
         let (_dir, receivers) = open();
         // Both pass the originators' checks: neither sees the other yet.
-        let first = receivers.prepare("A", "https://same.example", vec![]).expect("prepare");
-        let second = receivers.prepare("B", "https://same.example", vec![]).expect("prepare");
+        let first = receivers.prepare(ReceiverSpec::new("A", "https://same.example")).expect("prepare");
+        let second = receivers.prepare(ReceiverSpec::new("B", "https://same.example")).expect("prepare");
         assert_eq!(receivers.apply_created(first.receiver.clone(), &first.token_digest).await.expect("apply"), Ok(()));
         let refused = receivers.apply_created(second.receiver.clone(), &second.token_digest).await.expect("apply");
         assert!(refused.is_err(), "the later creation conflicts");

@@ -30,9 +30,14 @@ pub struct StreamRecord {
     pub status: StreamStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The stream asked for every subject (`default_subjects: ALL`).
+    /// The stream takes every subject of its issuers (`default_subjects:
+    /// ALL`): only where the operator granted it to the receiver.
     #[serde(default)]
     pub all_subjects: bool,
+    /// The IdPs whose sessions the stream may hear about, copied from its
+    /// receiver's binding; `None`: every trusted IdP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuers: Option<Vec<String>>,
     /// When the last verification was requested, ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verification_ms: Option<u64>,
@@ -40,6 +45,11 @@ pub struct StreamRecord {
 }
 
 impl StreamRecord {
+    /// Whether the stream may hear about `issuer`'s sessions.
+    pub fn hears_from(&self, issuer: &str) -> bool {
+        self.issuers.as_ref().is_none_or(|issuers| issuers.iter().any(|bound| bound == issuer))
+    }
+
     /// Whether the stream delivers `event_type` at all.
     pub fn delivers(&self, event_type: &str) -> bool {
         self.status != StreamStatus::Disabled && self.config.events_delivered.iter().any(|e| e == event_type)
@@ -181,9 +191,9 @@ impl StreamRegistry {
             .write(Commit::Durable, move |txn| {
                 txn.open_table(STREAMS).map_err(storage)?.remove(owned.as_str()).map_err(storage)?;
                 let mut subjects = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
-                subjects
-                    .retain_in((owned.as_str(), "")..(owned.as_str(), "\u{10FFFF}"), |_, _| false)
-                    .map_err(storage)?;
+                // NUL is the least character: (id + NUL, "") bounds exactly this stream's keys.
+                let end = format!("{owned}\0");
+                subjects.retain_in((owned.as_str(), "")..(end.as_str(), ""), |_, _| false).map_err(storage)?;
                 let mut deleted = txn.open_table(DELETED_STREAMS).map_err(storage)?;
                 deleted.insert(owned.as_str(), [].as_slice()).map_err(storage)?;
                 Ok(())
@@ -247,22 +257,5 @@ impl StreamRegistry {
     pub fn subjects(&self, stream_id: &str) -> Vec<SubjectId> {
         let subjects = self.subjects.read().unwrap_or_else(|p| p.into_inner());
         subjects.get(stream_id).map(|list| list.values().cloned().collect()).unwrap_or_default()
-    }
-
-    /// Streams that should get an event of `event_type` about `subject`:
-    /// not disabled, delivering that type, and either taking every subject
-    /// or holding a subject that matches (SSF complex matching).
-    pub fn interested(&self, subject: &SubjectId, event_type: &str) -> Vec<Arc<StreamRecord>> {
-        let subjects = self.subjects.read().unwrap_or_else(|p| p.into_inner());
-        self.all()
-            .into_iter()
-            .filter(|record| record.delivers(event_type))
-            .filter(|record| {
-                record.all_subjects
-                    || subjects
-                        .get(&record.config.stream_id)
-                        .is_some_and(|list| list.values().any(|added| added.matches(subject)))
-            })
-            .collect()
     }
 }

@@ -23,7 +23,7 @@ use crate::metadata::{TransmitterMetadata, paths};
 use crate::outbox::{NewSet, Outbox, OutcomeSink, now_ms};
 use crate::push::{PushPolicy, PushRoute, Pusher};
 use crate::queue::DeliveryQueue;
-use crate::receivers::{Receiver, ReceiverError, Receivers};
+use crate::receivers::{Receiver, ReceiverError, ReceiverSpec, Receivers};
 use crate::registry::{StreamRecord, StreamRegistry};
 use crate::ssrf::PushUrlGuard;
 use crate::store::{Commit, Store, StoreError};
@@ -96,17 +96,22 @@ impl TransmitterSettings {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Told when a receiver adds a subject to a stream, after it is stored; the
-/// hub records a session touch here.
+/// hub records a session touch here. An error fails the add-subject call,
+/// so the receiver retries (adding a subject again is harmless).
 pub trait SubjectHook: Send + Sync {
-    fn subject_added<'a>(&'a self, stream: &'a StreamRecord, subject: &'a SubjectId) -> BoxFuture<'a, ()>;
+    fn subject_added<'a>(
+        &'a self,
+        stream: &'a StreamRecord,
+        subject: &'a SubjectId,
+    ) -> BoxFuture<'a, Result<(), SsfError>>;
 }
 
 /// A hook that does nothing.
 pub struct NoHook;
 
 impl SubjectHook for NoHook {
-    fn subject_added<'a>(&'a self, _: &'a StreamRecord, _: &'a SubjectId) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
+    fn subject_added<'a>(&'a self, _: &'a StreamRecord, _: &'a SubjectId) -> BoxFuture<'a, Result<(), SsfError>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -349,14 +354,8 @@ impl Transmitter {
     }
 
     /// Registers a receiver and returns it with its token (shown only now).
-    /// `scopes` empty means both `ssf.manage` and `ssf.read`.
-    pub async fn create_receiver(
-        &self,
-        name: &str,
-        audience: &str,
-        scopes: Vec<String>,
-    ) -> Result<(Receiver, String), ReceiverError> {
-        let new = self.receivers.prepare(name, audience, scopes)?;
+    pub async fn create_receiver(&self, spec: ReceiverSpec) -> Result<(Receiver, String), ReceiverError> {
+        let new = self.receivers.prepare(spec)?;
         let change = ControlChange::ReceiverCreated { receiver: new.receiver.clone(), token_digest: new.token_digest };
         match self.control.record(change).await? {
             ControlOutcome::Applied => {}
@@ -391,8 +390,7 @@ impl Transmitter {
         let stream_id = record.config.stream_id.clone();
         let change = ControlChange::SubjectAdded { stream_id, subject: subject.clone() };
         self.record(change, |_| SsfError::NotFound).await?;
-        self.subject_hook.subject_added(record, &subject).await;
-        Ok(())
+        self.subject_hook.subject_added(record, &subject).await
     }
 
     /// Removes a subject from a stream (idempotent).
@@ -482,7 +480,7 @@ impl Transmitter {
     /// the SSRF guard, and a receiver holds at most the configured number.
     pub async fn create_stream(&self, receiver: &Receiver, body: &[u8]) -> Result<Arc<StreamRecord>, SsfError> {
         let request = streams::parse_request(body, RequestKind::Create)?;
-        let all_subjects = asks_for_all_subjects(body)?;
+        let all_subjects = takes_all_subjects(body, receiver)?;
         let limit = self.settings.max_streams_per_receiver;
         if self.streams.owned_by(&receiver.receiver_id).len() >= limit {
             return Err(SsfError::Conflict(format!("this receiver already has the most streams allowed ({limit})")));
@@ -503,6 +501,7 @@ impl Transmitter {
             status: StreamStatus::Enabled,
             reason: None,
             all_subjects,
+            issuers: receiver.issuers.clone(),
             last_verification_ms: None,
             created_at_ms: now_ms(),
         };
@@ -625,12 +624,17 @@ impl Transmitter {
     }
 }
 
-/// The hub's extension member `default_subjects` of a create request.
-fn asks_for_all_subjects(body: &[u8]) -> Result<bool, SsfError> {
+/// Whether a new stream takes every subject: only where the operator
+/// granted it to the receiver. The request's `default_subjects` may narrow
+/// that (`NONE`) but never widen it: `ALL` without the grant is refused.
+fn takes_all_subjects(body: &[u8], receiver: &Receiver) -> Result<bool, SsfError> {
     let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     match value.get("default_subjects").and_then(|v| if v.is_null() { None } else { Some(v) }) {
-        None => Ok(false),
-        Some(serde_json::Value::String(s)) if s == "ALL" => Ok(true),
+        None => Ok(receiver.all_subjects),
+        Some(serde_json::Value::String(s)) if s == "ALL" && receiver.all_subjects => Ok(true),
+        Some(serde_json::Value::String(s)) if s == "ALL" => Err(SsfError::BadRequest(
+            "`default_subjects: ALL` is granted only by the transmitter's operator; add subjects instead".into(),
+        )),
         Some(serde_json::Value::String(s)) if s == "NONE" => Ok(false),
         Some(_) => Err(SsfError::BadRequest("`default_subjects` must be \"ALL\" or \"NONE\"".into())),
     }

@@ -173,6 +173,10 @@ pub enum SsrfError {
         /// The range it falls in, e.g. "loopback" or "private".
         category: &'static str,
     },
+    /// A URL keys are fetched from uses plain http outside the allowlist:
+    /// anyone on the path could swap the keys.
+    #[error("{0} must use https (plain http only for hosts inside {ALLOW_SETTING}, for local trials)")]
+    PlainHttp(String),
     /// The host name did not resolve (error, timeout or no addresses).
     #[error("push endpoint host {host} cannot be resolved: {reason}")]
     Unresolvable {
@@ -278,6 +282,37 @@ impl PushUrlGuard {
                     return Err(SsrfError::Refused { host: host.to_owned(), ip: addr.ip(), category });
                 }
             }
+        }
+        Ok(parsed)
+    }
+
+    /// Validates a URL that trust anchors (keys) are fetched from, such as
+    /// an IdP's `jwks_uri`: as [`Self::check_url`], and https, unless every
+    /// address the host names is inside the operator allowlist.
+    pub async fn check_key_url(&self, url: &str) -> Result<Url, SsrfError> {
+        let parsed = self.check_url(url).await?;
+        if parsed.scheme() == "https" {
+            return Ok(parsed);
+        }
+        let host = parsed.host_str().unwrap_or_default();
+        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let addresses: Vec<IpAddr> = match literal.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => resolve(host, parsed.port_or_known_default().unwrap_or(80))
+                .await?
+                .into_iter()
+                .map(|addr| addr.ip())
+                .collect(),
+        };
+        let allowed = |ip: &IpAddr| {
+            let ip = match ip {
+                IpAddr::V6(v6) => embedded_v4(*v6).map_or(*ip, IpAddr::V4),
+                IpAddr::V4(_) => *ip,
+            };
+            self.allow.iter().any(|net| net.contains(&ip))
+        };
+        if addresses.is_empty() || !addresses.iter().all(allowed) {
+            return Err(SsrfError::PlainHttp(format!("`{url}`")));
         }
         Ok(parsed)
     }
@@ -655,5 +690,16 @@ mod tests {
         let client = loopback_allowed().client_builder().build().expect("client");
         let resp = client.post(format!("http://127.0.0.1:{port}/")).body("x").send().await.expect("sent");
         assert_eq!(resp.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
+    }
+
+    #[tokio::test]
+    async fn key_urls_need_https_outside_the_allowlist() {
+        let local = PushUrlGuard::new(vec!["127.0.0.0/8".parse().expect("net")]);
+        local.check_key_url("http://127.0.0.1:8080/jwks").await.expect("http inside the allowlist");
+        local.check_key_url("https://127.0.0.1/jwks").await.expect("https");
+        let refused = guard().check_key_url("http://93.184.215.14/jwks").await;
+        assert!(matches!(refused, Err(SsrfError::PlainHttp(_))), "{refused:?}");
+        let refused = local.check_key_url("http://[::ffff:10.0.0.1]/jwks").await;
+        assert!(matches!(refused, Err(SsrfError::Refused { .. })), "{refused:?}");
     }
 }

@@ -18,10 +18,12 @@ use caep_transmitter::service::BoxFuture;
 use caep_transmitter::store::StoreError;
 
 use crate::effects::{self, IngestError, Plan, Route, rejected};
+use crate::graph::Touch;
 use crate::kafka::client::{KafkaSettings, OutRecord, Producer, partition_for};
 use crate::kafka::records::{self, GraphRecord, SharedRecord};
 use crate::kafka::shared::{RootEntry, SharedLog};
 use crate::log::EventLog;
+use crate::scope;
 
 /// The Kafka event log.
 pub struct KafkaLog {
@@ -39,8 +41,8 @@ impl KafkaLog {
 
     /// A session's root entry, recording `proposed` (or the session itself)
     /// as its root when no instance has seen it yet. `issuer` is the IdP
-    /// acting on it (`None` for a receiver's touch): another IdP's session
-    /// is refused here, before anything is logged.
+    /// whose session it is (session keys are scoped by IdP, so the check
+    /// below only guards against a directory written by an older hub).
     async fn entry(
         &self,
         session_id: &str,
@@ -147,11 +149,15 @@ impl EventLog for KafkaLog {
         })
     }
 
-    fn touch(&self, session_id: String, stream_id: String, at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>> {
+    fn touch(&self, keys: Vec<String>, stream_id: String, touch: Touch) -> BoxFuture<'_, Result<Plan, IngestError>> {
         Box::pin(async move {
-            let entry = self.entry(&session_id, None, None).await?;
-            let record = GraphRecord::Touch { session_id: session_id.clone(), stream_id, at_ms };
-            self.send(vec![self.partition(&entry.root)], &record, &session_id).await?;
+            for key in keys {
+                let issuer = scope::unscope(&key).map(|(issuer, _)| issuer.to_owned());
+                let entry = self.entry(&key, None, issuer.as_deref()).await?;
+                let record =
+                    GraphRecord::Touch { session_id: key.clone(), stream_id: stream_id.clone(), touch: touch.clone() };
+                self.send(vec![self.partition(&entry.root)], &record, &key).await?;
+            }
             Ok(Plan::default())
         })
     }

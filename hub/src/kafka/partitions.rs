@@ -438,10 +438,10 @@ async fn prune_hourly(partition: i32, store: Store) {
     let mut hourly = tokio::time::interval(Duration::from_secs(3600));
     loop {
         hourly.tick().await;
-        match store.write(Commit::Lazy, |txn| effects::prune_ingested(txn, now_ms())).await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(partition, removed, "pruned old IdP replay records"),
-            Err(error) => tracing::warn!(partition, %error, "cannot prune IdP replay records"),
+        match store.write(Commit::Lazy, |txn| effects::prune(txn, now_ms())).await {
+            Ok(pruned) if pruned.is_empty() => {}
+            Ok(pruned) => tracing::info!(partition, ?pruned, "pruned expired records"),
+            Err(error) => tracing::warn!(partition, %error, "cannot prune expired records"),
         }
     }
 }
@@ -474,30 +474,33 @@ fn apply_record(txn: &WriteTransaction, streams: &StreamRegistry, record: &InRec
                     return Ok(Plan::default());
                 }
             };
-            match effects::apply(txn, streams, &set, received_at_ms) {
-                Ok(plan) => Ok(plan),
-                Err(IngestError::Rejected { err, description }) => {
-                    tracing::warn!(jti = %set.jti, err, %description, "IdP event refused by its partition");
-                    Ok(Plan::default())
-                }
-                Err(IngestError::Unavailable(reason)) => Err(StoreError::storage(reason)),
-            }
+            skip_refused(effects::apply(txn, streams, &set, received_at_ms), &set.jti)
         }
-        GraphRecord::Touch { session_id, stream_id, at_ms } => {
-            effects::late_touch_plan(txn, streams, &session_id, &stream_id, at_ms)
+        GraphRecord::Touch { session_id, stream_id, touch } => {
+            skip_refused(effects::late_touch_plan(txn, streams, &session_id, &stream_id, &touch), &stream_id)
         }
         GraphRecord::Adopt { parent, child, child_root, issuer, .. } => {
             effects::adopt(txn, &parent, &child, &child_root, &issuer)
         }
         GraphRecord::RevokeForeign { session, cascade, event, at_ms } => {
-            match effects::revoke_foreign(txn, streams, &session, &cascade, &event, at_ms) {
-                Ok(plan) => Ok(plan),
-                Err(IngestError::Rejected { description, .. }) => {
-                    tracing::warn!(session, %description, "foreign revocation refused");
-                    Ok(Plan::default())
-                }
-                Err(IngestError::Unavailable(reason)) => Err(StoreError::storage(reason)),
-            }
+            skip_refused(effects::revoke_foreign(txn, streams, &session, &cascade, &event, at_ms), &session)
         }
+    }
+}
+
+/// A record the graph refuses is logged and skipped (its sender was
+/// answered already); only a storage failure stops the partition.
+fn skip_refused(applied: Result<Plan, IngestError>, what: &str) -> Result<Plan, StoreError> {
+    match applied {
+        Ok(plan) => Ok(plan),
+        Err(IngestError::Rejected { err, description }) => {
+            tracing::warn!(what, err, %description, "graph record refused by its partition");
+            Ok(Plan::default())
+        }
+        Err(IngestError::TooMany(reason)) => {
+            tracing::warn!(what, %reason, "touch dropped by its partition");
+            Ok(Plan::default())
+        }
+        Err(IngestError::Unavailable(reason)) => Err(StoreError::storage(reason)),
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::cascade::{CascadeEvent, CascadeRecord, Leaf, Outcome};
+use crate::graph::Touch;
 use crate::issuers::IssuerChange;
 
 /// Topic names under the configured prefix, with their partition counts.
@@ -66,8 +67,8 @@ pub enum SharedRecord {
 pub enum GraphRecord {
     /// A verified IdP SET (its claims), with the hub's receipt time.
     Event { claims: Map<String, Value>, received_at_ms: u64 },
-    /// A session reached a stream.
-    Touch { session_id: String, stream_id: String, at_ms: u64 },
+    /// A session (graph key) reached a stream.
+    Touch { session_id: String, stream_id: String, touch: Touch },
     /// `child`, whose tree lives in another partition (under `child_root`),
     /// was established under `parent`, whose tree lives here: a revocation
     /// of `parent` must reach `child`'s tree.

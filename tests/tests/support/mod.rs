@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 
+pub mod actors;
+
 /// The operator token every test hub is started with.
 pub const ADMIN_TOKEN: &str = "test-admin";
 /// RFC 8935 push.

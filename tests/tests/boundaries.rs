@@ -1,0 +1,304 @@
+//! Trust boundaries, tried as an attacker would: a receiver that wants to
+//! hear about sessions it never saw, or to learn who is behind a session id
+//! it guessed; an IdP that wants to block or reach another IdP's sessions.
+//! Each test drives a real hub over loopback with real receivers, on the
+//! embedded default and in Kafka mode, and asserts the attempt fails.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use caep_schemas::set::SecurityEventToken;
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::actors::*;
+use support::{Body, Hub, SESSION_REVOKED, TICK, WAIT};
+
+const IDP_A: &str = "https://idp-a.example";
+const IDP_M: &str = "https://idp-m.example";
+
+/// `GET /admin/sessions/{id}?issuer=`; 200 expected.
+async fn view_of(hub: &Hub, id: &str, issuer: &str) -> Value {
+    let path = format!("/admin/sessions/{id}?issuer={}", urlencode(issuer));
+    hub.admin(Method::GET, &path, Body::None).await.expect(200).json()
+}
+
+/// Waits (up to `WAIT`) until `issuer`'s session `id` is revoked by `txn`.
+async fn assert_revoked_as(hub: &Hub, id: &str, issuer: &str, txn: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = view_of(hub, id, issuer).await;
+        if !view["session"]["revoked"].is_null() {
+            assert_eq!(view["session"]["revoked"]["txn"], txn, "{issuer}'s {id}: {view:#}");
+            assert_eq!(view["session"]["issuer"], issuer);
+            return;
+        }
+        assert!(Instant::now() < deadline, "{issuer}'s session {id} is not revoked: {view:#}");
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// `GET /admin/cascades/{txn}?issuer=`, waiting until it is complete with `total` leaves.
+async fn complete_cascade_of(hub: &Hub, txn: &str, issuer: &str, total: u64) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let path = format!("/admin/cascades/{txn}?issuer={}", urlencode(issuer));
+        let reply = hub.admin(Method::GET, &path, Body::None).await;
+        let report = if reply.status == 200 { reply.json() } else { Value::Null };
+        if report["total"] == total && report["complete"] == true {
+            assert_eq!(report["issuer"], issuer);
+            return report;
+        }
+        assert!(Instant::now() < deadline, "{issuer}'s cascade {txn} never completed with {total}: {}", reply.text);
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The `sub_id` of a hub SET that names the session alone.
+fn session_only(id: &str) -> Value {
+    json!({"format": "complex", "session": session(id)})
+}
+
+fn txns(sets: &[SecurityEventToken]) -> BTreeSet<String> {
+    sets.iter().filter_map(|set| set.txn.clone()).collect()
+}
+
+// ---------------------------------------------------------------- probe 1: default_subjects ALL
+
+/// A receiver cannot grant itself every subject: `default_subjects: ALL` in
+/// its own create request is refused (400 `invalid_request`), its stream
+/// hears nothing it did not touch, and the metadata says `NONE`. Only the
+/// operator's grant makes an ALL stream, and only for its bound IdPs.
+async fn a_receiver_cannot_grant_itself_every_subject(hub: Hub) {
+    let idp = Idp::register(&hub, IDP_A).await;
+    let other = Idp::register(&hub, IDP_M).await;
+    assert_eq!(hub.metadata["default_subjects"], "NONE");
+    let alice = email("alice@example.com");
+
+    let attacker = hub.receiver("attacker").await;
+    let asked = json!({"events_requested": [SESSION_REVOKED], "default_subjects": "ALL"});
+    let refused = hub.post(&hub.endpoint("configuration_endpoint"), &attacker.token, asked).await.expect(400);
+    assert_eq!(refused.json()["err"], "invalid_request", "{}", refused.text);
+    let nosy = Relying::new(&hub, "nosy", false, &[SESSION_REVOKED], false).await;
+    let reply = hub.get(&hub.stream_url(&nosy.stream_id), &nosy.rp.token).await.expect(200);
+    assert!(reply.json().get("default_subjects").is_none_or(|v| v != "ALL"), "{}", reply.text);
+    // The operator's grant, bound to IdP A only.
+    let granted =
+        Relying::bound(&hub, "granted", false, &[SESSION_REVOKED], json!({"all_subjects": true, "issuers": [IDP_A]}))
+            .await;
+    let reply = hub.get(&hub.stream_url(&granted.stream_id), &granted.rp.token).await.expect(200);
+    assert_eq!(reply.json()["default_subjects"], "ALL", "{}", reply.text);
+
+    idp.establish(&hub, "S", &alice, None).await;
+    other.establish(&hub, "T", &alice, None).await;
+    idp.send(&hub, &idp.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-S")).await;
+    other.send(&hub, &other.set(session_of("T", &alice), SESSION_REVOKED, json!({})).with_txn("txn-T")).await;
+
+    let sets = granted.settle(&hub, 1).await;
+    assert_eq!(sets[0].sub_id.to_value(), session_of("S", &alice), "the grant covers A's sessions, not M's");
+    nosy.settle(&hub, 0).await;
+    complete_cascade_of(&hub, "txn-S", IDP_A, 1).await;
+}
+
+// ---------------------------------------------------------------- probe 2: a guessed session id
+
+/// A receiver that names a revoked session it guessed learns that it is
+/// revoked (it must stop honouring it) but not who is behind it; the user is
+/// named only to a receiver that showed it knew (named the same user, or the
+/// IdP presented the session to it).
+async fn a_guessed_session_id_discloses_no_user(hub: Hub) {
+    let idp = Idp::register(&hub, IDP_A).await;
+    let alice = email("alice@example.com");
+    idp.establish(&hub, "S", &alice, None).await;
+    idp.send(&hub, &idp.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-S")).await;
+    assert_revoked_as(&hub, "S", IDP_A, "txn-S").await;
+
+    let guesser = Relying::new(&hub, "guesser", false, &[SESSION_REVOKED], false).await;
+    let knower = Relying::new(&hub, "knower", true, &[SESSION_REVOKED], false).await;
+    let wrong = Relying::new(&hub, "wrong", false, &[SESSION_REVOKED], false).await;
+    let addressed = Relying::new(&hub, "addressed", true, &[SESSION_REVOKED], false).await;
+    guesser.add_subject(&hub, "S").await;
+    knower.add_subject_of(&hub, "S", &email("ALICE@example.com")).await;
+    wrong.add_subject_of(&hub, "S", &email("mallory@example.com")).await;
+    idp.presented(&hub, "S", &alice, &addressed.rp.audience).await;
+
+    assert_eq!(guesser.settle(&hub, 1).await[0].sub_id.to_value(), session_only("S"));
+    assert_eq!(knower.settle(&hub, 1).await[0].sub_id.to_value(), session_of("S", &alice));
+    assert_eq!(wrong.settle(&hub, 1).await[0].sub_id.to_value(), session_only("S"), "a wrong guess learns nothing");
+    assert_eq!(addressed.settle(&hub, 1).await[0].sub_id.to_value(), session_of("S", &alice));
+    complete_cascade_of(&hub, "txn-S", IDP_A, 4).await;
+}
+
+// ---------------------------------------------------------------- probe 3: one IdP blocking another
+
+/// IdP M revokes a session id before IdP A establishes it: A's establish and
+/// revocation still work (202), A's receivers get exactly A's revocation,
+/// and M's tombstone, children and cascade stay M's.
+async fn an_idp_cannot_block_or_reach_another_idps_session(hub: Hub) {
+    let a = Idp::register(&hub, IDP_A).await;
+    let m = Idp::register(&hub, IDP_M).await;
+    let alice = email("alice@example.com");
+    let rp = Relying::bound(&hub, "rp", true, &[SESSION_REVOKED], json!({"issuers": [IDP_A]})).await;
+
+    m.send(&hub, &m.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-M")).await;
+    // M spawns a child under its own S: revoked at birth, in M's cascade.
+    m.establish(&hub, "S-child", &alice, Some("S")).await;
+    a.establish(&hub, "S", &alice, None).await;
+    a.establish(&hub, "S1", &alice, Some("S")).await;
+    rp.add_subject_of(&hub, "S1", &alice).await;
+    rp.add_subject_of(&hub, "S", &alice).await;
+    // Nothing of M's reaches A's receiver, and A's sessions are live.
+    rp.settle(&hub, 0).await;
+    assert!(view_of(&hub, "S", IDP_A).await["session"]["revoked"].is_null());
+    assert_revoked_as(&hub, "S-child", IDP_M, "txn-M").await;
+
+    a.send(&hub, &a.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-A")).await;
+    let sets = rp.settle(&hub, 2).await;
+    assert_eq!(txns(&sets), BTreeSet::from(["txn-A".to_owned()]));
+    assert_revoked_as(&hub, "S", IDP_A, "txn-A").await;
+    assert_revoked_as(&hub, "S1", IDP_A, "txn-A").await;
+    assert_revoked_as(&hub, "S", IDP_M, "txn-M").await;
+    let subtree = view_of(&hub, "S", IDP_A).await["subtree"].clone();
+    let ids: BTreeSet<&str> =
+        subtree.as_array().into_iter().flatten().filter_map(|s| s["session_id"].as_str()).collect();
+    assert_eq!(ids, BTreeSet::from(["S", "S1"]), "M's child is not in A's tree: {subtree:#}");
+    complete_cascade_of(&hub, "txn-A", IDP_A, 2).await;
+}
+
+// ---------------------------------------------------------------- same session id, same txn
+
+/// Two IdPs using one session id and one `txn`: each revocation is its own
+/// cascade, reaching exactly the receivers bound to its IdP.
+async fn two_idps_with_one_session_id_and_one_txn_get_their_own_cascades(hub: Hub) {
+    let a = Idp::register(&hub, IDP_A).await;
+    let m = Idp::register(&hub, IDP_M).await;
+    let (alice, mallory) = (email("alice@example.com"), email("mallory@example.com"));
+    a.establish(&hub, "S", &alice, None).await;
+    m.establish(&hub, "S", &mallory, None).await;
+    let only_a = Relying::bound(&hub, "only-a", true, &[SESSION_REVOKED], json!({"issuers": [IDP_A]})).await;
+    let only_m = Relying::bound(&hub, "only-m", false, &[SESSION_REVOKED], json!({"issuers": [IDP_M]})).await;
+    let both = Relying::new(&hub, "both", false, &[SESSION_REVOKED], false).await;
+    for rp in [&only_a, &only_m, &both] {
+        rp.add_subject(&hub, "S").await;
+    }
+    // A txn shaped like the hub's old "txn~tag" keys, for good measure.
+    let txn = "shared-txn~00000000";
+    a.send(&hub, &a.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn(txn)).await;
+    m.send(&hub, &m.set(session_of("S", &mallory), SESSION_REVOKED, json!({})).with_txn(txn)).await;
+
+    assert_eq!(only_a.settle(&hub, 1).await.len(), 1);
+    assert_eq!(only_m.settle(&hub, 1).await.len(), 1);
+    assert_eq!(both.settle(&hub, 2).await.len(), 2, "one revocation from each IdP");
+    let report_a = complete_cascade_of(&hub, txn, IDP_A, 2).await;
+    let report_m = complete_cascade_of(&hub, txn, IDP_M, 2).await;
+    let streams = |report: &Value| -> BTreeSet<String> {
+        report["leaves"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["stream_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(streams(&report_a), BTreeSet::from([only_a.stream_id.clone(), both.stream_id.clone()]));
+    assert_eq!(streams(&report_m), BTreeSet::from([only_m.stream_id.clone(), both.stream_id.clone()]));
+    // Without ?issuer= the operator is told to choose.
+    hub.admin(Method::GET, &format!("/admin/cascades/{txn}"), Body::None).await.expect(400);
+    hub.admin(Method::GET, "/admin/sessions/S", Body::None).await.expect(400);
+}
+
+// ---------------------------------------------------------------- receivers bound to IdPs
+
+/// A receiver bound to IdP A touching a session id that only IdP M uses,
+/// or addressed by M, hears nothing of M's session; its touch waits for A to
+/// name the session, and then counts.
+async fn a_receiver_hears_nothing_of_an_idp_it_is_not_bound_to(hub: Hub) {
+    let a = Idp::register(&hub, IDP_A).await;
+    let m = Idp::register(&hub, IDP_M).await;
+    let alice = email("alice@example.com");
+    let rp = Relying::bound(&hub, "rp", true, &[SESSION_REVOKED], json!({"issuers": [IDP_A]})).await;
+
+    m.establish(&hub, "S", &alice, None).await;
+    m.presented(&hub, "S", &alice, &rp.rp.audience).await;
+    rp.add_subject(&hub, "S").await;
+    m.send(&hub, &m.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-M")).await;
+    assert_revoked_as(&hub, "S", IDP_M, "txn-M").await;
+    rp.settle(&hub, 0).await;
+    assert_eq!(view_of(&hub, "S", IDP_M).await["touches"], json!([]), "M's session was never touched by rp");
+
+    // A names S after rp's touch: the touch counts for A's S.
+    a.establish(&hub, "S", &alice, None).await;
+    a.send(&hub, &a.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-A")).await;
+    let sets = rp.settle(&hub, 1).await;
+    assert_eq!(sets[0].txn.as_deref(), Some("txn-A"));
+    assert_eq!(sets[0].sub_id.to_value(), session_only("S"));
+    complete_cascade_of(&hub, "txn-A", IDP_A, 1).await;
+}
+
+// ---------------------------------------------------------------- untrusting an IdP
+
+/// `DELETE /admin/issuers/{issuer}`: the IdP's SETs are refused from then on
+/// (400 `invalid_issuer`), and the cascade it caused before completes.
+async fn an_untrusted_idp_is_refused_and_its_cascades_complete(hub: Hub) {
+    let idp = Idp::register(&hub, IDP_A).await;
+    let alice = email("alice@example.com");
+    // Slow to acknowledge: the cascade is still delivering when the IdP goes.
+    let rp = Relying::new(&hub, "rp", false, &[SESSION_REVOKED], false).await;
+    idp.establish(&hub, "S", &alice, None).await;
+    rp.add_subject(&hub, "S").await;
+    idp.send(&hub, &idp.set(session_of("S", &alice), SESSION_REVOKED, json!({})).with_txn("txn-S")).await;
+
+    let path = format!("/admin/issuers/{}", urlencode(IDP_A));
+    hub.admin(Method::DELETE, &path, Body::None).await.expect(204);
+    hub.admin(Method::DELETE, &path, Body::None).await.expect(404);
+    let late = idp.sign(&idp.set(session_of("S2", &alice), SESSION_REVOKED, json!({})));
+    let refused = ingest(&hub, &late).await.expect(400);
+    assert_eq!(refused.json()["err"], "invalid_issuer", "{}", refused.text);
+
+    assert_eq!(rp.settle(&hub, 1).await[0].txn.as_deref(), Some("txn-S"));
+    complete_cascade_of(&hub, "txn-S", IDP_A, 1).await;
+}
+
+// ---------------------------------------------------------------- both backends
+
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Hub::start().await).await
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Hub::start_on_kafka().await).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    a_receiver_cannot_grant_itself_every_subject,
+    a_guessed_session_id_discloses_no_user,
+    an_idp_cannot_block_or_reach_another_idps_session,
+    two_idps_with_one_session_id_and_one_txn_get_their_own_cascades,
+    a_receiver_hears_nothing_of_an_idp_it_is_not_bound_to,
+    an_untrusted_idp_is_refused_and_its_cascades_complete,
+);
