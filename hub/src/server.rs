@@ -118,13 +118,15 @@ impl BoundHub {
 
 fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     let transmitter = Arc::clone(hub.transmitter());
+    // Management reads see every write acknowledged at any instance, but
+    // only authenticated callers make the hub wait for the shared log.
     let admin = admin::router(Arc::clone(&transmitter))
         .merge(crate::http::admin_router(Arc::clone(&hub)))
+        .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up))
         .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
-    // Management reads see every write acknowledged at any instance.
-    let managed = admin
-        .merge(http::router(transmitter.clone()))
-        .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up));
+    let receivers = http::router(transmitter.clone())
+        .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up_for_receivers));
+    let managed = admin.merge(receivers);
     Router::new()
         .route("/healthz", get(health).with_state(Arc::clone(&hub)))
         .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
@@ -145,14 +147,29 @@ async fn catch_up(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> 
     next.run(request).await
 }
 
+/// Catches up only for a request whose bearer token names a receiver this
+/// replica knows: a stranger's request costs no broker round trip. The
+/// handler authenticates again after the catch-up (the receiver may have
+/// been removed at another instance meanwhile).
+async fn catch_up_for_receivers(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
+    let token = bearer(&request);
+    if let Some(token) = token
+        && matches!(hub.transmitter().receivers().authenticate(token), Ok(Some(_)))
+    {
+        hub.catch_up().await;
+    }
+    next.run(request).await
+}
+
+/// The token of an `Authorization: Bearer` header (scheme case-insensitive).
+fn bearer(request: &Request) -> Option<&str> {
+    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
 async fn require_admin(State(token): State<Arc<AdminToken>>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+    let presented = bearer(&request);
     match presented {
         Some(presented) if token.accepts(presented) => next.run(request).await,
         Some(_) => SsfError::Unauthorized { invalid_token: true }.into_response(),

@@ -271,6 +271,42 @@ async fn an_untrusted_idp_is_refused_and_its_cascades_complete(hub: Hub) {
     complete_cascade_of(&hub, "txn-S", IDP_A, 1).await;
 }
 
+// ---------------------------------------------------------------- strangers cost nothing
+
+/// `/healthz`'s count of read barriers (Kafka mode; `None` embedded).
+async fn read_barriers(hub: &Hub) -> Option<u64> {
+    let health: Value =
+        hub.http.get(format!("{}/healthz", hub.issuer)).send().await.expect("healthz").json().await.expect("JSON");
+    health["kafka"]["read_barriers"].as_u64()
+}
+
+/// Requests with forged credentials (a receiver token, the admin token, an
+/// unknown IdP's SET) are refused from local state: in Kafka mode none of
+/// them makes the hub wait for the shared log (a broker round trip), while
+/// an authenticated request does.
+async fn strangers_are_refused_before_any_work(hub: Hub) {
+    let before = read_barriers(&hub).await;
+    let stranger = Idp::unregistered(&hub);
+    let alice = email("alice@example.com");
+    for _ in 0..10 {
+        hub.get(&hub.endpoint("configuration_endpoint"), "ssf_forged-token").await.expect(401);
+        hub.send(Method::GET, &format!("{}/admin/streams", hub.issuer), Some("forged-admin"), Body::None)
+            .await
+            .expect(401);
+        let refused =
+            ingest(&hub, &stranger.sign(&stranger.set(session_of("S", &alice), SESSION_REVOKED, json!({})))).await;
+        assert_eq!(refused.expect(400).json()["err"], "invalid_issuer");
+    }
+    assert_eq!(read_barriers(&hub).await, before, "forged requests waited for the shared log");
+
+    let rp = hub.receiver("known").await;
+    let known = read_barriers(&hub).await;
+    hub.get(&hub.endpoint("configuration_endpoint"), &rp.token).await.expect(200);
+    if let Some(known) = known {
+        assert!(read_barriers(&hub).await > Some(known), "an authenticated read waits for the shared log");
+    }
+}
+
 // ---------------------------------------------------------------- both backends
 
 macro_rules! on_every_backend {
@@ -301,4 +337,5 @@ on_every_backend!(
     two_idps_with_one_session_id_and_one_txn_get_their_own_cascades,
     a_receiver_hears_nothing_of_an_idp_it_is_not_bound_to,
     an_untrusted_idp_is_refused_and_its_cascades_complete,
+    strangers_are_refused_before_any_work,
 );

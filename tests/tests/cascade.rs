@@ -620,12 +620,9 @@ async fn other_caep_events_reach_the_streams_that_touched_the_session_or_its_des
 
 // ---------------------------------------------------------------- 8. one SET per (stream, session)
 
-// PRODUCT BUG (see report): hub/src/hub.rs `late_touch_plan` plans a new
-// revocation leaf whenever the (session, stream) touch is new, without
-// looking at whether the stream already got that session's revocation as a
-// `default_subjects: ALL` stream (those get leaves without a touch being
-// recorded): an ALL stream that later touches a revoked session is sent a
-// second session-revoked SET, with a new jti, for the same session.
+// Guards: one session-revoked per (stream, session), ever. A stream granted
+// every subject was told by the cascade without a touch being recorded; its
+// later touch of the revoked session must not send a second SET.
 async fn an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
@@ -653,12 +650,10 @@ async fn an_all_subjects_stream_touching_a_revoked_session_is_not_told_twice(hub
 
 // ---------------------------------------------------------------- 9. out-of-order establishes
 
-// PRODUCT BUG (see report): hub/src/hub.rs `Effect::establish` decides
-// "revoked at birth" from the parent record only, and never looks at the
-// new session's existing children: when an IdP's pushes arrive out of order
-// (RFC 8935 gives no ordering; a retried push overtakes), a sub-agent
-// session established before its parent is not revoked when the parent is
-// then established under a revoked ancestor, and its RPs are never told.
+// Guards: push delivery is unordered (RFC 8935), so a sub-agent session may
+// be established before its parent. When the parent is then established
+// under a revoked ancestor, the whole subtree established earlier is revoked
+// with it and its RPs are told.
 async fn a_session_established_before_its_parent_inherits_the_parents_revocation(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");
@@ -702,15 +697,9 @@ async fn a_session_established_before_its_parent_inherits_the_parents_revocation
 
 // ---------------------------------------------------------------- 10. one txn, several events
 
-// PRODUCT BUG (see report): hub/src/cascade.rs `plan` keys cascades by the
-// IdP's `txn` alone and, when a cascade with that txn exists, keeps the
-// existing record (its event type and payload) and only appends the new
-// leaves; hub/src/hub.rs `Hub::leaf_set` then builds every leaf's event from
-// that record. SSF shares one `txn` among SETs with one cause, so an IdP's
-// credential-change and session-revoked for one incident share a txn, and
-// the second event's leaves go out as the first event's type: here the
-// revocation reaches the RP as a credential-change (and, the other way
-// round, a credential-change as a session-revoked).
+// Guards: SETs with one cause share a `txn` (SSF), so one cascade may carry
+// several events: each leaf goes out as the event that caused it (a
+// credential-change as itself, a session-revoked as itself), in either order.
 async fn events_sharing_one_idp_txn_keep_their_own_type(hub: Hub) {
     let idp = Idp::register(&hub, IDP).await;
     let alice = email("alice@example.com");

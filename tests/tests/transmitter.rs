@@ -774,13 +774,10 @@ async fn a_transmitter_initiated_pause_is_announced_by_a_stream_updated_set(base
     assert_verification(&hub.verify_set(&pushes[1].body, &rp), &stream_id, "after the announcement");
 }
 
-// PRODUCT BUG (see report): transmitter/src/service.rs,
-// `Transmitter::change_status_by_transmitter` reads the stream record, emits
-// the stream-updated SET, waits up to `announce_timeout` (5 s) for it to be
-// acknowledged, then calls `set_status` with the record read BEFORE the wait,
-// and `StreamRegistry::put` is an unconditional upsert: a receiver's PATCH
-// made during the wait is reverted, and a stream the receiver deleted during
-// the wait is written back (resurrected).
+// Guards: a receiver's change (PATCH, delete) made while a transmitter-
+// initiated status change waits for its stream-updated SET to be
+// acknowledged is neither reverted nor undone: the status change applies to
+// the stream as it is then, and a deleted stream stays deleted.
 async fn receiver_changes_during_a_transmitter_initiated_pause_are_not_lost(base: HubOptions) {
     let hub = Arc::new(Hub::start_with(base.clone()).await);
     let rp = hub.receiver("busy").await;
@@ -859,12 +856,8 @@ async fn deleting_a_receiver_revokes_its_token_and_disables_its_streams(base: Hu
 
 // ---------------------------------------------------------------- stopping delivery
 
-// PRODUCT BUG (see report): transmitter/src/push.rs — `Pusher::stop` drops the
-// worker's watch sender without sending a final route, and the per-SET
-// `Delivery` tasks it spawned are not aborted; `Delivery::run` only looks at
-// the route's status (still `Enabled` in the last value) and never notices the
-// sender is gone, so a SET being retried keeps being pushed after its stream
-// is deleted (or disabled), until `push_give_up_secs` (24 h by default).
+// Guards: deleting a push stream stops the retries of a SET that keeps
+// failing at once, rather than pushing it until `push_give_up_secs`.
 async fn deleting_a_push_stream_stops_retrying_its_sets(base: HubOptions) {
     let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("deleted-while-failing").await;
@@ -881,7 +874,8 @@ async fn deleting_a_push_stream_stops_retrying_its_sets(base: HubOptions) {
     assert!(later <= at_delete + 1, "{} pushes after the stream was deleted", later - at_delete);
 }
 
-// PRODUCT BUG (see report): same cause as `deleting_a_push_stream_stops_retrying_its_sets`.
+// Guards: disabling a push stream drops the SET being retried (disabled
+// means events are dropped, SSF 1.0 §8.1.2).
 async fn disabling_a_push_stream_drops_the_set_being_retried(base: HubOptions) {
     let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("disabled-while-failing").await;
@@ -910,11 +904,8 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-// PRODUCT BUG (see report): hub/src/metrics.rs + hub/src/server.rs — the
-// Prometheus recorder is installed lazily by the first `GET /metrics`, so
-// every counter incremented before the first scrape (here: the push of the
-// verification SET) goes to the no-op recorder and is lost. This is the only
-// test that scrapes /metrics, so the first scrape happens after the delivery.
+// Guards: counters incremented before the first scrape are not lost (the
+// recorder is installed at start), and the outbox depth shows held SETs.
 async fn metrics_count_push_attempts_and_deliveries_and_show_outbox_depth(base: HubOptions) {
     let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("measured").await;

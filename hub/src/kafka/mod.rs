@@ -110,7 +110,8 @@ pub async fn assemble(
         Arc::clone(&shared),
     )?;
     hub.set_graph_stores(graph.clone());
-    hub.set_cluster_status(Arc::new(Status { instance, graph: Arc::clone(&graph), deliveries }));
+    let status = Status { instance, graph: Arc::clone(&graph), deliveries, shared: Arc::clone(&shared) };
+    hub.set_cluster_status(Arc::new(status));
     Ok(Assembled { transmitter, hub, shared, graph })
 }
 
@@ -119,6 +120,7 @@ struct Status {
     instance: Instance,
     graph: Arc<GraphPartitions>,
     deliveries: Arc<Deliveries>,
+    shared: Arc<SharedLog>,
 }
 
 impl crate::hub::ClusterStatus for Status {
@@ -128,6 +130,7 @@ impl crate::hub::ClusterStatus for Status {
             "url": self.instance.url,
             "graph_partitions": self.graph.partitions(),
             "delivery_partitions": self.deliveries.partitions(),
+            "read_barriers": self.shared.barriers(),
         })
     }
 }

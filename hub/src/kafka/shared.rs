@@ -13,8 +13,9 @@
 //! high watermark as of the call.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use caep_transmitter::control::{ControlChange, ControlLog, ControlOutcome};
 use caep_transmitter::service::{BoxFuture, Transmitter};
@@ -72,6 +73,13 @@ pub struct SharedLog {
     hub: OnceLock<Weak<Hub>>,
     /// This instance: only the deliverer of a leaf counts it in metrics.
     instance_id: String,
+    /// The last high-watermark fetch: (when it started, the watermark). One
+    /// fetch runs at a time, and a barrier that arrived before a fetch
+    /// started shares its answer, so a burst of requests costs the broker
+    /// one request in flight, not one each.
+    last_watermark: tokio::sync::Mutex<Option<(Instant, i64)>>,
+    /// Barriers waited for (`/healthz`: shows that strangers cause none).
+    barriers: AtomicU64,
 }
 
 impl SharedLog {
@@ -101,6 +109,8 @@ impl SharedLog {
             transmitter: OnceLock::new(),
             hub: OnceLock::new(),
             instance_id: instance_id.to_owned(),
+            last_watermark: tokio::sync::Mutex::new(None),
+            barriers: AtomicU64::new(0),
         }))
     }
 
@@ -140,15 +150,36 @@ impl SharedLog {
     /// to the topic before the call: a read after it sees every write any
     /// instance acknowledged before it.
     pub async fn barrier(&self) {
-        let high = match self.reader.high_watermark().await {
-            Ok(high) => high,
-            Err(error) => {
-                tracing::warn!(%error, "shared log barrier: cannot read the high watermark");
-                return;
-            }
-        };
+        self.barriers.fetch_add(1, Ordering::Relaxed);
+        let Some(high) = self.high_watermark_since(Instant::now()).await else { return };
         if tokio::time::timeout(BARRIER_TIMEOUT, self.wait_applied(high)).await.is_err() {
             tracing::warn!(offset = high, "shared log barrier timed out; answering from local state");
+        }
+    }
+
+    /// How many barriers this replica has waited for since it started.
+    pub fn barriers(&self) -> u64 {
+        self.barriers.load(Ordering::Relaxed)
+    }
+
+    /// A high watermark read by a fetch that started at or after `arrived`.
+    async fn high_watermark_since(&self, arrived: Instant) -> Option<i64> {
+        let mut last = self.last_watermark.lock().await;
+        if let Some((started, high)) = *last
+            && started >= arrived
+        {
+            return Some(high);
+        }
+        let started = Instant::now();
+        match self.reader.high_watermark().await {
+            Ok(high) => {
+                *last = Some((started, high));
+                Some(high)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "shared log barrier: cannot read the high watermark");
+                None
+            }
         }
     }
 

@@ -63,6 +63,12 @@ impl Idp {
         Idp { issuer: issuer.to_owned(), key, hub_issuer: hub.issuer.clone() }
     }
 
+    /// An IdP with a fresh key that the hub does not trust.
+    pub fn unregistered(hub: &Hub) -> Idp {
+        let key = SigningKey::generate(Algorithm::Es256).expect("IdP key");
+        Idp { issuer: "https://untrusted-idp.example".into(), key, hub_issuer: hub.issuer.clone() }
+    }
+
     /// A SET from this IdP to the hub.
     pub fn set(&self, sub_id: Value, event_type: &str, payload: Value) -> SecurityEventToken {
         let sub_id = SubjectId::from_value(sub_id).expect("sub_id");
