@@ -52,6 +52,10 @@ pub struct HubConfig {
     /// `CAEP_HUB_ADVERTISED_URL`: this instance's base URL for the others
     /// (polls are forwarded to a stream's owner); `http://` + the bound address when unset.
     pub advertised_url: Option<String>,
+    /// `CAEP_HUB_METRICS_LISTEN`: an address of its own serving `GET /metrics`
+    /// without a token (keep it on loopback or a private network). Unset:
+    /// `/metrics` is served on the main address behind the admin token only.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for HubConfig {
@@ -72,6 +76,7 @@ impl Default for HubConfig {
             kafka_partitions: 12,
             kafka_replication: 1,
             advertised_url: None,
+            metrics_listen: None,
         }
     }
 }

@@ -35,12 +35,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 /// Describes the hub's metrics and starts its counters at zero, so a scrape
 /// shows every series from the start rather than after the first event.
 fn describe() {
-    use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram};
+    use metrics::{Unit, counter, describe_counter, describe_histogram};
     describe_counter!("caep_sets_emitted_total", "SETs signed and durably put in the outbox");
     describe_counter!("caep_deliveries_total", "SETs that left the outbox, by method and outcome");
     describe_counter!("caep_push_attempts_total", "push POSTs, by outcome (delivered, rejected, retry)");
     describe_counter!("caep_poll_sets_served_total", "poll responses that carried SETs");
-    describe_gauge!("caep_outbox_depth", "SETs waiting for a stream's receiver");
     describe_histogram!("caep_delivery_latency_seconds", Unit::Seconds, "outbox to receiver acknowledgement");
     describe_histogram!(
         "caep_leaf_latency_seconds",
@@ -57,6 +56,35 @@ fn describe() {
     for outcome in ["delivered", "rejected", "retry"] {
         counter!("caep_push_attempts_total", "outcome" => outcome).absolute(0);
     }
+}
+
+/// This hub's streams, rendered at each scrape rather than recorded: a
+/// bounded set of series (by status, and the outbox in total and at its
+/// deepest stream), none per stream id, so churn of streams cannot grow the
+/// scrape and a deleted stream leaves nothing behind. Per-stream depth is in
+/// `GET /admin/streams`.
+pub fn render_streams(transmitter: &caep_transmitter::service::Transmitter) -> String {
+    use caep_schemas::event::StreamStatus;
+    let (mut enabled, mut paused, mut disabled, mut total, mut deepest) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for record in transmitter.streams().all() {
+        match record.status {
+            StreamStatus::Enabled => enabled += 1,
+            StreamStatus::Paused => paused += 1,
+            StreamStatus::Disabled => disabled += 1,
+        }
+        let depth = transmitter.outbox().depth(&record.config.stream_id).unwrap_or(0);
+        total += depth;
+        deepest = deepest.max(depth);
+    }
+    format!(
+        "# HELP caep_streams Streams by status\n# TYPE caep_streams gauge\n\
+         caep_streams{{status=\"enabled\"}} {enabled}\ncaep_streams{{status=\"paused\"}} {paused}\n\
+         caep_streams{{status=\"disabled\"}} {disabled}\n\
+         # HELP caep_outbox_depth SETs waiting for their receivers, all streams\n# TYPE caep_outbox_depth gauge\n\
+         caep_outbox_depth {total}\n\
+         # HELP caep_outbox_depth_max SETs waiting at the stream with the most\n# TYPE caep_outbox_depth_max gauge\n\
+         caep_outbox_depth_max {deepest}\n"
+    )
 }
 
 /// Records leaf latencies and completed cascades (on the instance that

@@ -35,6 +35,10 @@ pub const DATABASE_FILE: &str = "caep-hub.redb";
 pub struct BoundHub {
     listener: TcpListener,
     router: Router,
+    /// The metrics listener and its router, when `metrics_listen` is set.
+    metrics: Option<(TcpListener, Router)>,
+    /// The address the metrics listener bound.
+    pub metrics_addr: Option<SocketAddr>,
     /// The issuer URL this hub publishes.
     pub issuer: String,
     /// The address actually bound (differs from the configured one for port 0).
@@ -74,8 +78,18 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
         }
     };
     hub.start()?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let bind_error = |source| StartError::Bind { addr, source };
+            let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+            let router = Router::new().route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)));
+            Some((listener, router))
+        }
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().and_then(|(listener, _)| listener.local_addr().ok());
     let router = app(Arc::clone(&hub), admin_token);
-    Ok(BoundHub { listener, router, issuer, local_addr, new_admin_token, transmitter, hub })
+    Ok(BoundHub { listener, router, metrics, metrics_addr, issuer, local_addr, new_admin_token, transmitter, hub })
 }
 
 /// The embedded default: one process, everything in the local redb file.
@@ -109,7 +123,14 @@ fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, Sta
 impl BoundHub {
     /// Serves until SIGTERM or Ctrl-C, then drains in-flight requests.
     pub async fn serve(self) -> std::io::Result<()> {
-        tracing::info!(issuer = %self.issuer, addr = %self.local_addr, "caep-hub listening");
+        tracing::info!(issuer = %self.issuer, addr = %self.local_addr, metrics = ?self.metrics_addr, "caep-hub listening");
+        if let Some((listener, router)) = self.metrics {
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, router).await {
+                    tracing::error!(%error, "metrics listener stopped");
+                }
+            });
+        }
         axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await?;
         tracing::info!("caep-hub stopped");
         Ok(())
@@ -122,6 +143,7 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     // only authenticated callers make the hub wait for the shared log.
     let admin = admin::router(Arc::clone(&transmitter))
         .merge(crate::http::admin_router(Arc::clone(&hub)))
+        .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
         .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up))
         .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
     let receivers = http::router(transmitter.clone())
@@ -129,7 +151,6 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     let managed = admin.merge(receivers);
     Router::new()
         .route("/healthz", get(health).with_state(Arc::clone(&hub)))
-        .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
         .merge(managed)
         .merge(crate::http::ingest_router(hub))
 }
@@ -181,12 +202,9 @@ async fn render_metrics(State(transmitter): State<Arc<Transmitter>>) -> Response
     let Some(handle) = crate::metrics::handle() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable").into_response();
     };
-    for record in transmitter.streams().all() {
-        let stream_id = record.config.stream_id.clone();
-        let depth = transmitter.outbox().depth(&stream_id).unwrap_or(0);
-        metrics::gauge!("caep_outbox_depth", "stream_id" => stream_id).set(depth as f64);
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+    let mut text = handle.render();
+    text.push_str(&crate::metrics::render_streams(&transmitter));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {

@@ -905,7 +905,9 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 // Guards: counters incremented before the first scrape are not lost (the
-// recorder is installed at start), and the outbox depth shows held SETs.
+// recorder is installed at start); the outbox depth shows held SETs without
+// a series per stream; /metrics on the main address needs the admin token,
+// on the metrics listener none.
 async fn metrics_count_push_attempts_and_deliveries_and_show_outbox_depth(base: HubOptions) {
     let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("measured").await;
@@ -921,16 +923,22 @@ async fn metrics_count_push_attempts_and_deliveries_and_show_outbox_depth(base: 
     // The delivery's counters follow the outbox removal by a few instructions.
     tokio::time::sleep(Duration::from_millis(50)).await;
 
+    let on_main = format!("{}/metrics", hub.issuer);
+    hub.send(Method::GET, &on_main, None, Body::None).await.expect(401);
+    hub.send(Method::GET, &on_main, Some("not-the-admin-token"), Body::None).await.expect(401);
+    hub.admin(Method::GET, "/metrics", Body::None).await.expect(200);
     // One scrape only: a retry would see other tests' deliveries.
-    let reply = hub.send(Method::GET, &format!("{}/metrics", hub.issuer), None, Body::None).await.expect(200);
+    let reply = hub.send(Method::GET, &hub.metrics_url, None, Body::None).await.expect(200);
     assert!(reply.header("content-type").is_some_and(|t| t.starts_with("text/plain")), "{:?}", reply.headers);
     let text = reply.text;
     let attempts = sample(&text, "caep_push_attempts_total", &[("outcome", "delivered")]);
     assert!(attempts.is_some_and(|n| n >= 1.0), "the push attempt was not counted: {attempts:?}\n{text}");
     let deliveries = sample(&text, "caep_deliveries_total", &[("method", "push"), ("outcome", "delivered")]);
     assert!(deliveries.is_some_and(|n| n >= 1.0), "the delivery was not counted: {deliveries:?}\n{text}");
-    assert_eq!(sample(&text, "caep_outbox_depth", &[("stream_id", &delivered_stream)]), Some(0.0), "{text}");
-    assert_eq!(sample(&text, "caep_outbox_depth", &[("stream_id", &held_stream)]), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "caep_outbox_depth", &[]), Some(1.0), "the held SET: {text}");
+    assert_eq!(sample(&text, "caep_outbox_depth_max", &[]), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "caep_streams", &[("status", "paused")]), Some(1.0), "{text}");
+    assert!(!text.contains(&delivered_stream) && !text.contains(&held_stream), "no series per stream: {text}");
 }
 
 // ---------------------------------------------------------------- both backends

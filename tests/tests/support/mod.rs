@@ -151,6 +151,8 @@ pub struct Rp {
 /// A hub served in-process on 127.0.0.1; stops when dropped.
 pub struct Hub {
     pub issuer: String,
+    /// `GET /metrics` on the hub's metrics listener (no token).
+    pub metrics_url: String,
     pub metadata: Value,
     pub jwks: Jwks,
     pub http: reqwest::Client,
@@ -194,11 +196,13 @@ impl Hub {
             push_allow_cidrs: options.push_allow_cidrs.into(),
             min_verification_interval_secs: options.min_verification_interval_secs,
             long_poll_secs: options.long_poll_secs,
+            metrics_listen: Some("127.0.0.1:0".parse().expect("address")),
             ..HubConfig::default()
         };
         let hub = caep_hub::server::bind(&config).await.expect("hub binds");
         let issuer = hub.issuer.clone();
         assert_eq!(issuer, format!("http://{}", hub.local_addr));
+        let metrics_url = format!("http://{}/metrics", hub.metrics_addr.expect("metrics listener"));
         let server = tokio::spawn(hub.serve());
         let http = client();
         let metadata = http
@@ -214,7 +218,7 @@ impl Hub {
         let jwks_uri = metadata["jwks_uri"].as_str().expect("jwks_uri").to_owned();
         let jwks_text = http.get(jwks_uri).send().await.expect("JWKS").text().await.expect("JWKS body");
         let jwks = Jwks::from_json(&jwks_text).expect("JWKS parses");
-        let hub = Hub { issuer, metadata, jwks, http, server, _data_dir: data_dir, _kafka: kafka };
+        let hub = Hub { issuer, metrics_url, metadata, jwks, http, server, _data_dir: data_dir, _kafka: kafka };
         if options.kafka {
             hub.wait_for_partitions().await;
         }
