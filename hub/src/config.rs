@@ -56,6 +56,10 @@ pub struct HubConfig {
     /// without a token (keep it on loopback or a private network). Unset:
     /// `/metrics` is served on the main address behind the admin token only.
     pub metrics_listen: Option<SocketAddr>,
+    /// `CAEP_HUB_SECRET_KEY`: base64url of 32 bytes sealing receivers' push
+    /// credentials at rest; unset: a key file in the data directory. Every
+    /// instance of a scaled-out hub must have the same one.
+    pub secret_key: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -77,6 +81,7 @@ impl Default for HubConfig {
             kafka_replication: 1,
             advertised_url: None,
             metrics_listen: None,
+            secret_key: None,
         }
     }
 }
@@ -85,8 +90,10 @@ impl std::fmt::Debug for HubConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Through the serialized form so a new field is never forgotten here.
         let mut shown = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
-        if let Some(token) = shown.get_mut("admin_token").filter(|token| !token.is_null()) {
-            *token = serde_json::Value::String("<redacted>".into());
+        for secret in ["admin_token", "secret_key"] {
+            if let Some(value) = shown.get_mut(secret).filter(|value| !value.is_null()) {
+                *value = serde_json::Value::String("<redacted>".into());
+            }
         }
         write!(f, "HubConfig {shown}")
     }
@@ -170,6 +177,13 @@ impl HubConfig {
         if !valid_name(&self.kafka_topic_prefix) || !valid_name(&self.kafka_group) {
             return Err(ConfigError::BadKafka("TOPIC_PREFIX and GROUP use only [A-Za-z0-9._-]".into()));
         }
+        if self.kafka().is_some() && self.secret_key.is_none() {
+            return Err(ConfigError::BadKafka(
+                "BROKERS is set: every instance must share CAEP_HUB_SECRET_KEY, the key that seals receivers' \
+                 credentials in the shared log (make one with `caep-hub secret-key generate`)"
+                    .into(),
+            ));
+        }
         let issuer = self.issuer();
         if !(issuer.starts_with("http://") || issuer.starts_with("https://")) {
             return Err(ConfigError::BadIssuer(format!("`{issuer}` is not an http(s) URL")));
@@ -225,15 +239,26 @@ mod tests {
             assert!(error.to_string().to_lowercase().contains("signing_alg"), "{error}");
 
             assert!(matches!(HubConfig::load(Some(Path::new("missing.toml"))), Err(ConfigError::MissingFile(_))));
+
+            jail.set_env("CAEP_HUB_SIGNING_ALG", "ES256");
+            jail.set_env("CAEP_HUB_KAFKA_BROKERS", "127.0.0.1:9092");
+            let error = HubConfig::load(None).expect_err("Kafka mode without a shared secret key");
+            assert!(error.to_string().contains("CAEP_HUB_SECRET_KEY"), "{error}");
+            jail.set_env("CAEP_HUB_SECRET_KEY", "a2Fma2EtY2x1c3Rlci10ZXN0LXNlY3JldC1rZXktMzI");
+            HubConfig::load(None).expect("Kafka mode with a shared secret key");
             Ok(())
         });
     }
 
     #[test]
     fn debug_redacts_the_admin_token() {
-        let config = HubConfig { admin_token: Some("very-secret-token".into()), ..HubConfig::default() };
+        let config = HubConfig {
+            admin_token: Some("very-secret-token".into()),
+            secret_key: Some("very-secret-key".into()),
+            ..HubConfig::default()
+        };
         let shown = format!("{config:?}");
-        assert!(!shown.contains("very-secret-token") && shown.contains("<redacted>"), "{shown}");
+        assert!(!shown.contains("very-secret") && shown.contains("<redacted>"), "{shown}");
         assert!(shown.contains("push_give_up_secs"), "{shown}");
     }
 }

@@ -30,4 +30,6 @@ pub enum StartError {
     Transmitter(#[from] caep_transmitter::service::OpenError),
     #[error("trusted issuers: {0}")]
     Issuers(#[from] crate::issuers::IssuerError),
+    #[error("secret key: {0}")]
+    Secrets(#[from] caep_transmitter::secrets::SecretError),
 }

@@ -43,6 +43,17 @@ enum Command {
     /// Manage the operator's admin bearer token.
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// The key that seals receivers' push credentials at rest.
+    #[command(subcommand)]
+    SecretKey(SecretKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretKeyCommand {
+    /// Print a new random key for CAEP_HUB_SECRET_KEY (every instance of a
+    /// scaled-out hub must have the same one; without it, a single hub keeps
+    /// its own key in DATA_DIR/keys/secret.key).
+    Generate,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +98,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::Keys(command) => keys(config, command),
+        Command::SecretKey(SecretKeyCommand::Generate) => {
+            println!("CAEP_HUB_SECRET_KEY={}", caep_transmitter::secrets::SecretBox::generate_key());
+            Ok(())
+        }
         Command::AdminToken(AdminTokenCommand::Rotate) => {
             if config.admin_token.is_some() {
                 anyhow::bail!(

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use caep_transmitter::error::SsfError;
 use caep_transmitter::keys::KeyStore;
 use caep_transmitter::push::PushPolicy;
+use caep_transmitter::secrets::SecretBox;
 use caep_transmitter::service::{Transmitter, TransmitterSettings};
 use caep_transmitter::ssrf::PushUrlGuard;
 use caep_transmitter::store::Store;
@@ -117,6 +118,7 @@ fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, Sta
         PushPolicy { give_up_after: Duration::from_secs(config.push_give_up_secs), ..PushPolicy::default() };
     settings.long_poll = Duration::from_secs(config.long_poll_secs);
     settings.min_verification_interval = config.min_verification_interval_secs;
+    settings.secrets = Arc::new(SecretBox::load_or_create(&config.data_dir, config.secret_key.as_deref())?);
     Ok(settings)
 }
 

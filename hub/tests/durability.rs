@@ -88,7 +88,9 @@ async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
     wait_healthy(&client, &base).await;
 
     let (push_url, received) = support::recording_webhook(Duration::from_millis(150)).await;
-    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}});
+    let credential = "Bearer rp-credential-kept-sealed";
+    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url,
+                                     "authorization_header": credential}});
     let (token, stream_id) = push_receiver(&client, &base, "slow RP", "https://slow.example", stream).await;
 
     // Each 204 means the verification SET is durably in the outbox.
@@ -115,6 +117,17 @@ async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
 
     let mut hub = spawn_hub(dir.path(), port);
     wait_healthy(&client, &base).await;
+    // The credential, sealed at rest with the key file, opens after the restart.
+    let config: Value = client
+        .get(format!("{base}/ssf/streams?stream_id={stream_id}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("read stream")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(config["delivery"]["authorization_header"], credential, "{config}");
     let jwks_text = client.get(format!("{base}/ssf/jwks.json")).send().await.expect("jwks").text().await.expect("text");
     let jwks = Jwks::from_json(&jwks_text).expect("jwks parses");
 

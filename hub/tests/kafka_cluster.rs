@@ -26,6 +26,8 @@ use support::HubProcess;
 use tokio::task::JoinSet;
 
 const ADMIN: &str = "kafka-cluster-admin";
+/// Shared by every instance: the key sealing receivers' credentials in the shared log.
+const SECRET_KEY: &str = "a2Fma2EtY2x1c3Rlci10ZXN0LXNlY3JldC1rZXktMzI";
 /// The hub's issuer, shared by the three instances (a load balancer's name:
 /// no instance ever needs to reach it).
 const ISSUER: &str = "https://hub.kafka-cluster.test";
@@ -186,6 +188,7 @@ fn start_hubs(dir: &Path, brokers: &str) -> Vec<HubProcess> {
                     ("CAEP_HUB_ADVERTISED_URL", format!("http://127.0.0.1:{port}")),
                     ("CAEP_HUB_ISSUER", ISSUER.to_owned()),
                     ("CAEP_HUB_ADMIN_TOKEN", ADMIN.to_owned()),
+                    ("CAEP_HUB_SECRET_KEY", SECRET_KEY.to_owned()),
                     ("CAEP_HUB_PUSH_ALLOW_CIDRS", "127.0.0.0/8".to_owned()),
                     ("CAEP_HUB_LONG_POLL_SECS", "2".to_owned()),
                 ],

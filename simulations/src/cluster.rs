@@ -75,6 +75,7 @@ impl KafkaCluster {
         let balancer = Balancer::start("127.0.0.1:0".parse()?, bases.clone()).await?;
         let issuer = balancer.url();
         let mut hubs = Vec::with_capacity(spec.instances);
+        let secret_key = caep_transmitter::secrets::SecretBox::generate_key();
         for (port, base) in ports.iter().zip(&bases) {
             let env = vec![
                 ("CAEP_HUB_KAFKA_BROKERS".to_owned(), brokers.clone()),
@@ -83,6 +84,7 @@ impl KafkaCluster {
                 ("CAEP_HUB_KAFKA_PARTITIONS".to_owned(), spec.partitions.to_string()),
                 ("CAEP_HUB_ADVERTISED_URL".to_owned(), base.clone()),
                 ("CAEP_HUB_ISSUER".to_owned(), issuer.clone()),
+                ("CAEP_HUB_SECRET_KEY".to_owned(), secret_key.clone()),
             ];
             hubs.push(SpawnedHub::spawn_with(spec.hub_bin.clone(), spec.admin_token.clone(), *port, env)?);
         }

@@ -307,6 +307,58 @@ async fn strangers_are_refused_before_any_work(hub: Hub) {
     }
 }
 
+// ---------------------------------------------------------------- secrets at rest
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { files.extend(files_under(&path)) } else { files.push(path) }
+    }
+    files
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+/// A push stream's `authorization_header` is used on every push (after an
+/// update too), but neither the database files nor (in Kafka mode) the
+/// shared log ever hold it in clear.
+async fn push_credentials_are_sealed_at_rest_and_in_the_log(hub: Hub) {
+    let rp = hub.receiver("sealed").await;
+    let receiver = support::PushReceiver::accepting().await;
+    let first = "Bearer first-s3cret-5a9c1e";
+    let stream_id = hub.push_stream(&rp, &receiver.url, Some(first)).await;
+    hub.verify(&rp, &stream_id, "one").await;
+    receiver.wait_for(1).await;
+    let second = "Bearer second-s3cret-77b2d4";
+    let body = json!({"stream_id": stream_id, "delivery": {"method": support::PUSH, "endpoint_url": receiver.url, "authorization_header": second}});
+    hub.patch(&hub.endpoint("configuration_endpoint"), &rp.token, body).await.expect(200);
+    hub.verify(&rp, &stream_id, "two").await;
+    let pushed = receiver.wait_for(2).await;
+    assert_eq!(pushed[0].header("authorization"), Some(first));
+    assert_eq!(pushed[1].header("authorization"), Some(second));
+
+    let files = files_under(hub.data_dir());
+    assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "redb")), "{files:?}");
+    for file in files {
+        let bytes = std::fs::read(&file).expect("readable");
+        for secret in [first, second] {
+            assert!(!contains(&bytes, secret.as_bytes()), "{} holds a credential in clear", file.display());
+        }
+    }
+    if let Some(records) = hub.kafka_payloads("shared") {
+        assert!(records.iter().any(|r| contains(r, stream_id.as_bytes())), "the stream travelled through the log");
+        for record in records {
+            for secret in [first, second] {
+                assert!(!contains(&record, secret.as_bytes()), "the shared log carries a credential in clear");
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- both backends
 
 macro_rules! on_every_backend {
@@ -338,4 +390,5 @@ on_every_backend!(
     a_receiver_hears_nothing_of_an_idp_it_is_not_bound_to,
     an_untrusted_idp_is_refused_and_its_cascades_complete,
     strangers_are_refused_before_any_work,
+    push_credentials_are_sealed_at_rest_and_in_the_log,
 );

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::outbox::{NewSet, Outbox};
 use crate::receivers::Receiver;
 use crate::registry::StreamRecord;
+use crate::secrets::{SecretBox, SecretError};
 use crate::service::{BoxFuture, Transmitter};
 use crate::store::StoreError;
 
@@ -68,6 +69,22 @@ pub enum ControlChange {
 }
 
 impl ControlChange {
+    /// The change as it travels through a shared log: secrets sealed.
+    pub fn sealed(self, secrets: &SecretBox) -> ControlChange {
+        match self {
+            ControlChange::StreamPut { record } => ControlChange::StreamPut { record: record.sealed(secrets) },
+            other => other,
+        }
+    }
+
+    /// The change as applied: secrets opened again.
+    pub fn opened(self, secrets: &SecretBox) -> Result<ControlChange, SecretError> {
+        Ok(match self {
+            ControlChange::StreamPut { record } => ControlChange::StreamPut { record: record.opened(secrets)? },
+            other => other,
+        })
+    }
+
     /// The change's kind, for logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -493,6 +493,13 @@ fn write_keyring(dir: &Path, ring: &[KeyInfo]) -> Result<(), KeyError> {
     write_atomic(dir, KEYRING_FILE, &json)
 }
 
+/// Writes a private file (0600) `name` in the private directory `dir`
+/// (made 0700 if missing), atomically: see [`write_atomic`].
+pub(crate) fn write_private_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), KeyError> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+    write_atomic(dir, name, bytes)
+}
+
 /// Writes `name` in `dir` so that a crash leaves the old content or the new,
 /// never a mix: temp file (0600, created exclusively so a planted symlink is
 /// not followed), fsync, rename, fsync of the directory.

@@ -15,6 +15,7 @@ pub mod push;
 pub mod queue;
 pub mod receivers;
 pub mod registry;
+pub mod secrets;
 pub mod service;
 pub mod ssrf;
 pub mod store;

@@ -12,8 +12,9 @@ use caep_schemas::subject::SubjectId;
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::secrets::{SecretBox, SecretError};
 use crate::store::{Commit, Store, StoreError, decode, encode};
-use crate::streams::StreamConfig;
+use crate::streams::{Delivery, StreamConfig};
 
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
 const STREAM_SUBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("stream_subjects");
@@ -45,6 +46,28 @@ pub struct StreamRecord {
 }
 
 impl StreamRecord {
+    /// The record as stored and replicated: the push `authorization_header`
+    /// sealed (bound to this stream), so no database or log holds it in clear.
+    pub fn sealed(&self, secrets: &SecretBox) -> StreamRecord {
+        let mut record = self.clone();
+        let stream_id = record.config.stream_id.clone();
+        if let Delivery::Push { authorization_header: Some(header), .. } = &mut record.config.delivery
+            && !SecretBox::is_sealed(header)
+        {
+            *header = secrets.seal(header, &stream_id);
+        }
+        record
+    }
+
+    /// The record as used in memory: the header opened again.
+    pub fn opened(mut self, secrets: &SecretBox) -> Result<StreamRecord, SecretError> {
+        let stream_id = self.config.stream_id.clone();
+        if let Delivery::Push { authorization_header: Some(header), .. } = &mut self.config.delivery {
+            *header = secrets.open(header, &stream_id)?;
+        }
+        Ok(self)
+    }
+
     /// Whether the stream may hear about `issuer`'s sessions.
     pub fn hears_from(&self, issuer: &str) -> bool {
         self.issuers.as_ref().is_none_or(|issuers| issuers.iter().any(|bound| bound == issuer))
@@ -59,6 +82,8 @@ impl StreamRecord {
 /// The registry of streams.
 pub struct StreamRegistry {
     store: Store,
+    /// Seals push credentials before they are written.
+    secrets: Arc<SecretBox>,
     /// Serializes applied changes so the cache applies them in commit order.
     changing: tokio::sync::Mutex<()>,
     cache: RwLock<HashMap<String, Arc<StreamRecord>>>,
@@ -77,8 +102,9 @@ fn subject_key(subject: &SubjectId) -> String {
 }
 
 impl StreamRegistry {
-    /// Loads every stream and subject from `store`.
-    pub fn load(store: Store) -> Result<Self, StoreError> {
+    /// Loads every stream and subject from `store`, opening the sealed push
+    /// credentials with `secrets`.
+    pub fn load(store: Store, secrets: Arc<SecretBox>) -> Result<Self, StoreError> {
         let (cache, subjects) = store.read(|txn| {
             let mut cache = HashMap::new();
             let mut subjects: HashMap<String, BTreeMap<String, SubjectId>> = HashMap::new();
@@ -86,7 +112,9 @@ impl StreamRegistry {
                 Ok(table) => {
                     for row in table.iter().map_err(storage)? {
                         let (key, value) = row.map_err(storage)?;
-                        cache.insert(key.value().to_owned(), Arc::new(decode::<StreamRecord>(value.value())?));
+                        let record = decode::<StreamRecord>(value.value())?;
+                        let record = record.opened(&secrets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        cache.insert(key.value().to_owned(), Arc::new(record));
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -108,6 +136,7 @@ impl StreamRegistry {
         })?;
         Ok(StreamRegistry {
             store,
+            secrets,
             changing: tokio::sync::Mutex::new(()),
             cache: RwLock::new(cache),
             subjects: RwLock::new(subjects),
@@ -159,7 +188,7 @@ impl StreamRegistry {
         if is_new && self.owned_by(&record.receiver_id).len() >= max_streams {
             return Ok(Err(format!("this receiver already has the most streams allowed ({max_streams})")));
         }
-        let stored = record.clone();
+        let stored = record.sealed(&self.secrets);
         let written = self
             .store
             .write(Commit::Durable, move |txn| {

@@ -25,6 +25,7 @@ use crate::push::{PushPolicy, PushRoute, Pusher};
 use crate::queue::DeliveryQueue;
 use crate::receivers::{Receiver, ReceiverError, ReceiverSpec, Receivers};
 use crate::registry::{StreamRecord, StreamRegistry};
+use crate::secrets::SecretBox;
 use crate::ssrf::PushUrlGuard;
 use crate::store::{Commit, Store, StoreError};
 use crate::streams::{self, Delivery, RequestKind, StreamConfig};
@@ -75,6 +76,9 @@ pub struct TransmitterSettings {
     /// How long a transmitter-initiated pause or disable waits for the
     /// stream-updated SET that announces it to be acknowledged.
     pub announce_timeout: Duration,
+    /// Seals receivers' push credentials at rest. `new` makes a key that
+    /// lives only as long as the process; the hub sets its persistent one.
+    pub secrets: Arc<SecretBox>,
 }
 
 impl TransmitterSettings {
@@ -88,6 +92,7 @@ impl TransmitterSettings {
             min_verification_interval: 5,
             max_streams_per_receiver: 100,
             announce_timeout: Duration::from_secs(5),
+            secrets: Arc::new(SecretBox::ephemeral()),
         }
     }
 }
@@ -199,7 +204,7 @@ impl Transmitter {
             metadata: crate::metadata::for_issuer(&settings.issuer),
             issuer_path,
             receivers: Receivers::new(store.clone()),
-            streams: StreamRegistry::load(store)?,
+            streams: StreamRegistry::load(store, Arc::clone(&settings.secrets))?,
             settings,
             keys,
             outbox,
@@ -418,6 +423,11 @@ impl Transmitter {
             _ => self.pusher.stop(&record.config.stream_id),
         }
         self.outbox.wake(&record.config.stream_id);
+    }
+
+    /// The settings the transmitter runs with.
+    pub fn settings(&self) -> &TransmitterSettings {
+        &self.settings
     }
 
     /// Signs SETs for their streams, dropping those bound for unknown or

@@ -75,7 +75,10 @@ pub async fn assemble(
     let sink = KafkaSink::new(&settings, producer.clone(), Arc::clone(&shared));
     let deliveries = Deliveries::new(&settings, instance.clone(), Arc::clone(&sink), Arc::clone(&shared));
     let cluster = Cluster {
-        control: Arc::new(KafkaControl(Arc::clone(&shared))),
+        control: Arc::new(KafkaControl {
+            shared: Arc::clone(&shared),
+            secrets: Arc::clone(&transmitter_settings.secrets),
+        }),
         router: deliveries.clone(),
         placement: deliveries.clone(),
     };

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use caep_transmitter::control::{ControlChange, ControlLog, ControlOutcome};
+use caep_transmitter::secrets::SecretBox;
 use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError, decode, encode};
 use redb::{ReadableTable, TableDefinition};
@@ -265,6 +266,9 @@ impl SharedLog {
 
     async fn apply_control(&self, offset: i64, change: ControlChange) -> Result<(), StoreError> {
         let Some(transmitter) = self.transmitter.get() else { return Ok(()) };
+        // A change this instance cannot open is retried, never skipped: it
+        // means the instances do not share CAEP_HUB_SECRET_KEY.
+        let change = change.opened(&transmitter.settings().secrets).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let outcome = transmitter.apply_control(change).await?;
         let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
         outcomes.insert(offset, outcome);
@@ -325,14 +329,19 @@ impl SharedLog {
 }
 
 /// The control log on Kafka: a change takes effect when this instance's
-/// replica applies it, exactly as on every other instance.
-pub struct KafkaControl(pub Arc<SharedLog>);
+/// replica applies it, exactly as on every other instance. Receivers'
+/// credentials travel sealed.
+pub struct KafkaControl {
+    pub shared: Arc<SharedLog>,
+    pub secrets: Arc<SecretBox>,
+}
 
 impl ControlLog for KafkaControl {
     fn record(&self, change: ControlChange) -> BoxFuture<'_, Result<ControlOutcome, StoreError>> {
         Box::pin(async move {
-            let offset = self.0.append_and_apply(&SharedRecord::Control { change }).await?;
-            Ok(self.0.take_outcome(offset))
+            let change = change.sealed(&self.secrets);
+            let offset = self.shared.append_and_apply(&SharedRecord::Control { change }).await?;
+            Ok(self.shared.take_outcome(offset))
         })
     }
 }

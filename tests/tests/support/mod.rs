@@ -173,6 +173,49 @@ pub fn client() -> reqwest::Client {
 }
 
 impl Hub {
+    /// The hub's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
+    }
+
+    /// Every record payload of a topic (`shared`, `graph`, `deliveries`) of
+    /// the hub's mock Kafka cluster; `None` for an embedded hub.
+    pub fn kafka_payloads(&self, topic: &str) -> Option<Vec<Vec<u8>>> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{Message, Offset, TopicPartitionList};
+        let kafka = self._kafka.as_ref()?;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let topic = format!("caep.{topic}");
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        let mut payloads = Vec::new();
+        for partition in 0..partitions {
+            let (low, high) =
+                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)).expect("watermarks");
+            if high <= low {
+                continue;
+            }
+            let mut assignment = TopicPartitionList::new();
+            assignment.add_partition_offset(&topic, partition, Offset::Offset(low)).expect("offset");
+            consumer.assign(&assignment).expect("assign");
+            let deadline = Instant::now() + WAIT;
+            let mut next = low;
+            while next < high && Instant::now() < deadline {
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                    payloads.push(message.payload().unwrap_or_default().to_vec());
+                    next = message.offset() + 1;
+                }
+            }
+            assert!(next >= high, "read {topic}[{partition}] to {next} of {high}");
+        }
+        Some(payloads)
+    }
+
     /// A hub with the default options (push to loopback allowed, no
     /// verification interval, 5 s long polls).
     pub async fn start() -> Hub {
@@ -197,6 +240,7 @@ impl Hub {
             min_verification_interval_secs: options.min_verification_interval_secs,
             long_poll_secs: options.long_poll_secs,
             metrics_listen: Some("127.0.0.1:0".parse().expect("address")),
+            secret_key: options.kafka.then(caep_transmitter::secrets::SecretBox::generate_key),
             ..HubConfig::default()
         };
         let hub = caep_hub::server::bind(&config).await.expect("hub binds");
