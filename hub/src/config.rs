@@ -60,6 +60,12 @@ pub struct HubConfig {
     /// credentials at rest; unset: a key file in the data directory. Every
     /// instance of a scaled-out hub must have the same one.
     pub secret_key: Option<String>,
+    /// `CAEP_HUB_RECEIVER_CALLS_PER_SEC`: authenticated SSF calls (management
+    /// and poll) one receiver may make per second, bursts of twice that.
+    pub receiver_calls_per_sec: u32,
+    /// `CAEP_HUB_MAX_LONG_POLLS_PER_RECEIVER`: long polls one receiver may
+    /// hold open at once.
+    pub max_long_polls_per_receiver: usize,
 }
 
 impl Default for HubConfig {
@@ -82,6 +88,8 @@ impl Default for HubConfig {
             advertised_url: None,
             metrics_listen: None,
             secret_key: None,
+            receiver_calls_per_sec: 200,
+            max_long_polls_per_receiver: 8,
         }
     }
 }

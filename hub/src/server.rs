@@ -118,6 +118,8 @@ fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, Sta
         PushPolicy { give_up_after: Duration::from_secs(config.push_give_up_secs), ..PushPolicy::default() };
     settings.long_poll = Duration::from_secs(config.long_poll_secs);
     settings.min_verification_interval = config.min_verification_interval_secs;
+    settings.calls_per_second_per_receiver = config.receiver_calls_per_sec;
+    settings.max_long_polls_per_receiver = config.max_long_polls_per_receiver;
     settings.secrets = Arc::new(SecretBox::load_or_create(&config.data_dir, config.secret_key.as_deref())?);
     Ok(settings)
 }

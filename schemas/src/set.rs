@@ -246,12 +246,14 @@ impl SecurityEventToken {
         if !self.aud.contains(expect.audience) {
             return Err(SetError::WrongAudience);
         }
-        let ahead = self.iat - now;
+        // `iat` is the sender's: saturate, so no value can overflow.
+        let ahead = self.iat.saturating_sub(now);
         if ahead > expect.max_future_skew_secs {
             return Err(SetError::IssuedInFuture(ahead));
         }
+        let age = now.saturating_sub(self.iat);
         match expect.max_age_secs {
-            Some(max_age) if now - self.iat > max_age => Err(SetError::TooOld(now - self.iat)),
+            Some(max_age) if age > max_age => Err(SetError::TooOld(age)),
             _ => Ok(()),
         }
     }
@@ -384,6 +386,19 @@ mod tests {
         set.extra.insert("exp".into(), json!(9));
         let claims = set.to_claims();
         assert!(!claims.contains_key("sub") && !claims.contains_key("exp"));
+    }
+
+    #[test]
+    fn extreme_iat_values_are_refused_without_overflow() {
+        let mut set = SecurityEventToken::from_claims(claims(revoked_claims())).expect("parses");
+        let mut expect = Expectations::new("https://idp.example.com/", "https://rp.example.com/");
+        expect.max_age_secs = Some(3600);
+        for (iat, now) in
+            [(i64::MIN, 1_700_000_000), (i64::MAX, 1_700_000_000), (i64::MIN, i64::MAX), (i64::MAX, i64::MIN)]
+        {
+            set.iat = iat;
+            assert!(set.check(&expect, now).is_err(), "iat {iat} at {now} accepted");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use caep_schemas::set::SecurityEventToken;
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::actors::*;
-use support::{Body, Hub, SESSION_REVOKED, TICK, WAIT};
+use support::{Body, Hub, HubOptions, SESSION_REVOKED, TICK, WAIT};
 
 const IDP_A: &str = "https://idp-a.example";
 const IDP_M: &str = "https://idp-m.example";
@@ -357,6 +357,79 @@ async fn push_credentials_are_sealed_at_rest_and_in_the_log(hub: Hub) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- floods
+
+/// A receiver flooding management calls gets 429 with `Retry-After`, and one
+/// holding too many long polls gets 429 for the next; another receiver is
+/// served throughout, and a long poll sees its stream paused mid-wait.
+async fn a_flooding_receiver_is_throttled_and_others_are_served(kafka: bool) {
+    let options = HubOptions {
+        kafka,
+        receiver_calls_per_sec: 10,
+        max_long_polls_per_receiver: 2,
+        long_poll_secs: 3,
+        ..HubOptions::default()
+    };
+    let hub = std::sync::Arc::new(Hub::start_with(options).await);
+    let flooder = hub.receiver("flooder").await;
+    let bystander = hub.receiver("bystander").await;
+    let (stream_id, poll_url) = hub.poll_stream(&flooder).await;
+    let (other_stream, other_poll_url) = hub.poll_stream(&bystander).await;
+
+    let mut refused = 0;
+    for _ in 0..60 {
+        let reply = hub.get(&hub.stream_url(&stream_id), &flooder.token).await;
+        if reply.status == 429 {
+            assert!(reply.header("retry-after").and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s >= 1));
+            assert_eq!(reply.json()["err"], "too_many_requests", "{}", reply.text);
+            refused += 1;
+        } else {
+            assert_eq!(reply.status, 200, "{}", reply.text);
+        }
+    }
+    assert!(refused >= 20, "a burst of twice the rate, then 429: {refused} refused of 60");
+    hub.get(&hub.stream_url(&other_stream), &bystander.token).await.expect(200);
+
+    // The flooder's rate refills; then two long polls are all it may hold.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut polls = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (hub, token, url) = (std::sync::Arc::clone(&hub), flooder.token.clone(), poll_url.clone());
+        polls.spawn(async move { hub.post(&url, &token, json!({"maxEvents": 5})).await.status });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    hub.post(&poll_url, &flooder.token, json!({"maxEvents": 5})).await.expect(429);
+    // The bystander's long poll is not affected, and answers at once when
+    // its stream is paused while it waits.
+    let waiting = {
+        let (hub, token, url) = (std::sync::Arc::clone(&hub), bystander.token.clone(), other_poll_url.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let reply = hub.post(&url, &token, json!({"maxEvents": 5})).await.expect(200);
+            (started.elapsed(), reply.json())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    hub.set_status(&bystander, &other_stream, "paused").await;
+    let (took, answer) = waiting.await.expect("bystander's poll");
+    assert_eq!(answer["sets"], json!({}), "{answer}");
+    assert!(took < std::time::Duration::from_secs(2), "the paused stream's poll waited {took:?}");
+    while let Some(status) = polls.join_next().await {
+        assert_eq!(status.expect("poll task"), 200);
+    }
+    hub.post(&poll_url, &flooder.token, json!({"maxEvents": 5, "returnImmediately": true})).await.expect(200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_flooding_receiver_is_throttled_and_others_are_served() {
+    a_flooding_receiver_is_throttled_and_others_are_served(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_flooding_receiver_is_throttled_and_others_are_served() {
+    a_flooding_receiver_is_throttled_and_others_are_served(true).await;
 }
 
 // ---------------------------------------------------------------- both backends

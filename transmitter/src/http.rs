@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
+use caep_schemas::event::StreamStatus;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -82,7 +83,10 @@ impl FromRequestParts<Arc<Transmitter>> for Authed {
     async fn from_request_parts(parts: &mut Parts, transmitter: &Arc<Transmitter>) -> Result<Self, SsfError> {
         let token = bearer_token(parts).ok_or(SsfError::Unauthorized { invalid_token: false })?;
         match transmitter.receivers().authenticate(token).map_err(store_error)? {
-            Some(receiver) => Ok(Authed(receiver)),
+            Some(receiver) => {
+                transmitter.limits().call(&receiver.receiver_id)?;
+                Ok(Authed(receiver))
+            }
             None => Err(SsfError::Unauthorized { invalid_token: true }),
         }
     }
@@ -297,9 +301,15 @@ async fn poll_stream(
         }
     }
     let request = poll::parse_request(&body).map_err(SsfError::BadRequest)?;
-    let response =
-        poll::poll(transmitter.outbox().as_ref(), &stream_id, record.status, request, transmitter.settings.long_poll)
-            .await
-            .map_err(store_error)?;
+    let _slot =
+        if request.is_long_poll() { Some(transmitter.limits().long_poll(&receiver.receiver_id)?) } else { None };
+    // Read again while the poll waits: a stream paused, disabled or deleted
+    // meanwhile answers at once with nothing.
+    let streams = transmitter.streams();
+    let status = || streams.owned(&receiver.receiver_id, &stream_id).map_or(StreamStatus::Disabled, |r| r.status);
+    let long_poll = transmitter.settings.long_poll;
+    let response = poll::poll(transmitter.outbox().as_ref(), &stream_id, &status, request, long_poll)
+        .await
+        .map_err(store_error)?;
     Ok(Json(response).into_response())
 }

@@ -8,6 +8,7 @@ pub mod control;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod metadata;
 pub mod outbox;
 pub mod poll;

@@ -71,27 +71,39 @@ pub fn parse_request(body: &[u8]) -> Result<PollRequest, String> {
     }
 }
 
+impl PollRequest {
+    /// Whether the poll may wait for SETs (not `returnImmediately`, and it
+    /// asks for some).
+    pub fn is_long_poll(&self) -> bool {
+        !self.return_immediately && self.max_events != Some(0)
+    }
+}
+
 /// Serves one poll of `stream_id`, waiting at most `long_poll` for SETs.
+/// `status` is read again each time the poll wakes: a stream paused (or
+/// gone) while the poll waits answers at once with nothing.
 pub async fn poll(
     outbox: &dyn DeliveryQueue,
     stream_id: &str,
-    status: StreamStatus,
+    status: &(dyn Fn() -> StreamStatus + Send + Sync),
     request: PollRequest,
     long_poll: Duration,
 ) -> Result<PollResponse, StoreError> {
     settle(outbox, stream_id, &request).await?;
     let max = request.max_events.map_or(DEFAULT_MAX_EVENTS, |m| m as usize).min(MAX_EVENTS_CAP);
-    // Paused streams hold their SETs; an ack-only poll (maxEvents 0) asks for none.
-    if max == 0 || status != StreamStatus::Enabled {
-        let more_available = status == StreamStatus::Enabled && outbox.depth(stream_id)? > 0;
-        return Ok(PollResponse { sets: Map::new(), more_available });
-    }
     let waker = outbox.waker(stream_id);
     let deadline = tokio::time::Instant::now() + long_poll;
     loop {
-        // Register interest before reading, so an enqueue between the read
-        // and the wait still wakes this poll.
+        // Register interest before reading, so an enqueue (or a status
+        // change, which wakes the stream too) between the read and the wait
+        // still wakes this poll.
         let notified = waker.notified();
+        let status = status();
+        // Paused streams hold their SETs; an ack-only poll (maxEvents 0) asks for none.
+        if max == 0 || status != StreamStatus::Enabled {
+            let more_available = status == StreamStatus::Enabled && outbox.depth(stream_id)? > 0;
+            return Ok(PollResponse { sets: Map::new(), more_available });
+        }
         let pending = outbox.pending(stream_id, 0, max + 1)?;
         if !pending.is_empty() || request.return_immediately {
             let more_available = pending.len() > max;
@@ -204,7 +216,7 @@ mod tests {
     }
 
     async fn run(outbox: &Outbox, stream: &str, request: PollRequest) -> PollResponse {
-        poll(outbox, stream, StreamStatus::Enabled, request, Duration::from_secs(5)).await.expect("poll")
+        poll(outbox, stream, &|| StreamStatus::Enabled, request, Duration::from_secs(5)).await.expect("poll")
     }
 
     #[tokio::test]
@@ -249,7 +261,7 @@ mod tests {
             let outbox = Arc::clone(&outbox);
             tokio::spawn(async move {
                 let request = PollRequest { max_events: Some(5), ..Default::default() };
-                poll(outbox.as_ref(), "s", StreamStatus::Enabled, request, Duration::from_secs(10)).await
+                poll(outbox.as_ref(), "s", &|| StreamStatus::Enabled, request, Duration::from_secs(10)).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -259,7 +271,7 @@ mod tests {
 
         let started = std::time::Instant::now();
         let request = PollRequest { max_events: Some(5), ..Default::default() };
-        let empty = poll(outbox.as_ref(), "other", StreamStatus::Enabled, request, Duration::from_millis(200))
+        let empty = poll(outbox.as_ref(), "other", &|| StreamStatus::Enabled, request, Duration::from_millis(200))
             .await
             .expect("poll");
         assert!(empty.sets.is_empty());
@@ -270,10 +282,33 @@ mod tests {
     async fn paused_streams_hold_their_sets() {
         let (_dir, outbox) = open();
         outbox.enqueue(sets("s", &["a"])).await.expect("enqueue");
-        let held =
-            poll(outbox.as_ref(), "s", StreamStatus::Paused, immediate(5, &[]), Duration::ZERO).await.expect("poll");
+        let held = poll(outbox.as_ref(), "s", &|| StreamStatus::Paused, immediate(5, &[]), Duration::ZERO)
+            .await
+            .expect("poll");
         assert!(held.sets.is_empty() && !held.more_available);
         assert_eq!(run(&outbox, "s", immediate(5, &[])).await.sets.len(), 1, "delivered once enabled");
+    }
+
+    #[tokio::test]
+    async fn a_stream_paused_while_a_poll_waits_answers_at_once_with_nothing() {
+        let (_dir, outbox) = open();
+        let status = Arc::new(std::sync::Mutex::new(StreamStatus::Enabled));
+        let waiting = {
+            let (outbox, status) = (Arc::clone(&outbox), Arc::clone(&status));
+            tokio::spawn(async move {
+                let request = PollRequest { max_events: Some(5), ..Default::default() };
+                let current = move || *status.lock().expect("status");
+                poll(outbox.as_ref(), "s", &current, request, Duration::from_secs(30)).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        *status.lock().expect("status") = StreamStatus::Paused;
+        // A SET arrives for the paused stream: it wakes the poll, which must
+        // not hand it out.
+        outbox.enqueue(sets("s", &["held"])).await.expect("enqueue");
+        let response = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("in time").expect("join");
+        let response = response.expect("poll");
+        assert!(response.sets.is_empty() && !response.more_available, "{response:?}");
     }
 
     #[test]

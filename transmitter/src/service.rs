@@ -19,6 +19,7 @@ use crate::control::{
 };
 use crate::error::SsfError;
 use crate::keys::KeyStore;
+use crate::limits::ReceiverLimits;
 use crate::metadata::{TransmitterMetadata, paths};
 use crate::outbox::{NewSet, Outbox, OutcomeSink, now_ms};
 use crate::push::{PushPolicy, PushRoute, Pusher};
@@ -76,6 +77,11 @@ pub struct TransmitterSettings {
     /// How long a transmitter-initiated pause or disable waits for the
     /// stream-updated SET that announces it to be acknowledged.
     pub announce_timeout: Duration,
+    /// Authenticated SSF calls one receiver may make per second (bursts of
+    /// twice that); beyond, 429 with `Retry-After`.
+    pub calls_per_second_per_receiver: u32,
+    /// Long polls one receiver may hold open at once; beyond, 429.
+    pub max_long_polls_per_receiver: usize,
     /// Seals receivers' push credentials at rest. `new` makes a key that
     /// lives only as long as the process; the hub sets its persistent one.
     pub secrets: Arc<SecretBox>,
@@ -93,6 +99,8 @@ impl TransmitterSettings {
             max_streams_per_receiver: 100,
             announce_timeout: Duration::from_secs(5),
             secrets: Arc::new(SecretBox::ephemeral()),
+            calls_per_second_per_receiver: 200,
+            max_long_polls_per_receiver: 8,
         }
     }
 }
@@ -139,6 +147,8 @@ pub struct Transmitter {
     pusher: Arc<Pusher>,
     pub(crate) guard: PushUrlGuard,
     subject_hook: Arc<dyn SubjectHook>,
+    /// What one receiver may make the transmitter do.
+    limits: ReceiverLimits,
     /// Where every control-plane change is recorded (and so applied).
     control: Arc<dyn ControlLog>,
     /// Where signed SETs go to be delivered.
@@ -200,6 +210,7 @@ impl Transmitter {
                 None => (local.clone(), outbox.clone(), Arc::new(AllLocal)),
             };
         load_peer_keys(&store, &keys)?;
+        let limits = ReceiverLimits::new(settings.calls_per_second_per_receiver, settings.max_long_polls_per_receiver);
         let transmitter = Arc::new(Transmitter {
             metadata: crate::metadata::for_issuer(&settings.issuer),
             issuer_path,
@@ -211,6 +222,7 @@ impl Transmitter {
             pusher,
             guard,
             subject_hook,
+            limits,
             control,
             router,
             placement,
@@ -423,6 +435,11 @@ impl Transmitter {
             _ => self.pusher.stop(&record.config.stream_id),
         }
         self.outbox.wake(&record.config.stream_id);
+    }
+
+    /// The per-receiver limits.
+    pub fn limits(&self) -> &ReceiverLimits {
+        &self.limits
     }
 
     /// The settings the transmitter runs with.

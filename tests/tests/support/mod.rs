@@ -57,6 +57,10 @@ pub struct HubOptions {
     pub push_allow_cidrs: &'static str,
     /// Run the hub in Kafka mode against librdkafka's in-process mock cluster.
     pub kafka: bool,
+    /// Authenticated calls one receiver may make per second.
+    pub receiver_calls_per_sec: u32,
+    /// Long polls one receiver may hold open.
+    pub max_long_polls_per_receiver: usize,
 }
 
 impl Default for HubOptions {
@@ -66,6 +70,8 @@ impl Default for HubOptions {
             long_poll_secs: 5,
             push_allow_cidrs: "127.0.0.0/8",
             kafka: false,
+            receiver_calls_per_sec: HubConfig::default().receiver_calls_per_sec,
+            max_long_polls_per_receiver: HubConfig::default().max_long_polls_per_receiver,
         }
     }
 }
@@ -240,6 +246,8 @@ impl Hub {
             min_verification_interval_secs: options.min_verification_interval_secs,
             long_poll_secs: options.long_poll_secs,
             metrics_listen: Some("127.0.0.1:0".parse().expect("address")),
+            receiver_calls_per_sec: options.receiver_calls_per_sec,
+            max_long_polls_per_receiver: options.max_long_polls_per_receiver,
             secret_key: options.kafka.then(caep_transmitter::secrets::SecretBox::generate_key),
             ..HubConfig::default()
         };
