@@ -359,6 +359,108 @@ async fn push_credentials_are_sealed_at_rest_and_in_the_log(hub: Hub) {
     }
 }
 
+// ---------------------------------------------------------------- hostile bodies
+
+/// Oversized and deeply nested bodies at every door (IdP ingest, stream
+/// management, subjects, poll, admin) get a 4xx, never a 5xx or a crash,
+/// and the hub serves on.
+async fn oversized_and_deeply_nested_bodies_are_refused_cleanly(hub: Hub) {
+    let idp = Idp::register(&hub, IDP_A).await;
+    let rp = hub.receiver("hostile").await;
+    let (stream_id, poll_url) = hub.poll_stream(&rp).await;
+    let huge = "x".repeat(200 * 1024);
+    let nested = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));
+    let nested_subject = {
+        let mut subject = json!({"format": "opaque", "id": "s"});
+        for _ in 0..1000 {
+            subject = json!({"format": "complex", "session": subject});
+        }
+        subject
+    };
+    let management = [
+        hub.endpoint("configuration_endpoint"),
+        hub.endpoint("add_subject_endpoint"),
+        hub.endpoint("status_endpoint"),
+        hub.endpoint("verification_endpoint"),
+        poll_url.clone(),
+    ];
+    for url in &management {
+        for body in [&huge, &nested] {
+            let reply = hub.send(Method::POST, url, Some(&rp.token), Body::Raw(body)).await;
+            assert!(
+                reply.status.is_client_error(),
+                "{url}: {} {}",
+                reply.status,
+                &reply.text[..reply.text.len().min(200)]
+            );
+        }
+    }
+    let deep = json!({"stream_id": stream_id, "subject": nested_subject});
+    let reply = hub.post(&hub.endpoint("add_subject_endpoint"), &rp.token, deep).await;
+    assert!(reply.status.is_client_error(), "nested subject: {} {}", reply.status, reply.text);
+    for path in ["/admin/receivers", "/admin/issuers"] {
+        for body in [&huge, &nested] {
+            let reply = hub.admin(Method::POST, path, Body::Raw(body)).await;
+            assert!(reply.status.is_client_error(), "{path}: {}", reply.status);
+        }
+    }
+    // IdP ingest: a huge body, and a signed SET whose claims nest deeply.
+    let reply = ingest(&hub, &huge).await;
+    assert!(reply.status.is_client_error(), "huge SET: {}", reply.status);
+    let mut claims = idp.set(session_of("S", &email("a@x")), SESSION_REVOKED, json!({})).to_claims();
+    let deep_value = (0..1000).fold(json!(1), |inner, _| json!([inner]));
+    claims.insert("deep".into(), deep_value);
+    let deep_set = idp.key.sign(caep_schemas::set::SET_TYP, &claims).expect("sign");
+    assert!(ingest(&hub, &deep_set).await.status.is_client_error());
+
+    hub.get(&hub.stream_url(&stream_id), &rp.token).await.expect(200);
+    let health = hub.http.get(format!("{}/healthz", hub.issuer)).send().await.expect("healthz");
+    assert_eq!(health.status(), 200);
+}
+
+// ---------------------------------------------------------------- trust anchors
+
+/// A server on loopback answering every GET with a redirect to `to`; its
+/// URL, and how many requests it got.
+async fn redirecting_server(to: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&asked);
+    let app = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move { axum::response::Redirect::temporary(to) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/jwks.json"), asked)
+}
+
+/// A `jwks_uri` must be https and public: plain http, private and metadata
+/// addresses are refused before anything is fetched, and a key URL that
+/// redirects (here to an internal address) is not followed.
+async fn jwks_uris_must_be_https_public_and_not_redirect(hub: Hub) {
+    let register = |uri: &str| json!({"issuer": "https://anchored.example", "jwks_uri": uri});
+    for (uri, why) in [
+        // No request leaves the machine: each is refused before any fetch.
+        ("http://93.184.215.14/jwks.json", "https"),
+        ("https://10.0.0.1/jwks.json", "private"),
+        ("https://169.254.169.254/latest/meta-data", "link-local"),
+        ("https://[::ffff:192.168.1.1]/jwks.json", "private"),
+        ("file:///etc/passwd", "scheme"),
+    ] {
+        let reply = hub.admin(Method::POST, "/admin/issuers", Body::Json(register(uri))).await.expect(400);
+        assert!(reply.text.contains(why), "{uri}: {}", reply.text);
+    }
+    // The test hub allows loopback (its local-trial allowlist): a key URL
+    // there that redirects elsewhere is not followed.
+    let (url, asked) = redirecting_server("http://10.0.0.1/jwks.json").await;
+    let reply = hub.admin(Method::POST, "/admin/issuers", Body::Json(register(&url))).await.expect(400);
+    assert!(reply.text.contains("keys"), "{}", reply.text);
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "one request, no redirect followed");
+    hub.admin(Method::GET, "/admin/issuers", Body::None).await.expect(200);
+}
+
 // ---------------------------------------------------------------- floods
 
 /// A receiver flooding management calls gets 429 with `Retry-After`, and one
@@ -464,4 +566,6 @@ on_every_backend!(
     an_untrusted_idp_is_refused_and_its_cascades_complete,
     strangers_are_refused_before_any_work,
     push_credentials_are_sealed_at_rest_and_in_the_log,
+    oversized_and_deeply_nested_bodies_are_refused_cleanly,
+    jwks_uris_must_be_https_public_and_not_redirect,
 );

@@ -417,6 +417,16 @@ async fn forged_and_malformed_idp_sets_are_refused_and_change_nothing(hub: Hub) 
     cases.push(("alg none with the IdP's kid", with_header(&valid, &none_with_kid), secevent, "invalid_request"));
     let hs256 = json!({"alg": "HS256", "kid": kid, "typ": SET_TYP});
     cases.push(("alg HS256", with_header(&valid, &hs256), secevent, "invalid_request"));
+    // The classic confusion, done properly: HMAC keyed with the IdP's public
+    // key, which every attacker knows. There is no HMAC code path.
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(kid.clone());
+    header.typ = Some(SET_TYP.into());
+    let public_key = idp.key.public_jwk().to_string();
+    let hmac =
+        jsonwebtoken::encode(&header, &set.to_claims(), &jsonwebtoken::EncodingKey::from_secret(public_key.as_bytes()))
+            .expect("HMAC-signed");
+    cases.push(("HS256 keyed with the IdP's public key", hmac, secevent, "invalid_request"));
     cases.push(("no typ", with_header(&valid, &json!({"alg": "ES256", "kid": kid})), secevent, "invalid_request"));
     cases.push((
         "typ JWT, properly signed",
