@@ -4,6 +4,7 @@
 //! Each test drives a real hub over loopback with real receivers, on the
 //! embedded default and in Kafka mode, and asserts the attempt fails.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeSet;
@@ -535,27 +536,6 @@ async fn kafka_a_flooding_receiver_is_throttled_and_others_are_served() {
 }
 
 // ---------------------------------------------------------------- both backends
-
-macro_rules! on_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Hub::start().await).await
-                }
-            )*
-        }
-        mod kafka {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Hub::start_on_kafka().await).await
-                }
-            )*
-        }
-    };
-}
 
 on_every_backend!(
     a_receiver_cannot_grant_itself_every_subject,

@@ -4,6 +4,7 @@
 //! recorders on loopback) or poll (RFC 8936 with acknowledgement), and every
 //! SET is verified against the hub's JWKS with the RP's own audience.
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -753,29 +754,6 @@ async fn events_sharing_one_idp_txn_keep_their_own_type(hub: Hub) {
 }
 
 // ---------------------------------------------------------------- both backends
-
-/// Every behaviour above, on the embedded default and on Kafka (librdkafka's
-/// in-process mock cluster): the same tests, the same assertions.
-macro_rules! on_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Hub::start().await).await
-                }
-            )*
-        }
-        mod kafka {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Hub::start_on_kafka().await).await
-                }
-            )*
-        }
-    };
-}
 
 on_every_backend!(
     revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams,

@@ -26,6 +26,31 @@ use tokio::task::JoinHandle;
 
 pub mod actors;
 
+/// Defines each named `async fn(Hub)` test twice: `embedded::NAME` on the
+/// embedded default and `kafka::NAME` in Kafka mode against librdkafka's
+/// in-process mock cluster; the same test, the same assertions.
+#[allow(unused_macros)] // not every test binary that includes the harness uses it
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Hub::start().await).await
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Hub::start_on_kafka().await).await
+                }
+            )*
+        }
+    };
+}
+
 /// The operator token every test hub is started with.
 pub const ADMIN_TOKEN: &str = "test-admin";
 /// RFC 8935 push.
