@@ -18,6 +18,8 @@ use serde_json::Value;
 
 const CASCADES: TableDefinition<&str, &[u8]> = TableDefinition::new("cascades");
 const LEAVES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("cascade_leaves");
+/// Keys of the cascades with leaves still planned (`undispatched > 0`).
+const UNDISPATCHED: TableDefinition<&str, ()> = TableDefinition::new("cascades_undispatched");
 
 /// One event a cascade's leaves carry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,9 +127,17 @@ pub fn cascade(txn: &WriteTransaction, key: &str) -> Result<Option<CascadeRecord
     row.map(|value| decode(value.value())).transpose()
 }
 
+/// Writes a cascade record, keeping the index of cascades with leaves still
+/// planned in step with it.
 fn put_cascade(txn: &WriteTransaction, record: &CascadeRecord) -> Result<(), StoreError> {
     let bytes = encode(record)?;
     txn.open_table(CASCADES).map_err(storage)?.insert(record.key.as_str(), bytes.as_slice()).map_err(storage)?;
+    let mut index = txn.open_table(UNDISPATCHED).map_err(storage)?;
+    if record.undispatched > 0 {
+        index.insert(record.key.as_str(), ()).map_err(storage)?;
+    } else {
+        index.remove(record.key.as_str()).map_err(storage)?;
+    }
     Ok(())
 }
 
@@ -238,30 +248,38 @@ pub fn mark_pending(txn: &WriteTransaction, cascade_key: &str, jtis: &[String]) 
 
 /// Every leaf still planned, with its cascade (the restart recovery list).
 pub fn all_planned(txn: &ReadTransaction) -> Result<Vec<(CascadeRecord, Vec<Leaf>)>, StoreError> {
-    let cascades = match txn.open_table(CASCADES) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(error) => return Err(storage(error)),
-    };
-    let leaves = txn.open_table(LEAVES).map_err(storage)?;
+    planned_before(txn, u64::MAX)
+}
+
+/// Leaves planned before `before_ms` and still not handed over, with their
+/// cascades: what the periodic sweep dispatches again. Reads only the
+/// cascades the `UNDISPATCHED` index names, so its cost follows the work
+/// left, not the history kept.
+pub fn planned_before(txn: &ReadTransaction, before_ms: u64) -> Result<Vec<(CascadeRecord, Vec<Leaf>)>, StoreError> {
+    let (index, cascades, leaves) =
+        match (txn.open_table(UNDISPATCHED), txn.open_table(CASCADES), txn.open_table(LEAVES)) {
+            (Ok(index), Ok(cascades), Ok(leaves)) => (index, cascades, leaves),
+            (Err(redb::TableError::TableDoesNotExist(_)), _, _) => return Ok(Vec::new()),
+            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => return Err(storage(error)),
+        };
     let mut out = Vec::new();
-    for row in cascades.iter().map_err(storage)? {
-        let (_, value) = row.map_err(storage)?;
+    for row in index.iter().map_err(storage)? {
+        let (key, _) = row.map_err(storage)?;
+        let key = key.value();
+        let Some(value) = cascades.get(key).map_err(storage)? else { continue };
         let record: CascadeRecord = decode(value.value())?;
-        if record.undispatched == 0 {
-            continue;
-        }
-        let key = record.key.as_str();
-        let mut planned = Vec::new();
         let end = crate::graph::after(key);
+        let mut planned = Vec::new();
         for leaf in leaves.range((key, "")..(end.as_str(), "")).map_err(storage)? {
             let (_, value) = leaf.map_err(storage)?;
             let leaf: Leaf = decode(value.value())?;
-            if leaf.status == LeafStatus::Planned {
+            if leaf.status == LeafStatus::Planned && leaf.planned_at_ms < before_ms {
                 planned.push(leaf);
             }
         }
-        out.push((record, planned));
+        if !planned.is_empty() {
+            out.push((record, planned));
+        }
     }
     Ok(out)
 }
@@ -424,6 +442,7 @@ pub fn percentile(sorted: &[u64], p: u32) -> Option<u64> {
 mod tests {
     use super::*;
     use caep_transmitter::store::{Commit, Store};
+    use redb::ReadableTableMetadata;
 
     fn leaf(jti: &str, stream: &str, at: u64) -> Leaf {
         Leaf {
@@ -540,5 +559,14 @@ mod tests {
         let planned = store.read(all_planned).expect("read");
         assert_eq!(planned.len(), 1);
         assert_eq!(planned[0].1[0].jti, "x");
+        // The sweep takes only leaves planned before its horizon.
+        assert!(store.read(|txn| planned_before(txn, 1)).expect("read").is_empty(), "planned at 1, not before");
+        assert_eq!(store.read(|txn| planned_before(txn, 2)).expect("read").len(), 1);
+        // Handed over: the cascade leaves the index, and nothing is swept.
+        store.write(Commit::Lazy, |txn| mark_pending(txn, "t2", &["x".into()]).map(drop)).await.expect("pending");
+        assert!(store.read(all_planned).expect("read").is_empty());
+        let indexed =
+            store.read(|txn| txn.open_table(UNDISPATCHED).map_err(storage)?.len().map_err(storage)).expect("read");
+        assert_eq!(indexed, 0, "the index holds only cascades with work left");
     }
 }

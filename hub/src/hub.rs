@@ -24,8 +24,10 @@ use crate::log::EventLog;
 
 /// Leaves signed per blocking task.
 const SIGN_CHUNK: usize = 256;
-/// Tries to put a chunk of leaves in the outbox before leaving it to restart.
+/// Tries to put a chunk of leaves in the outbox before leaving it to the sweep.
 const DISPATCH_ATTEMPTS: u32 = 8;
+/// How often leaves whose dispatch failed are picked up again.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The hub's state.
 pub struct Hub {
@@ -85,10 +87,24 @@ impl Hub {
         })
     }
 
-    /// Re-dispatches leaves a crash left planned, and starts the hourly
-    /// pruning of replay records no SET can still need and of expired
-    /// pending touches.
+    /// Re-dispatches leaves a crash left planned, and starts the sweep that
+    /// re-dispatches leaves whose dispatch failed (so none waits for a
+    /// restart) and the hourly pruning of replay records no SET can still
+    /// need and of expired pending touches.
     pub fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        let dispatcher = Arc::clone(&self.dispatcher);
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+            sweep.tick().await;
+            loop {
+                sweep.tick().await;
+                // Older than a sweep: not a dispatch still in progress.
+                let before = now_ms().saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
+                if let Err(error) = dispatcher.redispatch_planned_before(before) {
+                    tracing::warn!(%error, "cannot sweep planned leaves");
+                }
+            }
+        });
         let store = self.store.clone();
         tokio::spawn(async move {
             let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -288,8 +304,7 @@ impl LeafSink for LocalOutbox {
                 .write(Commit::Lazy, move |txn| {
                     let moved: BTreeSet<String> =
                         cascade::mark_pending(txn, &cascade_key, &jtis)?.into_iter().collect();
-                    let fresh: Vec<NewSet> = signed.into_iter().filter(|set| moved.contains(&set.jti)).collect();
-                    Outbox::insert(txn, &fresh)
+                    Outbox::insert(txn, signed.iter().filter(|set| moved.contains(&set.jti)))
                 })
                 .await
         })
@@ -318,9 +333,16 @@ impl Dispatcher {
 
     /// Dispatches every leaf a crash left planned.
     pub fn redispatch_planned(self: &Arc<Self>) -> Result<(), StoreError> {
-        let planned = self.store.read(cascade::all_planned)?;
+        self.redispatch_planned_before(u64::MAX)
+    }
+
+    /// Dispatches every leaf planned before `before_ms` and still not handed
+    /// over (a dispatch that failed, or a crash). A leaf handed over twice is
+    /// enqueued once: only still-planned leaves move to the outbox.
+    pub fn redispatch_planned_before(self: &Arc<Self>, before_ms: u64) -> Result<(), StoreError> {
+        let planned = self.store.read(|txn| cascade::planned_before(txn, before_ms))?;
         if !planned.is_empty() {
-            tracing::info!(cascades = planned.len(), "re-dispatching leaves planned before a restart");
+            tracing::info!(cascades = planned.len(), "re-dispatching planned leaves");
         }
         for (record, leaves) in planned {
             self.dispatch(record, leaves);

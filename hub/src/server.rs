@@ -159,11 +159,16 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
         .merge(crate::http::ingest_router(hub))
 }
 
-/// Liveness, and in Kafka mode the partitions this instance works.
-async fn health(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+/// Liveness, and in Kafka mode the partitions this instance works. 503
+/// with a reason when the storage writer has stopped: nothing can commit.
+async fn health(State(hub): State<Arc<Hub>>) -> Response {
+    if !hub.store().writer_running() {
+        let body = json!({"status": "unavailable", "reason": "the storage writer has stopped"});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     match hub.cluster_status() {
-        Some(cluster) => Json(json!({"status": "ok", "kafka": cluster})),
-        None => Json(json!({"status": "ok"})),
+        Some(cluster) => Json(json!({"status": "ok", "kafka": cluster})).into_response(),
+        None => Json(json!({"status": "ok"})).into_response(),
     }
 }
 

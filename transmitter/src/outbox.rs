@@ -123,7 +123,7 @@ impl Outbox {
     /// Inserts `sets` inside a caller's write transaction, so they commit
     /// together with the caller's own writes. Call [`Outbox::wake`] for each
     /// stream after the commit.
-    pub fn insert(txn: &WriteTransaction, sets: &[NewSet]) -> Result<(), StoreError> {
+    pub fn insert<'a>(txn: &WriteTransaction, sets: impl IntoIterator<Item = &'a NewSet>) -> Result<(), StoreError> {
         let now = now_ms();
         let mut counters = txn.open_table(COUNTERS).map_err(storage)?;
         let mut seq = counters.get(NEXT_SEQ).map_err(storage)?.map(|v| v.value()).unwrap_or(1);
@@ -241,7 +241,7 @@ impl Outbox {
                 let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
                 let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
                 let mut acked: Vec<QueuedSet> = Vec::new();
-                for jti in jtis {
+                for jti in &jtis {
                     let seq = match index.get(jti.as_str()).map_err(storage)? {
                         Some(entry) if entry.value().0 == stream_id => entry.value().1,
                         _ => continue,
@@ -276,7 +276,7 @@ impl Outbox {
                 let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
                 let mut moved = Vec::new();
                 let now = now_ms();
-                for failure in failures {
+                for failure in &failures {
                     let seq = match failure.target {
                         FailureTarget::Seq(seq) => seq,
                         FailureTarget::Jti(ref jti) => match index.get(jti.as_str()).map_err(storage)? {
@@ -292,8 +292,8 @@ impl Outbox {
                         stream_id: stream_id.clone(),
                         seq,
                         set,
-                        err: failure.err,
-                        description: failure.description,
+                        err: failure.err.clone(),
+                        description: failure.description.clone(),
                         failed_at_ms: now,
                     };
                     dead.insert((stream_id.as_str(), seq), encode(&letter)?.as_slice()).map_err(storage)?;

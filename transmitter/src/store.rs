@@ -6,12 +6,17 @@
 //! fsync per SET. A write's future resolves only after its transaction has
 //! committed (durably, unless the write asked for a non-durable commit).
 //!
-//! Invariant for write operations: an operation that returns an error has
-//! written nothing, because it shares its transaction with others that will
-//! commit. Validate first, then write.
+//! A write that fails leaves nothing behind and fails alone: when an
+//! operation returns an error or panics, the group's transaction is rolled
+//! back and the others run again in a new one (so an operation must be
+//! re-runnable: `FnMut`, deterministic given the state it reads), and the
+//! writer thread keeps running. Refusals an operation expects (a duplicate,
+//! a conflict) are still best returned as `Ok(Err(..))`: they cost no rerun.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
@@ -52,12 +57,49 @@ pub enum Commit {
     Lazy,
 }
 
-type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// Runs against the group's transaction, or is told why there is none.
-type Job = Box<dyn FnOnce(Result<&WriteTransaction, StoreError>) -> Completion + Send>;
+/// One queued write: run inside the group's transaction (again, if another
+/// write of the group failed), then told how its transaction ended.
+trait Job: Send {
+    /// Runs the operation; false when it failed (error or panic).
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Reports the operation's result, given how its transaction ended.
+    fn finish(self: Box<Self>, committed: Result<(), StoreError>);
+}
+
+struct Op<F, R> {
+    op: F,
+    result: Option<Result<R, StoreError>>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<F, R> Job for Op<F, R>
+where
+    F: FnMut(&WriteTransaction) -> Result<R, StoreError> + Send,
+    R: Send,
+{
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.op)(txn))).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "a write operation panicked; it fails alone");
+            Err(StoreError::Storage(format!("the write operation panicked: {what}")))
+        });
+        let ok = outcome.is_ok();
+        self.result = Some(outcome);
+        ok
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
+        let result = self.result.unwrap_or_else(|| Err(StoreError::Storage("the write never ran".into())));
+        let _ = self.reply.send(committed.and(result));
+    }
+}
 
 struct Request {
-    job: Job,
+    job: Box<dyn Job>,
     commit: Commit,
 }
 
@@ -66,6 +108,8 @@ struct Request {
 pub struct Store {
     db: Arc<Database>,
     writer: mpsc::Sender<Request>,
+    /// Set when the writer thread ends: `/healthz` reports it.
+    stopped: Arc<AtomicBool>,
 }
 
 impl Store {
@@ -74,27 +118,35 @@ impl Store {
         let db = Arc::new(Database::create(path).map_err(StoreError::storage)?);
         let (writer, queue) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stopped);
         std::thread::Builder::new()
             .name("redb-writer".into())
-            .spawn(move || run_writer(&writer_db, queue))
+            .spawn(move || {
+                // Set however the thread ends, a panic included.
+                let _stopped = SetOnDrop(flag);
+                run_writer(&writer_db, queue);
+            })
             .map_err(StoreError::storage)?;
-        Ok(Store { db, writer })
+        Ok(Store { db, writer, stopped })
+    }
+
+    /// Whether the writer thread still runs (writes can commit).
+    pub fn writer_running(&self) -> bool {
+        !self.stopped.load(Ordering::SeqCst) && !self.writer.is_closed()
     }
 
     /// Runs `op` inside the next grouped write transaction and resolves after
-    /// that transaction commits. `op` must write nothing when it fails.
+    /// that transaction commits. `op` may run more than once (when another
+    /// write of its group fails, the group runs again without it); only its
+    /// last run counts. When `op` fails or panics, nothing it wrote is kept.
     pub async fn write<R, F>(&self, commit: Commit, op: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
     {
         let (reply, outcome) = oneshot::channel();
-        let job: Job = Box::new(move |txn| {
-            let result = txn.and_then(op);
-            Box::new(move |committed: Result<(), StoreError>| {
-                let _ = reply.send(committed.and(result));
-            })
-        });
+        let job = Box::new(Op { op, result: None, reply });
         self.writer.send(Request { job, commit }).await.map_err(|_| StoreError::WriterStopped)?;
         outcome.await.map_err(|_| StoreError::WriterStopped)?
     }
@@ -103,6 +155,15 @@ impl Store {
     pub fn read<R>(&self, op: impl FnOnce(&ReadTransaction) -> Result<R, StoreError>) -> Result<R, StoreError> {
         let txn = self.db.begin_read().map_err(StoreError::storage)?;
         op(&txn)
+    }
+}
+
+/// Raises its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -120,30 +181,46 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Request>) {
     tracing::debug!("redb writer stopped");
 }
 
-fn commit_group(db: &Database, group: Vec<Request>) {
-    let durable = group.iter().any(|request| request.commit == Commit::Durable);
-    let mut txn = match db.begin_write() {
-        Ok(txn) => txn,
-        Err(error) => return fail_all(group, StoreError::storage(error)),
-    };
-    if !durable && let Err(error) = txn.set_durability(Durability::None) {
-        tracing::warn!(%error, "non-durable commit refused; committing durably");
-    }
-    let size = group.len();
-    let completions: Vec<Completion> = group.into_iter().map(|request| (request.job)(Ok(&txn))).collect();
-    let outcome = txn.commit().map_err(StoreError::storage);
-    if let Err(error) = &outcome {
-        tracing::error!(%error, writes = size, "commit failed");
-    }
-    for complete in completions {
-        complete(outcome.clone());
+/// Runs a group in one transaction and commits it. A write that fails is
+/// answered with its error and the transaction rolled back; the rest run
+/// again in a new transaction, until a run has no failure.
+fn commit_group(db: &Database, mut group: Vec<Request>) {
+    while !group.is_empty() {
+        let durable = group.iter().any(|request| request.commit == Commit::Durable);
+        let mut txn = match db.begin_write() {
+            Ok(txn) => txn,
+            Err(error) => return fail_all(group, StoreError::storage(error)),
+        };
+        if !durable && let Err(error) = txn.set_durability(Durability::None) {
+            tracing::warn!(%error, "non-durable commit refused; committing durably");
+        }
+        let failed: Vec<usize> =
+            group.iter_mut().enumerate().filter_map(|(at, request)| (!request.job.run(&txn)).then_some(at)).collect();
+        if failed.is_empty() {
+            let size = group.len();
+            let outcome = txn.commit().map_err(StoreError::storage);
+            if let Err(error) = &outcome {
+                tracing::error!(%error, writes = size, "commit failed");
+            }
+            for request in group {
+                request.job.finish(outcome.clone());
+            }
+            return;
+        }
+        if let Err(error) = txn.abort() {
+            return fail_all(group, StoreError::storage(error));
+        }
+        // The failed writes get their own errors; nothing of theirs was kept.
+        for at in failed.into_iter().rev() {
+            group.remove(at).job.finish(Ok(()));
+        }
     }
 }
 
 fn fail_all(group: Vec<Request>, error: StoreError) {
-    tracing::error!(%error, writes = group.len(), "cannot begin a write transaction");
+    tracing::error!(%error, writes = group.len(), "cannot write");
     for request in group {
-        (request.job)(Err(error.clone()))(Err(error.clone()));
+        request.job.finish(Err(error.clone()));
     }
 }
 
@@ -199,14 +276,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_operation_does_not_fail_its_group() {
+    async fn a_failed_operation_does_not_fail_its_group_and_leaves_nothing_behind() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("db.redb")).expect("open");
-        let failing = store.write(Commit::Durable, |_| Err::<(), _>(StoreError::Corrupt("refused".into())));
+        // Writes, then fails: none of its writes may stay.
+        let failing = store.write(Commit::Durable, |txn| {
+            bump(txn)?;
+            bump(txn)?;
+            Err::<(), _>(StoreError::Corrupt("refused".into()))
+        });
         let ok = store.write(Commit::Durable, bump);
         let (failing, ok) = tokio::join!(failing, ok);
         assert!(matches!(failing, Err(StoreError::Corrupt(_))));
-        assert_eq!(ok.expect("write"), 1);
+        assert_eq!(ok.expect("write"), 1, "the other write ran once its group was rid of the failure");
+        assert_eq!(read_counter(&store), 1, "the failed write's bumps were rolled back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_operation_fails_alone_and_the_writer_keeps_running() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("db.redb")).expect("open");
+        let mut writes = Vec::new();
+        for n in 0..20 {
+            let store = store.clone();
+            writes.push(tokio::spawn(async move {
+                store
+                    .write(Commit::Durable, move |txn| {
+                        let value = bump(txn)?;
+                        if n == 7 {
+                            panic!("a bug in one operation");
+                        }
+                        Ok(value)
+                    })
+                    .await
+            }));
+        }
+        let mut failed = 0;
+        for write in writes {
+            if write.await.expect("join").is_err() {
+                failed += 1;
+            }
+        }
+        assert_eq!(failed, 1, "only the panicking write fails");
+        assert_eq!(read_counter(&store), 19, "its bump was rolled back, the others committed");
+        assert!(store.writer_running());
+        assert_eq!(store.write(Commit::Durable, bump).await.expect("a later write"), 20);
     }
 
     #[tokio::test]
