@@ -22,6 +22,10 @@ use crate::graph::{self, Revocation, SessionRecord};
 /// and has no second effect.
 const INGESTED: TableDefinition<(&str, &str), u64> = TableDefinition::new("ingested_jtis");
 
+/// Different events one cascade (one IdP `txn`) may carry: SETs with one
+/// cause share a `txn`, but a handful, not thousands.
+pub const MAX_EVENTS_PER_CASCADE: usize = 32;
+
 /// The oldest `iat` ingest accepts; a replay older than this is refused by
 /// its `iat` alone, so its `(iss, jti)` record is no longer needed.
 pub const MAX_SET_AGE_SECS: i64 = 24 * 3600;
@@ -295,18 +299,27 @@ impl Effect<'_> {
         let addressed = self.streams.all();
         let addressed = addressed.iter().filter(|s| s.config.aud.contains(audience) && s.hears_from(&self.set.iss));
         for stream in addressed {
-            plan.extend(late_touch_plan(self.txn, self.streams, &key, &stream.config.stream_id, &touch)?);
+            match late_touch_plan(self.txn, self.streams, &key, &stream.config.stream_id, &touch) {
+                Ok(more) => plan.extend(more),
+                // A receiver that filled its own pending touches loses this
+                // one; it must not make the IdP's SET fail for everyone.
+                Err(IngestError::TooMany(reason)) => {
+                    tracing::warn!(stream_id = %stream.config.stream_id, %reason, "presented touch dropped");
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(plan)
     }
 
     fn revoke(&self, common: CaepCommon) -> Result<Plan, IngestError> {
+        let event = SessionRevoked { common: self.carried(common), ..SessionRevoked::default() };
+        self.room_for(&Event::SessionRevoked(event.clone()))?;
         let roots = match (self.session_subject(), self.user_subject()) {
             (Some((subject, user)), _) => vec![self.session_root(subject, user)?],
             (None, Some(user)) => graph::sessions_of_user(self.txn, &self.set.iss, &user)?,
             (None, None) => return Ok(Plan::default()),
         };
-        let event = SessionRevoked { common: self.carried(common), ..SessionRevoked::default() };
         let root = self.root_label();
         self.revoke_subtrees(&roots, &root, event)
     }
@@ -322,7 +335,24 @@ impl Effect<'_> {
             reason_user: None,
         };
         let event = SessionRevoked { common, ..SessionRevoked::default() };
+        self.room_for(&Event::SessionRevoked(event.clone()))?;
         self.revoke_subtrees(&roots, &self.root_label(), event)
+    }
+
+    /// Refuses, before anything is written, an event that would make its
+    /// cascade carry more than [`MAX_EVENTS_PER_CASCADE`] different events:
+    /// an IdP reusing one `txn` cannot grow a cascade record without bound.
+    fn room_for(&self, event: &Event) -> Result<(), IngestError> {
+        let Some(wire_txn) = &self.set.txn else { return Ok(()) }; // a fresh txn: a new cascade
+        let Some(existing) = cascade::cascade(self.txn, &cascade::key(&self.set.iss, wire_txn))? else { return Ok(()) };
+        let carried = carried_event(event);
+        if existing.events.len() >= MAX_EVENTS_PER_CASCADE && !existing.events.contains(&carried) {
+            return Err(rejected(
+                "invalid_request",
+                format!("txn `{wire_txn}` already carries {MAX_EVENTS_PER_CASCADE} different events; use another txn"),
+            ));
+        }
+        Ok(())
     }
 
     /// A revoked session's id, creating a tombstone when the IdP revokes a
@@ -378,6 +408,7 @@ impl Effect<'_> {
     /// Other CAEP events about a session (or a user's sessions) go to the
     /// streams that touched it and its descendants.
     fn forward(&self) -> Result<Plan, IngestError> {
+        self.room_for(&self.set.event)?;
         let roots = match (self.session_subject(), self.user_subject()) {
             (Some((subject, _)), _) => {
                 let id = self.key(&subject);
@@ -619,6 +650,11 @@ pub(crate) fn late_touch_plan(
     touch: &graph::Touch,
 ) -> Result<Plan, IngestError> {
     let mut plan = Plan::default();
+    // A receiver whose pending touches are full is refused every touch, of
+    // known sessions too: its answers must not tell which ids exist.
+    if !touch.by_idp && graph::pending_full(txn, stream_id)? {
+        return Err(IngestError::TooMany(graph::PendingError::Full.to_string()));
+    }
     let Some(record) = graph::session(txn, key)? else {
         return match graph::touch_pending(txn, key, stream_id, touch) {
             Ok(()) => Ok(plan),

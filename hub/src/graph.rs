@@ -231,6 +231,12 @@ pub enum PendingError {
     Store(#[from] StoreError),
 }
 
+/// Whether `stream_id` holds as many pending touches as it may.
+pub fn pending_full(txn: &WriteTransaction, stream_id: &str) -> Result<bool, StoreError> {
+    let counts = txn.open_table(PENDING_PER_STREAM).map_err(storage)?;
+    Ok(counts.get(stream_id).map_err(storage)?.map_or(0, |v| v.value()) >= MAX_PENDING_TOUCHES_PER_STREAM)
+}
+
 /// Keeps the touch of a session no IdP has named yet, until it is named
 /// (then it becomes a touch) or expires.
 pub fn touch_pending(txn: &WriteTransaction, key: &str, stream_id: &str, touch: &Touch) -> Result<(), PendingError> {
@@ -475,6 +481,7 @@ mod tests {
                 touch_pending(txn, &key(&format!("p{n}")), "s2", &at(now))?;
             }
             touch_pending(txn, &key("p0"), "s2", &at(now))?;
+            assert!(pending_full(txn, "s2")? && !pending_full(txn, "s3")?);
             assert!(matches!(touch_pending(txn, &key("one-too-many"), "s2", &at(now)), Err(PendingError::Full)));
             touch_pending(txn, &key("one-too-many"), "s3", &at(now))?;
             Ok(())

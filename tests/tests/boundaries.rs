@@ -462,6 +462,31 @@ async fn jwks_uris_must_be_https_public_and_not_redirect(hub: Hub) {
     hub.admin(Method::GET, "/admin/issuers", Body::None).await.expect(200);
 }
 
+// ---------------------------------------------------------------- one txn, many events
+
+/// An IdP reusing one `txn` for ever more different events is refused past
+/// the cap, so no cascade record grows without bound; an event the cascade
+/// already carries is still accepted. (Embedded: in Kafka mode the IdP's 202
+/// means "logged", and the partition drops the event past the cap.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_an_idp_cannot_grow_one_cascade_without_bound() {
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP_A).await;
+    let alice = email("alice@example.com");
+    idp.establish(&hub, "S", &alice, None).await;
+    let change =
+        |n: usize| json!({"credential_type": "password", "change_type": "update", "friendly_name": format!("key {n}")});
+    let send = |n: usize| {
+        idp.sign(&idp.set(session_of("S", &alice), support::CREDENTIAL_CHANGE, change(n)).with_txn("one-txn"))
+    };
+    for n in 0..caep_hub::effects::MAX_EVENTS_PER_CASCADE {
+        ingest(&hub, &send(n)).await.expect(202);
+    }
+    let refused = ingest(&hub, &send(999)).await.expect(400);
+    assert_eq!(refused.json()["err"], "invalid_request", "{}", refused.text);
+    ingest(&hub, &send(0)).await.expect(202);
+}
+
 // ---------------------------------------------------------------- floods
 
 /// A receiver flooding management calls gets 429 with `Retry-After`, and one
