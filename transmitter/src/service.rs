@@ -401,13 +401,16 @@ impl Transmitter {
         }
     }
 
-    /// Adds a subject to a receiver's stream, then tells the subject hook
-    /// (on this instance only: the originator's hook speaks for the change).
+    /// Tells the subject hook (on this instance only: the originator's hook
+    /// speaks for the change), then adds the subject to the receiver's
+    /// stream. The hook goes first so that a refusal (a receiver past its
+    /// bounds) stores nothing; a retry after a failure in between is
+    /// harmless, both steps being idempotent.
     pub async fn add_subject(&self, record: &StreamRecord, subject: SubjectId) -> Result<(), SsfError> {
+        self.subject_hook.subject_added(record, &subject).await?;
         let stream_id = record.config.stream_id.clone();
-        let change = ControlChange::SubjectAdded { stream_id, subject: subject.clone() };
-        self.record(change, |_| SsfError::NotFound).await?;
-        self.subject_hook.subject_added(record, &subject).await
+        let change = ControlChange::SubjectAdded { stream_id, subject };
+        self.record(change, |_| SsfError::NotFound).await
     }
 
     /// Removes a subject from a stream (idempotent).
