@@ -34,6 +34,10 @@ pub const WELL_KNOWN_PATH: &str = "/.well-known/ssf-configuration";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest management response accepted (a list of streams included).
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+/// Tries of a touch the transmitter answers 429 or 503.
+const TOUCH_ATTEMPTS: u32 = 5;
+/// The longest a touch waits before trying again.
+const MAX_TOUCH_WAIT: Duration = Duration::from_secs(10);
 
 /// A relying party's connection to one transmitter.
 ///
@@ -404,7 +408,8 @@ impl Receiver {
     ///
     /// # Errors
     ///
-    /// As [`add_subject`](Self::add_subject).
+    /// As [`add_subject`](Self::add_subject); a 429 or 503 is retried after
+    /// its `Retry-After` (at most 5 tries, each wait at most 10 s) first.
     pub async fn touch(&self, stream_id: &str, session_id: &str) -> Result<(), ReceiverError> {
         self.touch_of(stream_id, session_id, None).await
     }
@@ -423,7 +428,22 @@ impl Receiver {
         session_id: &str,
         user: Option<SubjectId>,
     ) -> Result<(), ReceiverError> {
-        self.add_subject(stream_id, &SubjectId::session_of(SubjectId::opaque(session_id), user)).await?;
+        let subject = SubjectId::session_of(SubjectId::opaque(session_id), user);
+        // Adding a subject is idempotent, so a transmitter's "not now" (429
+        // past its rate, 503 while it cannot record) is waited out, bounded.
+        for attempt in 1.. {
+            match self.add_subject(stream_id, &subject).await {
+                Err(ReceiverError::Status { status: 429 | 503, retry_after, .. }) if attempt < TOUCH_ATTEMPTS => {
+                    let wait = retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_TOUCH_WAIT);
+                    tracing::debug!(%stream_id, %session_id, attempt, ?wait, "touch deferred by the transmitter");
+                    tokio::time::sleep(wait).await;
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
         tracing::debug!(%stream_id, %session_id, "touch reported");
         Ok(())
     }

@@ -155,3 +155,25 @@ async fn discovery_refuses_bad_tokens_and_foreign_issuers() {
     let error = Receiver::discover(&format!("http://{addr}"), AUDIENCE, "t").await.expect_err("foreign issuer");
     assert!(matches!(error, ReceiverError::IssuerMismatch { .. }), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touches_deferred_by_the_rate_limit_are_retried_after_retry_after() {
+    // One call a second, bursts of two: the third touch meets a 429.
+    let hub =
+        TestHub::start_with(caep_hub::config::HubConfig { receiver_calls_per_sec: 1, ..Default::default() }).await;
+    let token = hub.new_receiver("busy-rp", AUDIENCE).await;
+    let receiver = Receiver::discover(&hub.issuer, AUDIENCE, token).await.expect("discover");
+    let stream = receiver.create_stream(&StreamRequest::poll().all_events()).await.expect("create");
+    // A full burst again before the touches start.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    for n in 0..4 {
+        receiver.touch(&stream.stream_id, &format!("agent-{n}")).await.expect("touch waits out the 429");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1), "some touch waited for Retry-After");
+    let direct = receiver.add_subject(&stream.stream_id, &SubjectId::opaque("x")).await;
+    assert!(
+        matches!(direct, Err(ReceiverError::Status { status: 429, retry_after: Some(_), .. })),
+        "a plain add_subject reports the 429: {direct:?}"
+    );
+}

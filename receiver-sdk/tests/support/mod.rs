@@ -30,6 +30,12 @@ impl TestHub {
     /// Binds a hub on 127.0.0.1:0 that may push to loopback, with no
     /// verification rate limit and a 2 s long poll, and serves it.
     pub async fn start() -> TestHub {
+        TestHub::start_with(HubConfig::default()).await
+    }
+
+    /// A hub with `base`'s limits (listen address, data dir, admin token and
+    /// loopback push are the test's own).
+    pub async fn start_with(base: HubConfig) -> TestHub {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = HubConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
@@ -38,7 +44,7 @@ impl TestHub {
             push_allow_cidrs: "127.0.0.0/8".into(),
             min_verification_interval_secs: 0,
             long_poll_secs: 2,
-            ..HubConfig::default()
+            ..base
         };
         let hub = caep_hub::server::bind(&config).await.expect("hub binds");
         let issuer = hub.issuer.clone();
