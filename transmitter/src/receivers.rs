@@ -303,6 +303,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bindings_are_checked_and_unknown_members_refused() {
+        let (_dir, receivers) = open();
+        let unbound = ReceiverSpec { issuers: Some(Vec::new()), ..ReceiverSpec::new("A", "https://a.example") };
+        assert!(matches!(receivers.prepare(unbound), Err(ReceiverError::Invalid(_))), "bound to no IdP");
+        let blank = ReceiverSpec { issuers: Some(vec![" ".into()]), ..ReceiverSpec::new("A", "https://a.example") };
+        assert!(matches!(receivers.prepare(blank), Err(ReceiverError::Invalid(_))));
+        // A misspelt member must not silently leave the receiver bound to every IdP.
+        let typo = serde_json::json!({"name": "A", "audience": "https://a.example", "issuer": ["https://idp"]});
+        assert!(serde_json::from_value::<ReceiverSpec>(typo).is_err());
+        let bound =
+            ReceiverSpec { issuers: Some(vec!["https://idp".into()]), ..ReceiverSpec::new("A", "https://a.example") };
+        let prepared = receivers.prepare(bound).expect("valid");
+        assert_eq!(prepared.receiver.issuers, Some(vec!["https://idp".to_owned()]));
+        assert!(!prepared.receiver.all_subjects, "every subject only when the operator grants it");
+    }
+
     #[tokio::test]
     async fn concurrent_creations_with_one_audience_are_decided_by_apply_order() {
         let (_dir, receivers) = open();
