@@ -20,6 +20,12 @@ const CASCADES: TableDefinition<&str, &[u8]> = TableDefinition::new("cascades");
 const LEAVES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("cascade_leaves");
 /// Keys of the cascades with leaves still planned (`undispatched > 0`).
 const UNDISPATCHED: TableDefinition<&str, ()> = TableDefinition::new("cascades_undispatched");
+/// (completed at, key) of complete cascades, for retention. An entry whose
+/// cascade reopened (a late leaf) is stale, and dropped when met.
+const COMPLETED: TableDefinition<(u64, &str), ()> = TableDefinition::new("cascades_completed");
+/// Pruned cascades whose leaves are still being removed (in bounded
+/// batches): key → the completion time; only leaves planned by then go.
+const PRUNING: TableDefinition<&str, u64> = TableDefinition::new("cascades_pruning");
 
 /// One event a cascade's leaves carry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,7 +144,118 @@ fn put_cascade(txn: &WriteTransaction, record: &CascadeRecord) -> Result<(), Sto
     } else {
         index.remove(record.key.as_str()).map_err(storage)?;
     }
+    if let Some(completed) = record.completed_at_ms {
+        txn.open_table(COMPLETED).map_err(storage)?.insert((completed, record.key.as_str()), ()).map_err(storage)?;
+    }
     Ok(())
+}
+
+/// Whether the cascade `key` still has leaves to sign and hand over.
+pub fn dispatching(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
+    Ok(txn.open_table(UNDISPATCHED).map_err(storage)?.get(key).map_err(storage)?.is_some())
+}
+
+/// What one retention pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CascadesPruned {
+    pub cascades: usize,
+    pub leaves: usize,
+}
+
+/// Removes cascades complete since before `horizon_ms` (their reports
+/// answer 404 from then on) and their leaves, at most about `leaf_budget`
+/// leaves per call; the rest of a large cascade's leaves go in later calls.
+/// An incomplete cascade is never pruned: it has leaves still to deliver.
+pub fn prune_completed(
+    txn: &WriteTransaction,
+    horizon_ms: u64,
+    leaf_budget: usize,
+) -> Result<CascadesPruned, StoreError> {
+    let mut pruned = CascadesPruned::default();
+    loop {
+        pruned.leaves += remove_pruned_leaves(txn, leaf_budget.saturating_sub(pruned.leaves))?;
+        if pruned.leaves >= leaf_budget || pruned.cascades >= leaf_budget {
+            return Ok(pruned);
+        }
+        let first = {
+            let completed = txn.open_table(COMPLETED).map_err(storage)?;
+            let mut rows = completed.range((0, "")..(horizon_ms, "")).map_err(storage)?;
+            match rows.next() {
+                Some(row) => {
+                    let (key, _) = row.map_err(storage)?;
+                    let (at, cascade) = key.value();
+                    Some((at, cascade.to_owned()))
+                }
+                None => None,
+            }
+        };
+        let Some((at, key)) = first else { return Ok(pruned) };
+        txn.open_table(COMPLETED).map_err(storage)?.remove((at, key.as_str())).map_err(storage)?;
+        let Some(record) = cascade(txn, &key)? else { continue };
+        if record.completed_at_ms != Some(at) {
+            continue; // reopened since: a stale entry
+        }
+        txn.open_table(CASCADES).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
+        txn.open_table(PRUNING).map_err(storage)?.insert(key.as_str(), at).map_err(storage)?;
+        pruned.cascades += 1;
+    }
+}
+
+/// Removes up to `budget` leaves of pruned cascades; returns how many.
+fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    while removed < budget {
+        let first = {
+            let pruning = txn.open_table(PRUNING).map_err(storage)?;
+            let mut rows = pruning.iter().map_err(storage)?;
+            match rows.next() {
+                Some(row) => {
+                    let (key, until) = row.map_err(storage)?;
+                    Some((key.value().to_owned(), until.value()))
+                }
+                None => None,
+            }
+        };
+        let Some((key, until)) = first else { break };
+        let end = crate::graph::after(&key);
+        let (jtis, exhausted) = {
+            let leaves = txn.open_table(LEAVES).map_err(storage)?;
+            let mut jtis = Vec::new();
+            let mut exhausted = true;
+            for row in leaves.range((key.as_str(), "")..(end.as_str(), "")).map_err(storage)? {
+                let (leaf_key, value) = row.map_err(storage)?;
+                // A leaf planned after completion belongs to the cascade as
+                // re-created for a late touch: it stays.
+                if decode::<Leaf>(value.value())?.planned_at_ms <= until {
+                    if jtis.len() >= budget - removed {
+                        exhausted = false;
+                        break;
+                    }
+                    jtis.push(leaf_key.value().1.to_owned());
+                }
+            }
+            (jtis, exhausted)
+        };
+        let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
+        for jti in &jtis {
+            leaves.remove((key.as_str(), jti.as_str())).map_err(storage)?;
+        }
+        removed += jtis.len();
+        if exhausted {
+            txn.open_table(PRUNING).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
+        }
+    }
+    Ok(removed)
+}
+
+/// How many cascade records are kept.
+pub fn cascade_count(txn: &ReadTransaction) -> Result<u64, StoreError> {
+    use redb::ReadableTableMetadata;
+    match txn.open_table(CASCADES) {
+        Ok(table) => table.len().map_err(storage),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(error) => Err(storage(error)),
+    }
 }
 
 /// The key of `issuer`'s cascade with wire `txn`: the pair, so two IdPs
@@ -546,6 +663,43 @@ mod tests {
             report.leaves.iter().find(|l| l.jti == "b").and_then(|l| l.err.clone()).as_deref(),
             Some("invalid_key")
         );
+    }
+
+    #[tokio::test]
+    async fn complete_cascades_are_pruned_after_retention_in_bounded_batches() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("c.redb")).expect("open");
+        let settle = |key: &str, jtis: &[&str], at: u64| -> Vec<Outcome> {
+            jtis.iter()
+                .map(|jti| Outcome { txn: key.into(), jti: (*jti).into(), delivered: true, at_ms: at, err: None })
+                .collect()
+        };
+        let (done, open) = (settle("done", &["a", "b", "c"], 200), settle("open", &["x"], 200));
+        store
+            .write(Commit::Durable, move |txn| {
+                plan(
+                    txn,
+                    &template("done"),
+                    &event(),
+                    vec![leaf("a", "s", 100), leaf("b", "s", 100), leaf("c", "s", 100)],
+                )?;
+                plan(txn, &template("open"), &event(), vec![leaf("x", "s", 100), leaf("y", "s", 100)])?;
+                mark_pending(txn, "done", &["a".into(), "b".into(), "c".into()])?;
+                mark_pending(txn, "open", &["x".into(), "y".into()])?;
+                apply_outcomes(txn, &done)?;
+                apply_outcomes(txn, &open)?;
+                assert_eq!(prune_completed(txn, 200, 100)?, CascadesPruned::default(), "completed at 200: kept");
+                let first = prune_completed(txn, 201, 2)?;
+                assert_eq!(first, CascadesPruned { cascades: 1, leaves: 2 }, "the leaves go in batches");
+                assert!(cascade(txn, "done")?.is_none(), "its report is gone at once");
+                assert_eq!(prune_completed(txn, 201, 2)?, CascadesPruned { cascades: 0, leaves: 1 });
+                assert_eq!(prune_completed(txn, u64::MAX, 100)?, CascadesPruned::default(), "incomplete: never");
+                Ok(())
+            })
+            .await
+            .expect("prune");
+        assert!(store.read(|txn| report(txn, "done")).expect("read").is_none());
+        assert!(store.read(|txn| report(txn, "open")).expect("read").is_some());
     }
 
     #[tokio::test]

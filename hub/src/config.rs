@@ -30,9 +30,10 @@ pub struct HubConfig {
     /// `CAEP_HUB_PUSH_ALLOW_CIDRS`: comma-separated private ranges that push
     /// endpoints may use despite the SSRF guard (empty by default).
     pub push_allow_cidrs: String,
-    /// `CAEP_HUB_PUSH_GIVE_UP_SECS`: age at which a push SET that keeps
-    /// failing is dead-lettered (default 24 h).
-    pub push_give_up_secs: u64,
+    /// `CAEP_HUB_DELIVERY_GIVE_UP_SECS`: age at which a SET still not
+    /// acknowledged is dead-lettered, pushed (after retries) or waiting for a
+    /// poll (default 24 h).
+    pub delivery_give_up_secs: u64,
     /// `CAEP_HUB_LONG_POLL_SECS`: longest an RFC 8936 poll waits for SETs.
     pub long_poll_secs: u64,
     /// `CAEP_HUB_MIN_VERIFICATION_INTERVAL_SECS`: verification rate limit per stream.
@@ -66,7 +67,28 @@ pub struct HubConfig {
     /// `CAEP_HUB_MAX_LONG_POLLS_PER_RECEIVER`: long polls one receiver may
     /// hold open at once.
     pub max_long_polls_per_receiver: usize,
+    /// `CAEP_HUB_SESSION_IDLE_TTL_SECS`: a session no event or touch
+    /// concerned for this long is forgotten.
+    pub session_idle_ttl_secs: u64,
+    /// `CAEP_HUB_REVOKED_RETENTION_SECS`: how long a revoked session is kept
+    /// so a late spawn or touch of it is revoked at once; at least the
+    /// longest access-token lifetime of the IdPs.
+    pub revoked_retention_secs: u64,
+    /// `CAEP_HUB_CASCADE_RETENTION_SECS`: how long a complete cascade's
+    /// report and leaves are kept.
+    pub cascade_retention_secs: u64,
+    /// `CAEP_HUB_DEAD_LETTER_RETENTION_SECS`: how long a dead letter waits
+    /// for an operator's replay.
+    pub dead_letter_retention_secs: u64,
+    /// `CAEP_HUB_STREAM_INACTIVITY_TIMEOUT_SECS`: a stream whose receiver
+    /// shows no eligible activity (SSF 1.0 §8.1.1) for this long is paused;
+    /// 0: never.
+    pub stream_inactivity_timeout_secs: u64,
+    /// `CAEP_HUB_PRUNE_INTERVAL_SECS`: how often the pruning job runs.
+    pub prune_interval_secs: u64,
 }
+
+const DAY_SECS: u64 = 24 * 3600;
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -77,7 +99,7 @@ impl Default for HubConfig {
             admin_token: None,
             signing_alg: Algorithm::Es256,
             push_allow_cidrs: String::new(),
-            push_give_up_secs: 24 * 3600,
+            delivery_give_up_secs: 24 * 3600,
             long_poll_secs: 30,
             min_verification_interval_secs: 5,
             kafka_brokers: None,
@@ -90,6 +112,12 @@ impl Default for HubConfig {
             secret_key: None,
             receiver_calls_per_sec: 200,
             max_long_polls_per_receiver: 8,
+            session_idle_ttl_secs: DAY_SECS,
+            revoked_retention_secs: DAY_SECS,
+            cascade_retention_secs: 7 * DAY_SECS,
+            dead_letter_retention_secs: 7 * DAY_SECS,
+            stream_inactivity_timeout_secs: 30 * DAY_SECS,
+            prune_interval_secs: 60,
         }
     }
 }
@@ -120,12 +148,22 @@ pub enum ConfigError {
     BadIssuer(String),
     #[error("CAEP_HUB_KAFKA_{0}")]
     BadKafka(String),
+    #[error("{old} was renamed {new}; set that instead")]
+    Renamed { old: &'static str, new: &'static str },
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
 }
 
 impl HubConfig {
     /// Loads defaults, then `file` (or `$CAEP_HUB_CONFIG`) if given, then the
     /// environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if std::env::var_os("CAEP_HUB_PUSH_GIVE_UP_SECS").is_some() {
+            return Err(ConfigError::Renamed {
+                old: "CAEP_HUB_PUSH_GIVE_UP_SECS",
+                new: "CAEP_HUB_DELIVERY_GIVE_UP_SECS",
+            });
+        }
         let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
         let mut figment = Figment::from(Serialized::defaults(HubConfig::default()));
         if let Some(file) = file.map(Path::to_path_buf).or(env_file) {
@@ -171,8 +209,30 @@ impl HubConfig {
         })
     }
 
+    /// How long the hub keeps sessions and cascades, and how often it prunes.
+    pub fn pruning(&self) -> crate::lifecycle::Pruning {
+        let keep = crate::lifecycle::Retention {
+            sessions: crate::graph::Lifetimes {
+                idle_ms: self.session_idle_ttl_secs.saturating_mul(1000),
+                revoked_retention_ms: self.revoked_retention_secs.saturating_mul(1000),
+            },
+            cascade_ms: self.cascade_retention_secs.saturating_mul(1000),
+        };
+        crate::lifecycle::Pruning { keep, interval: std::time::Duration::from_secs(self.prune_interval_secs) }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.push_allow_cidrs()?;
+        for (value, name) in [
+            (self.session_idle_ttl_secs, "CAEP_HUB_SESSION_IDLE_TTL_SECS"),
+            (self.revoked_retention_secs, "CAEP_HUB_REVOKED_RETENTION_SECS"),
+            (self.prune_interval_secs, "CAEP_HUB_PRUNE_INTERVAL_SECS"),
+            (self.delivery_give_up_secs, "CAEP_HUB_DELIVERY_GIVE_UP_SECS"),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
         if !(1..=10_000).contains(&self.kafka_partitions) {
             return Err(ConfigError::BadKafka(format!("PARTITIONS: {} is not in 1..=10000", self.kafka_partitions)));
         }
@@ -254,6 +314,10 @@ mod tests {
             assert!(error.to_string().contains("CAEP_HUB_SECRET_KEY"), "{error}");
             jail.set_env("CAEP_HUB_SECRET_KEY", "a2Fma2EtY2x1c3Rlci10ZXN0LXNlY3JldC1rZXktMzI");
             HubConfig::load(None).expect("Kafka mode with a shared secret key");
+
+            jail.set_env("CAEP_HUB_PUSH_GIVE_UP_SECS", "60");
+            let error = HubConfig::load(None).expect_err("the old name is silently ignored");
+            assert!(error.to_string().contains("CAEP_HUB_DELIVERY_GIVE_UP_SECS"), "{error}");
             Ok(())
         });
     }
@@ -267,6 +331,6 @@ mod tests {
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("very-secret") && shown.contains("<redacted>"), "{shown}");
-        assert!(shown.contains("push_give_up_secs"), "{shown}");
+        assert!(shown.contains("delivery_give_up_secs"), "{shown}");
     }
 }

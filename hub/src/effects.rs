@@ -13,57 +13,22 @@ use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_schemas::subject::SubjectId;
 use caep_transmitter::registry::{StreamRecord, StreamRegistry};
 use caep_transmitter::store::StoreError;
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::WriteTransaction;
 
 use crate::cascade::{self, CascadeEvent, CascadeRecord, Leaf, LeafStatus};
-use crate::graph::{self, Revocation, SessionRecord};
+use crate::graph::{self, Lifetimes, Revocation, SessionRecord};
 
-/// `(iss, jti)` of every IdP SET ingested: a replay gets the first answer
-/// and has no second effect.
-const INGESTED: TableDefinition<(&str, &str), u64> = TableDefinition::new("ingested_jtis");
+/// What effects are decided against besides the graph: the streams that
+/// may receive leaves, and how long sessions live.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub streams: &'a StreamRegistry,
+    pub lifetimes: &'a Lifetimes,
+}
 
 /// Different events one cascade (one IdP `txn`) may carry: SETs with one
 /// cause share a `txn`, but a handful, not thousands.
 pub const MAX_EVENTS_PER_CASCADE: usize = 32;
-
-/// The oldest `iat` ingest accepts; a replay older than this is refused by
-/// its `iat` alone, so its `(iss, jti)` record is no longer needed.
-pub const MAX_SET_AGE_SECS: i64 = 24 * 3600;
-
-/// Forgets `(iss, jti)` records older than the accepted SET age (plus an
-/// hour of margin for clock skew). Returns how many were removed.
-pub fn prune_ingested(txn: &WriteTransaction, now_ms: u64) -> Result<u64, StoreError> {
-    let horizon = now_ms.saturating_sub((MAX_SET_AGE_SECS as u64 + 3600) * 1000);
-    let mut ingested = txn.open_table(INGESTED).map_err(StoreError::storage)?;
-    let before = ingested.len().map_err(StoreError::storage)?;
-    ingested.retain(|_, received_at| received_at >= horizon).map_err(StoreError::storage)?;
-    Ok(before - ingested.len().map_err(StoreError::storage)?)
-}
-
-/// What one pruning pass removed.
-#[derive(Debug, Default)]
-pub struct Pruned {
-    pub replay_records: u64,
-    pub pending_touches: usize,
-}
-
-impl Pruned {
-    pub fn is_empty(&self) -> bool {
-        self.replay_records == 0 && self.pending_touches == 0
-    }
-}
-
-/// Pending touches removed per pass: a bounded write, the rest next time.
-const PRUNE_BATCH: usize = 10_000;
-
-/// Forgets what no event can still need: old replay records, expired
-/// pending touches (at most [`PRUNE_BATCH`]).
-pub fn prune(txn: &WriteTransaction, now_ms: u64) -> Result<Pruned, StoreError> {
-    Ok(Pruned {
-        replay_records: prune_ingested(txn, now_ms)?,
-        pending_touches: graph::prune_pending_touches(txn, now_ms, PRUNE_BATCH)?,
-    })
-}
 
 /// What an event planned: its cascade and the new leaves, and revocations
 /// for trees in other partitions (Kafka mode; empty in embedded mode).
@@ -154,39 +119,33 @@ pub fn route(set: &SecurityEventToken) -> Result<Route, IngestError> {
 /// writes when it refuses.
 pub fn apply(
     txn: &WriteTransaction,
-    streams: &StreamRegistry,
+    ctx: Context<'_>,
     set: &SecurityEventToken,
     now: u64,
 ) -> Result<Plan, IngestError> {
-    let mut ingested = txn.open_table(INGESTED).map_err(StoreError::storage)?;
-    if ingested.get((set.iss.as_str(), set.jti.as_str())).map_err(StoreError::storage)?.is_some() {
+    if crate::replay::seen(txn, &set.iss, &set.jti)? {
         tracing::debug!(iss = %set.iss, jti = %set.jti, "replayed IdP SET: no second effect");
         return Ok(Plan::default());
     }
-    let plan = effects(txn, streams, set, now)?;
-    ingested.insert((set.iss.as_str(), set.jti.as_str()), now).map_err(StoreError::storage)?;
+    let plan = effects(txn, ctx, set, now)?;
+    crate::replay::record(txn, &set.iss, &set.jti, now)?;
     Ok(plan)
 }
 
-fn effects(
-    txn: &WriteTransaction,
-    streams: &StreamRegistry,
-    set: &SecurityEventToken,
-    now: u64,
-) -> Result<Plan, IngestError> {
-    let ctx = Effect { txn, set, now, streams };
+fn effects(txn: &WriteTransaction, ctx: Context<'_>, set: &SecurityEventToken, now: u64) -> Result<Plan, IngestError> {
+    let effect = Effect { txn, set, now, ctx };
     match &set.event {
-        Event::SessionEstablished(established) => ctx.establish(established),
-        Event::SessionPresented(presented) => ctx.presented(presented.audience.as_deref()),
-        Event::SessionRevoked(revoked) => ctx.revoke(revoked.common.clone()),
+        Event::SessionEstablished(established) => effect.establish(established),
+        Event::SessionPresented(presented) => effect.presented(presented.audience.as_deref()),
+        Event::SessionRevoked(revoked) => effect.revoke(revoked.common.clone()),
         Event::AccountDisabled(_) | Event::AccountPurged(_) | Event::CredentialCompromise(_) => {
-            ctx.revoke_user_from_risc()
+            effect.revoke_user_from_risc()
         }
         Event::CredentialChange(_)
         | Event::TokenClaimsChange(_)
         | Event::AssuranceLevelChange(_)
         | Event::DeviceComplianceChange(_)
-        | Event::RiskLevelChange(_) => ctx.forward(),
+        | Event::RiskLevelChange(_) => effect.forward(),
         _ => Ok(Plan::default()),
     }
 }
@@ -196,7 +155,7 @@ struct Effect<'a> {
     txn: &'a WriteTransaction,
     set: &'a SecurityEventToken,
     now: u64,
-    streams: &'a StreamRegistry,
+    ctx: Context<'a>,
 }
 
 impl Effect<'_> {
@@ -247,18 +206,33 @@ impl Effect<'_> {
             return Err(rejected("invalid_request", "a session cannot be its own parent"));
         }
         let existing = self.own_session(&session_id)?;
-        let parent_record = match &parent {
+        let lifetimes = self.ctx.lifetimes;
+        // A parent past the end its IdP stated is over: the child starts a
+        // new tree. A parent never seen (or forgotten) keeps the edge, so a
+        // child overtaking its parent's establish still joins its tree.
+        let mut parent_record = match &parent {
             Some(parent) => self.own_session(parent)?,
             None => None,
         };
+        let parent = match &parent_record {
+            Some(record) if record.ended(self.now) => {
+                parent_record = None;
+                None
+            }
+            _ => parent,
+        };
+        if let Some(record) = parent_record.as_mut() {
+            graph::keep_alive(self.txn, record, self.now, lifetimes)?; // spawning is activity
+        }
         // Revoked at birth: under a revoked ancestor, or revoked before the
         // IdP's establish arrived (a tombstone).
         let revoked =
             existing.as_ref().and_then(|e| e.revoked.clone()).or_else(|| parent_record.and_then(|p| p.revoked));
-        if existing.as_ref().is_some_and(|e| e.revoked.is_none()) {
+        if let Some(mut live) = existing.clone().filter(|e| e.revoked.is_none()) {
+            graph::keep_alive(self.txn, &mut live, self.now, lifetimes)?;
             return Ok(Plan::default()); // established already: idempotent
         }
-        let record = SessionRecord {
+        let mut record = SessionRecord {
             session_id: session_id.clone(),
             subject,
             issuer: self.set.iss.clone(),
@@ -267,8 +241,11 @@ impl Effect<'_> {
             authority: event.authority,
             established_at_ms: self.now,
             revoked: revoked.clone(),
+            last_active_ms: self.now,
+            expires_at_ms: event.expires_at.map(|secs| u64::try_from(secs).unwrap_or(0).saturating_mul(1000)),
+            prune_at_ms: existing.as_ref().and_then(|tombstone| tombstone.prune_at_ms),
         };
-        graph::insert_session(self.txn, &record, self.now)?;
+        graph::insert_session(self.txn, &mut record, self.now, lifetimes)?;
         let Some(revocation) = revoked else { return Ok(Plan::default()) };
         // Born revoked. Touches of a session new to the graph must learn of it
         // now (a tombstone's touches were planned when they happened), and so
@@ -281,7 +258,7 @@ impl Effect<'_> {
                 continue;
             }
             descendant.revoked = Some(revocation.clone());
-            graph::put_session(self.txn, &descendant)?;
+            graph::put_session(self.txn, &mut descendant, lifetimes)?;
             sessions.push(descendant);
         }
         self.plan_for_revoked(&sessions, &revocation)
@@ -296,10 +273,10 @@ impl Effect<'_> {
         let key = self.key(&subject);
         let touch = graph::Touch { at_ms: self.now, by_idp: true, named_user: None };
         let mut plan = Plan::default();
-        let addressed = self.streams.all();
+        let addressed = self.ctx.streams.all();
         let addressed = addressed.iter().filter(|s| s.config.aud.contains(audience) && s.hears_from(&self.set.iss));
         for stream in addressed {
-            match late_touch_plan(self.txn, self.streams, &key, &stream.config.stream_id, &touch) {
+            match late_touch_plan(self.txn, self.ctx, &key, &stream.config.stream_id, &touch) {
                 Ok(more) => plan.extend(more),
                 // A receiver that filled its own pending touches loses this
                 // one; it must not make the IdP's SET fail for everyone.
@@ -361,7 +338,7 @@ impl Effect<'_> {
     fn session_root(&self, subject: SubjectId, user: Option<SubjectId>) -> Result<String, IngestError> {
         let session_id = self.key(&subject);
         if self.own_session(&session_id)?.is_none() {
-            let tombstone = SessionRecord {
+            let mut tombstone = SessionRecord {
                 session_id: session_id.clone(),
                 subject,
                 issuer: self.set.iss.clone(),
@@ -370,8 +347,11 @@ impl Effect<'_> {
                 authority: None,
                 established_at_ms: self.now,
                 revoked: None,
+                last_active_ms: self.now,
+                expires_at_ms: None,
+                prune_at_ms: None,
             };
-            graph::insert_session(self.txn, &tombstone, self.now)?;
+            graph::insert_session(self.txn, &mut tombstone, self.now, self.ctx.lifetimes)?;
         }
         Ok(session_id)
     }
@@ -383,8 +363,7 @@ impl Effect<'_> {
         let key = cascade::key(&self.set.iss, &wire_txn);
         let event = Event::SessionRevoked(event);
         let template = self.cascade_template(&key, &wire_txn, root, &event);
-        let plan =
-            revoke_trees(self.txn, self.streams, roots, &template, &carried_event(&event), self.now, &self.cause())?;
+        let plan = revoke_trees(self.txn, self.ctx, roots, &template, &carried_event(&event), self.now, &self.cause())?;
         let leaves: usize = plan.cascades.iter().map(|(_, leaves)| leaves.len()).sum();
         tracing::info!(txn = %wire_txn, root, leaves, "revocation cascade planned");
         Ok(plan)
@@ -392,11 +371,10 @@ impl Effect<'_> {
 
     fn plan_for_revoked(&self, sessions: &[SessionRecord], revocation: &Revocation) -> Result<Plan, IngestError> {
         let mut plan = Plan::default();
-        let Some(existing) = cascade::cascade(self.txn, &revocation.txn)? else { return Ok(plan) };
-        let Some(event) = revocation_event(&existing) else { return Ok(plan) };
+        let (existing, event) = revoking_cascade(self.txn, revocation, &self.set.iss)?;
         plan.foreign = foreign_revocations(self.txn, sessions, &existing, &event)?;
         let leaves =
-            plan_leaves(self.txn, self.streams, sessions, event_type::SESSION_REVOKED, self.now, &self.cause())?;
+            plan_leaves(self.txn, self.ctx.streams, sessions, event_type::SESSION_REVOKED, self.now, &self.cause())?;
         if leaves.is_empty() {
             return Ok(plan);
         }
@@ -412,9 +390,8 @@ impl Effect<'_> {
         let roots = match (self.session_subject(), self.user_subject()) {
             (Some((subject, _)), _) => {
                 let id = self.key(&subject);
-                if self.own_session(&id)?.is_none() {
-                    return Ok(Plan::default());
-                }
+                let Some(mut record) = self.own_session(&id)? else { return Ok(Plan::default()) };
+                graph::keep_alive(self.txn, &mut record, self.now, self.ctx.lifetimes)?;
                 vec![id]
             }
             (None, Some(user)) => graph::sessions_of_user(self.txn, &self.set.iss, &user)?,
@@ -430,7 +407,7 @@ impl Effect<'_> {
         let key = cascade::key(&self.set.iss, &txn_id);
         let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
         let leaves =
-            plan_leaves(self.txn, self.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
+            plan_leaves(self.txn, self.ctx.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
         let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves)?;
         let mut plan = Plan::default();
         plan.add(record, leaves);
@@ -474,7 +451,7 @@ impl Effect<'_> {
 /// other partitions the revocation must continue in.
 fn revoke_trees(
     txn: &WriteTransaction,
-    streams: &StreamRegistry,
+    ctx: Context<'_>,
     roots: &[String],
     template: &CascadeRecord,
     event: &CascadeEvent,
@@ -491,10 +468,10 @@ fn revoke_trees(
             continue;
         }
         record.revoked = Some(revocation.clone());
-        graph::put_session(txn, &record)?;
+        graph::put_session(txn, &mut record, ctx.lifetimes)?;
         newly.push(record);
     }
-    let leaves = plan_leaves(txn, streams, &newly, event_type::SESSION_REVOKED, now, cause)?;
+    let leaves = plan_leaves(txn, ctx.streams, &newly, event_type::SESSION_REVOKED, now, cause)?;
     let (record, leaves) = cascade::plan(txn, template, event, leaves)?;
     let mut plan = Plan { foreign: foreign_revocations(txn, &newly, &record, event)?, ..Plan::default() };
     plan.add(record, leaves);
@@ -536,8 +513,7 @@ pub fn adopt(
     let mut plan = Plan::default();
     let Some(record) = graph::session(txn, parent)?.filter(|record| record.issuer == issuer) else { return Ok(plan) };
     let Some(revocation) = record.revoked else { return Ok(plan) };
-    let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
-    let Some(event) = revocation_event(&existing) else { return Ok(plan) };
+    let (existing, event) = revoking_cascade(txn, &revocation, issuer)?;
     plan.foreign.push(ForeignRevocation {
         session: child.to_owned(),
         child_root: child_root.to_owned(),
@@ -551,7 +527,7 @@ pub fn adopt(
 /// of a cascade planned in another partition.
 pub fn revoke_foreign(
     txn: &WriteTransaction,
-    streams: &StreamRegistry,
+    ctx: Context<'_>,
     session: &str,
     cascade: &CascadeRecord,
     event: &CascadeEvent,
@@ -559,7 +535,7 @@ pub fn revoke_foreign(
 ) -> Result<Plan, IngestError> {
     let template = cascade.template();
     let cause = format!("foreign {} {session}", cascade.key);
-    revoke_trees(txn, streams, &[session.to_owned()], &template, event, now, &cause)
+    revoke_trees(txn, ctx, &[session.to_owned()], &template, event, now, &cause)
 }
 
 fn carried_event(event: &Event) -> CascadeEvent {
@@ -569,6 +545,41 @@ fn carried_event(event: &Event) -> CascadeEvent {
 /// The session-revoked event a revocation cascade carries.
 fn revocation_event(cascade: &CascadeRecord) -> Option<CascadeEvent> {
     cascade.events.iter().find(|e| e.event_type == event_type::SESSION_REVOKED).cloned()
+}
+
+/// The cascade that revoked a session (of `issuer`) and the session-revoked
+/// event it carries. A late leaf must go out even when that cascade's record
+/// was pruned already (kept for less time than the session): it then goes
+/// out in a new record under the same key, carrying a session-revoked that
+/// says only when.
+fn revoking_cascade(
+    txn: &WriteTransaction,
+    revocation: &Revocation,
+    issuer: &str,
+) -> Result<(CascadeRecord, CascadeEvent), StoreError> {
+    if let Some(existing) = cascade::cascade(txn, &revocation.txn)?
+        && let Some(event) = revocation_event(&existing)
+    {
+        return Ok((existing, event));
+    }
+    let common = CaepCommon { event_timestamp: Some((revocation.at_ms / 1000) as i64), ..CaepCommon::default() };
+    let event = carried_event(&Event::SessionRevoked(SessionRevoked { common, ..SessionRevoked::default() }));
+    let wire_txn = crate::scope::local_id(&revocation.txn).to_owned();
+    let record = CascadeRecord {
+        key: revocation.txn.clone(),
+        txn: wire_txn,
+        root: "revoked before".into(),
+        issuer: issuer.to_owned(),
+        event_type: event_type::SESSION_REVOKED.to_owned(),
+        events: Vec::new(),
+        started_at_ms: revocation.at_ms,
+        total: 0,
+        undispatched: 0,
+        delivered: 0,
+        failed: 0,
+        completed_at_ms: None,
+    };
+    Ok((record, event))
 }
 
 fn short_type(uri: &str) -> &str {
@@ -644,7 +655,7 @@ fn leaf_jti(cause: &str, session_id: &str, stream_id: &str) -> String {
 /// keeps the touch pending until it is named (capped per stream).
 pub(crate) fn late_touch_plan(
     txn: &WriteTransaction,
-    streams: &StreamRegistry,
+    ctx: Context<'_>,
     key: &str,
     stream_id: &str,
     touch: &graph::Touch,
@@ -655,7 +666,7 @@ pub(crate) fn late_touch_plan(
     if !touch.by_idp && graph::pending_full(txn, stream_id)? {
         return Err(IngestError::TooMany(graph::PendingError::Full.to_string()));
     }
-    let Some(record) = graph::session(txn, key)? else {
+    let Some(mut record) = graph::session(txn, key)? else {
         return match graph::touch_pending(txn, key, stream_id, touch) {
             Ok(()) => Ok(plan),
             Err(graph::PendingError::Full) => Err(IngestError::TooMany(graph::PendingError::Full.to_string())),
@@ -663,8 +674,12 @@ pub(crate) fn late_touch_plan(
         };
     };
     graph::touch(txn, key, stream_id, touch)?;
+    graph::keep_alive(txn, &mut record, touch.at_ms, ctx.lifetimes)?;
     let Some(revocation) = record.revoked.clone() else { return Ok(plan) };
-    if !streams.get(stream_id).is_some_and(|s| s.delivers(event_type::SESSION_REVOKED) && s.hears_from(&record.issuer))
+    if !ctx
+        .streams
+        .get(stream_id)
+        .is_some_and(|s| s.delivers(event_type::SESSION_REVOKED) && s.hears_from(&record.issuer))
     {
         return Ok(plan);
     }
@@ -672,8 +687,7 @@ pub(crate) fn late_touch_plan(
     if !graph::claim_revocation(txn, key, stream_id)? {
         return Ok(plan);
     }
-    let Some(existing) = cascade::cascade(txn, &revocation.txn)? else { return Ok(plan) };
-    let Some(event) = revocation_event(&existing) else { return Ok(plan) };
+    let (existing, event) = revoking_cascade(txn, &revocation, &record.issuer)?;
     let with_user = touch.discloses(record.user.as_ref());
     let cause = format!("touch {}", revocation.txn);
     let leaf = new_leaf(stream_id.to_owned(), key.to_owned(), with_user, touch.at_ms, &cause);
@@ -681,37 +695,4 @@ pub(crate) fn late_touch_plan(
     let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
     plan.add(updated, leaves);
     Ok(plan)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use caep_transmitter::store::{Commit, Store};
-
-    #[tokio::test]
-    async fn replay_records_older_than_the_accepted_age_are_pruned() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(&dir.path().join("p.redb")).expect("open");
-        let day_ms = 24 * 3600 * 1000;
-        let now = 10 * day_ms;
-        let removed = store
-            .write(Commit::Durable, move |txn| {
-                {
-                    let mut table = txn.open_table(INGESTED).map_err(StoreError::storage)?;
-                    table.insert(("https://idp", "old"), now - 2 * day_ms).map_err(StoreError::storage)?;
-                    table.insert(("https://idp", "recent"), now - day_ms).map_err(StoreError::storage)?;
-                }
-                prune_ingested(txn, now)
-            })
-            .await
-            .expect("prune");
-        assert_eq!(removed, 1, "only the record beyond 25 h goes");
-        let kept = store
-            .read(|txn| {
-                let table = txn.open_table(INGESTED).map_err(StoreError::storage)?;
-                Ok(table.get(("https://idp", "recent")).map_err(StoreError::storage)?.is_some())
-            })
-            .expect("read");
-        assert!(kept, "a record young enough to stop a replay is kept");
-    }
 }

@@ -27,20 +27,48 @@ const TOUCHES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sess
 /// (session, stream) → [`Touch`] of a session no IdP has named yet: it
 /// becomes a touch when the session appears, and expires otherwise.
 const PENDING_TOUCHES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("pending_touches");
+/// (when, session, stream): the pending touches by age, for pruning.
+const PENDING_BY_AGE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("pending_touches_by_age");
 /// stream → how many pending touches it holds (capped per stream).
 const PENDING_PER_STREAM: TableDefinition<&str, u64> = TableDefinition::new("pending_touches_per_stream");
 const USER_SESSIONS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_sessions");
 /// (parent, child) → the child's root, for a child whose tree lives in
 /// another partition (Kafka mode: it was seen before its parent).
 const FOREIGN_CHILDREN: TableDefinition<(&str, &str), &str> = TableDefinition::new("session_foreign_children");
-/// (session, stream) pairs already sent a session-revoked: one per pair, ever.
+/// (session, stream) pairs already sent a session-revoked: one per pair,
+/// for as long as the session is kept.
 const REVOCATIONS_SENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("revocations_sent");
+/// (when, session): when the session is next looked at by the pruner. Each
+/// session has exactly one entry, the one its record names (`prune_at_ms`).
+const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("session_expiry");
 
 /// Pending touches one stream may hold: a receiver reporting sessions no
 /// IdP ever names cannot grow the graph without bound.
 pub const MAX_PENDING_TOUCHES_PER_STREAM: u64 = 10_000;
 /// How long a touch of a session no IdP has named yet waits for it.
 pub const PENDING_TOUCH_TTL_MS: u64 = 3600 * 1000;
+
+/// How long sessions are kept (ARCHITECTURE.md "Lifecycle").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// A live session unseen for this long expires.
+    pub idle_ms: u64,
+    /// A revoked session is kept this long after its revocation, so a late
+    /// spawn or touch of it is still revoked at once.
+    pub revoked_retention_ms: u64,
+}
+
+impl Lifetimes {
+    /// A day each: the defaults of `CAEP_HUB_SESSION_IDLE_TTL_SECS` and
+    /// `CAEP_HUB_REVOKED_RETENTION_SECS`.
+    pub const DEFAULT: Lifetimes = Lifetimes { idle_ms: 86_400_000, revoked_retention_ms: 86_400_000 };
+
+    /// How stale a session's last activity may get before a new activity is
+    /// written: activity refreshes cost a write only this often per session.
+    fn refresh_granularity_ms(&self) -> u64 {
+        (self.idle_ms / 16).min(60_000)
+    }
+}
 
 /// Why and when a session was revoked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,12 +97,41 @@ pub struct SessionRecord {
     pub established_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<Revocation>,
+    /// The last event or touch concerning the session (refreshed coarsely,
+    /// see `Lifetimes::refresh_granularity_ms`).
+    #[serde(default)]
+    pub last_active_ms: u64,
+    /// The absolute end the IdP stated (`expires_at` on session-established).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// The session's entry in the expiry index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_at_ms: Option<u64>,
 }
 
 impl SessionRecord {
     /// The session's id as its IdP named it.
     pub fn local_id(&self) -> &str {
         local_id(&self.session_id)
+    }
+
+    /// When the session may be removed: a revoked one when its retention
+    /// ends; a live one when it has been idle too long or reaches the end
+    /// its IdP stated, whichever comes first.
+    pub fn due_ms(&self, lifetimes: &Lifetimes) -> u64 {
+        match &self.revoked {
+            Some(revocation) => revocation.at_ms.saturating_add(lifetimes.revoked_retention_ms),
+            None => {
+                let idle = self.last_active_ms.max(self.established_at_ms).saturating_add(lifetimes.idle_ms);
+                self.expires_at_ms.map_or(idle, |end| idle.min(end))
+            }
+        }
+    }
+
+    /// Whether the IdP's stated end has passed (the session is over even if
+    /// it is still kept to link its sub-agents).
+    pub fn ended(&self, now_ms: u64) -> bool {
+        self.revoked.is_none() && self.expires_at_ms.is_some_and(|end| end <= now_ms)
     }
 }
 
@@ -178,18 +235,59 @@ pub fn session_in(txn: &redb::ReadTransaction, key: &str) -> Result<Option<Sessi
     row.map(|value| decode(value.value())).transpose()
 }
 
-/// Writes a session.
-pub fn put_session(txn: &WriteTransaction, record: &SessionRecord) -> Result<(), StoreError> {
-    let bytes = encode(record)?;
+/// Writes a session, scheduling it in the expiry index for when it is due.
+pub fn put_session(
+    txn: &WriteTransaction,
+    record: &mut SessionRecord,
+    lifetimes: &Lifetimes,
+) -> Result<(), StoreError> {
+    let due = record.due_ms(lifetimes);
+    schedule(txn, record, due)
+}
+
+/// Writes a session with its expiry index entry at `at_ms`.
+fn schedule(txn: &WriteTransaction, record: &mut SessionRecord, at_ms: u64) -> Result<(), StoreError> {
+    if record.prune_at_ms != Some(at_ms) {
+        let mut expiry = txn.open_table(EXPIRY).map_err(storage)?;
+        if let Some(old) = record.prune_at_ms {
+            expiry.remove((old, record.session_id.as_str())).map_err(storage)?;
+        }
+        expiry.insert((at_ms, record.session_id.as_str()), ()).map_err(storage)?;
+        record.prune_at_ms = Some(at_ms);
+    }
+    let bytes = encode(&*record)?;
     let mut sessions = txn.open_table(SESSIONS).map_err(storage)?;
     sessions.insert(record.session_id.as_str(), bytes.as_slice()).map_err(storage)?;
     Ok(())
 }
 
+/// Records activity of the session `key` at `now_ms` (an event or touch
+/// concerning it), postponing its idle expiry. Writes only when the last
+/// recorded activity is older than the refresh granularity. A revoked
+/// session's retention runs from its revocation and is not extended.
+pub fn keep_alive(
+    txn: &WriteTransaction,
+    record: &mut SessionRecord,
+    now_ms: u64,
+    lifetimes: &Lifetimes,
+) -> Result<(), StoreError> {
+    let last = record.last_active_ms.max(record.established_at_ms);
+    if record.revoked.is_some() || now_ms < last.saturating_add(lifetimes.refresh_granularity_ms()) {
+        return Ok(());
+    }
+    record.last_active_ms = now_ms;
+    put_session(txn, record, lifetimes)
+}
+
 /// Records a new session, its parent edge and its user index entry, and
 /// turns the touches that waited for it into touches.
-pub fn insert_session(txn: &WriteTransaction, record: &SessionRecord, now_ms: u64) -> Result<(), StoreError> {
-    put_session(txn, record)?;
+pub fn insert_session(
+    txn: &WriteTransaction,
+    record: &mut SessionRecord,
+    now_ms: u64,
+    lifetimes: &Lifetimes,
+) -> Result<(), StoreError> {
+    put_session(txn, record, lifetimes)?;
     if let Some(parent) = &record.parent {
         let mut children = txn.open_table(CHILDREN).map_err(storage)?;
         children.insert((parent.as_str(), record.session_id.as_str()), ()).map_err(storage)?;
@@ -241,14 +339,20 @@ pub fn pending_full(txn: &WriteTransaction, stream_id: &str) -> Result<bool, Sto
 /// (then it becomes a touch) or expires.
 pub fn touch_pending(txn: &WriteTransaction, key: &str, stream_id: &str, touch: &Touch) -> Result<(), PendingError> {
     let mut pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
+    let mut by_age = txn.open_table(PENDING_BY_AGE).map_err(storage)?;
     let mut counts = txn.open_table(PENDING_PER_STREAM).map_err(storage)?;
     let count = counts.get(stream_id).map_err(storage)?.map_or(0, |v| v.value());
-    let is_new = pending.get((key, stream_id)).map_err(storage)?.is_none();
-    if is_new && count >= MAX_PENDING_TOUCHES_PER_STREAM {
+    let known: Option<Touch> =
+        pending.get((key, stream_id)).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
+    if known.is_none() && count >= MAX_PENDING_TOUCHES_PER_STREAM {
         return Err(PendingError::Full);
     }
+    if let Some(known) = &known {
+        by_age.remove((known.at_ms, key, stream_id)).map_err(storage)?;
+    }
     pending.insert((key, stream_id), encode(touch)?.as_slice()).map_err(storage)?;
-    if is_new {
+    by_age.insert((touch.at_ms, key, stream_id), ()).map_err(storage)?;
+    if known.is_none() {
         counts.insert(stream_id, count + 1).map_err(storage)?;
     }
     Ok(())
@@ -270,37 +374,31 @@ fn adopt_pending_touches(txn: &WriteTransaction, key: &str, now_ms: u64) -> Resu
 
 fn forget_pending(txn: &WriteTransaction, key: &str, stream_id: &str) -> Result<(), StoreError> {
     let mut pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
-    if pending.remove((key, stream_id)).map_err(storage)?.is_some() {
-        let mut counts = txn.open_table(PENDING_PER_STREAM).map_err(storage)?;
-        let count = counts.get(stream_id).map_err(storage)?.map_or(0, |v| v.value());
-        if count <= 1 {
-            counts.remove(stream_id).map_err(storage)?;
-        } else {
-            counts.insert(stream_id, count - 1).map_err(storage)?;
-        }
+    let Some(row) = pending.remove((key, stream_id)).map_err(storage)? else { return Ok(()) };
+    let known: Touch = decode(row.value())?;
+    drop(row);
+    txn.open_table(PENDING_BY_AGE).map_err(storage)?.remove((known.at_ms, key, stream_id)).map_err(storage)?;
+    let mut counts = txn.open_table(PENDING_PER_STREAM).map_err(storage)?;
+    let count = counts.get(stream_id).map_err(storage)?.map_or(0, |v| v.value());
+    if count <= 1 {
+        counts.remove(stream_id).map_err(storage)?;
+    } else {
+        counts.insert(stream_id, count - 1).map_err(storage)?;
     }
     Ok(())
 }
 
-/// Removes pending touches older than [`PENDING_TOUCH_TTL_MS`], at most
-/// `limit` of them; returns how many went.
+/// Removes up to `limit` pending touches older than [`PENDING_TOUCH_TTL_MS`],
+/// oldest first; returns how many went.
 pub fn prune_pending_touches(txn: &WriteTransaction, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
     let horizon = now_ms.saturating_sub(PENDING_TOUCH_TTL_MS);
     let expired: Vec<(String, String)> = {
-        let pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
-        if pending.is_empty().map_err(storage)? {
-            return Ok(0);
-        }
+        let by_age = txn.open_table(PENDING_BY_AGE).map_err(storage)?;
         let mut expired = Vec::new();
-        for row in pending.iter().map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            if decode::<Touch>(value.value())?.at_ms < horizon {
-                let (session, stream) = key.value();
-                expired.push((session.to_owned(), stream.to_owned()));
-                if expired.len() >= limit {
-                    break;
-                }
-            }
+        for row in by_age.range((0, "", "")..(horizon, "", "")).map_err(storage)?.take(limit) {
+            let (key, _) = row.map_err(storage)?;
+            let (_, session, stream) = key.value();
+            expired.push((session.to_owned(), stream.to_owned()));
         }
         expired
     };
@@ -308,6 +406,112 @@ pub fn prune_pending_touches(txn: &WriteTransaction, now_ms: u64, limit: usize) 
         forget_pending(txn, key, stream_id)?;
     }
     Ok(expired.len())
+}
+
+/// What one pass over due sessions did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionsPruned {
+    /// Sessions removed with everything hanging off them.
+    pub removed: usize,
+    /// Due sessions kept for now: they still link sub-agent sessions, or
+    /// their revocation still has leaves to dispatch.
+    pub postponed: usize,
+}
+
+/// How long a session kept because it is in use waits for its next look.
+const RECHECK_MS: u64 = 60_000;
+
+/// Removes up to `limit` due sessions, each with its edges, touches, user
+/// index entry and revocation claims. A due session that still has child
+/// sessions is kept (expiry runs bottom-up, so revoking a root still
+/// reaches every live sub-agent under it), and so is one `in_use` says
+/// is needed; both are looked at again later.
+pub fn prune_sessions(
+    txn: &WriteTransaction,
+    now_ms: u64,
+    lifetimes: &Lifetimes,
+    limit: usize,
+    in_use: impl Fn(&SessionRecord) -> Result<bool, StoreError>,
+) -> Result<SessionsPruned, StoreError> {
+    let due: Vec<(u64, String)> = {
+        let expiry = txn.open_table(EXPIRY).map_err(storage)?;
+        let mut due = Vec::new();
+        for row in expiry.range((0, "")..(now_ms.saturating_add(1), "")).map_err(storage)?.take(limit) {
+            let (key, _) = row.map_err(storage)?;
+            let (at, session) = key.value();
+            due.push((at, session.to_owned()));
+        }
+        due
+    };
+    let mut pruned = SessionsPruned::default();
+    for (at, key) in due {
+        let record = session(txn, &key)?;
+        let Some(mut record) = record.filter(|record| record.prune_at_ms == Some(at)) else {
+            txn.open_table(EXPIRY).map_err(storage)?.remove((at, key.as_str())).map_err(storage)?;
+            continue;
+        };
+        let due = record.due_ms(lifetimes);
+        if due > now_ms {
+            // Active since it was scheduled, or the lifetimes changed.
+            put_session(txn, &mut record, lifetimes)?;
+            continue;
+        }
+        let children = children_of(&txn.open_table(CHILDREN).map_err(storage)?, &key)?;
+        if !children.is_empty() {
+            let next = next_look_at_children(txn, &children, now_ms)?;
+            schedule(txn, &mut record, next)?;
+            pruned.postponed += 1;
+        } else if in_use(&record)? {
+            schedule(txn, &mut record, now_ms.saturating_add(RECHECK_MS))?;
+            pruned.postponed += 1;
+        } else {
+            remove_session(txn, &record)?;
+            pruned.removed += 1;
+        }
+    }
+    Ok(pruned)
+}
+
+/// When a parent kept for its children is worth looking at again: when the
+/// first of them may go (and no earlier than the next pass).
+fn next_look_at_children(txn: &WriteTransaction, children: &[String], now_ms: u64) -> Result<u64, StoreError> {
+    let mut first = u64::MAX;
+    for child in children {
+        let at = session(txn, child)?.and_then(|record| record.prune_at_ms).unwrap_or(now_ms);
+        first = first.min(at);
+    }
+    Ok(first.max(now_ms.saturating_add(1)))
+}
+
+/// Removes a session and everything that hangs off it.
+fn remove_session(txn: &WriteTransaction, record: &SessionRecord) -> Result<(), StoreError> {
+    let key = record.session_id.as_str();
+    txn.open_table(SESSIONS).map_err(storage)?.remove(key).map_err(storage)?;
+    if let Some(at) = record.prune_at_ms {
+        txn.open_table(EXPIRY).map_err(storage)?.remove((at, key)).map_err(storage)?;
+    }
+    if let Some(parent) = &record.parent {
+        txn.open_table(CHILDREN).map_err(storage)?.remove((parent.as_str(), key)).map_err(storage)?;
+    }
+    if let Some(user) = &record.user {
+        let user = user_key(&record.issuer, user);
+        txn.open_table(USER_SESSIONS).map_err(storage)?.remove((user.as_str(), key)).map_err(storage)?;
+    }
+    let end = after(key);
+    let range = (key, "")..(end.as_str(), "");
+    txn.open_table(TOUCHES).map_err(storage)?.retain_in(range.clone(), |_, _| false).map_err(storage)?;
+    txn.open_table(REVOCATIONS_SENT).map_err(storage)?.retain_in(range.clone(), |_, _| false).map_err(storage)?;
+    txn.open_table(FOREIGN_CHILDREN).map_err(storage)?.retain_in(range, |_, _| false).map_err(storage)?;
+    Ok(())
+}
+
+/// How many sessions the graph holds (live, kept, revoked).
+pub fn session_count(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    match txn.open_table(SESSIONS) {
+        Ok(table) => table.len().map_err(storage),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(error) => Err(storage(error)),
+    }
 }
 
 /// Marks that `stream_id` is (being) told of the session `key`'s revocation;
@@ -429,8 +633,13 @@ mod tests {
             authority: None,
             established_at_ms: 1,
             revoked: None,
+            last_active_ms: 1,
+            expires_at_ms: None,
+            prune_at_ms: None,
         }
     }
+
+    const LIFETIMES: Lifetimes = Lifetimes { idle_ms: 1000, revoked_retention_ms: 5000 };
 
     fn at(at_ms: u64) -> Touch {
         Touch { at_ms, ..Touch::default() }
@@ -443,7 +652,8 @@ mod tests {
         let (tree, touched, users) = store
             .write(Commit::Durable, |txn| {
                 for (id, parent) in [("r", None), ("a", Some("r")), ("b", Some("r")), ("a1", Some("a")), ("x", None)] {
-                    insert_session(txn, &record(id, parent, if id == "x" { "other@x" } else { "u@x" }), 1)?;
+                    let user = if id == "x" { "other@x" } else { "u@x" };
+                    insert_session(txn, &mut record(id, parent, user), 1, &LIFETIMES)?;
                 }
                 assert!(touch(txn, &key("a1"), "stream-1", &at(5))?);
                 assert!(!touch(txn, &key("a1"), "stream-1", &at(6))?, "a second touch is not new");
@@ -472,10 +682,10 @@ mod tests {
             touch_pending(txn, &key("late"), "s1", &at(10))?;
             touch_pending(txn, &key("stale"), "s1", &at(10))?;
             let now = 20 + PENDING_TOUCH_TTL_MS;
-            insert_session(txn, &record("late", None, "u@x"), 20)?;
+            insert_session(txn, &mut record("late", None, "u@x"), 20, &LIFETIMES)?;
             assert_eq!(touches(txn, &key("late"))?.len(), 1, "the waiting touch became a touch");
             assert_eq!(prune_pending_touches(txn, now, 100)?, 1, "the other expired");
-            insert_session(txn, &record("stale", None, "u@x"), now)?;
+            insert_session(txn, &mut record("stale", None, "u@x"), now, &LIFETIMES)?;
             assert!(touches(txn, &key("stale"))?.is_empty());
             for n in 0..MAX_PENDING_TOUCHES_PER_STREAM {
                 touch_pending(txn, &key(&format!("p{n}")), "s2", &at(now))?;
@@ -487,6 +697,51 @@ mod tests {
             Ok(())
         };
         store.write(Commit::Durable, move |txn| Ok(scenario(txn))).await.expect("write").expect("scenario");
+    }
+
+    #[tokio::test]
+    async fn sessions_expire_bottom_up_with_everything_that_hangs_off_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("g.redb")).expect("open");
+        let scenario = |txn: &WriteTransaction| -> Result<(), StoreError> {
+            let never = |_: &SessionRecord| Ok(false);
+            // idle 1000 ms: established at 1, due at 1001.
+            for (id, parent) in [("root", None), ("child", Some("root")), ("lone", None)] {
+                insert_session(txn, &mut record(id, parent, "u@x"), 1, &LIFETIMES)?;
+            }
+            touch(txn, &key("child"), "s1", &at(1))?;
+            claim_revocation(txn, &key("lone"), "s1")?;
+            assert_eq!(prune_sessions(txn, 1000, &LIFETIMES, 100, never)?, SessionsPruned::default(), "none due");
+            // The child stays active: a touch at 900 moves it to 1900.
+            let mut child = session(txn, &key("child"))?.expect("child");
+            keep_alive(txn, &mut child, 900, &LIFETIMES)?;
+            let pass = prune_sessions(txn, 1001, &LIFETIMES, 100, never)?;
+            assert_eq!(pass, SessionsPruned { removed: 1, postponed: 1 }, "lone goes, root waits for its child");
+            assert!(session(txn, &key("lone"))?.is_none());
+            assert!(claim_revocation(txn, &key("lone"), "s1")?, "its revocation claims went with it");
+            assert!(subtree(txn, &[key("root")])?.contains(&key("child")), "a revocation of root still reaches it");
+            // The child expires, then its parent (looked at again when the child was due).
+            assert_eq!(prune_sessions(txn, 1900, &LIFETIMES, 100, never)?.removed, 2);
+            assert!(touches(txn, &key("child"))?.is_empty(), "its touches went with it");
+            assert!(subtree(txn, &[key("root")])?.len() == 1, "and its edge");
+            assert!(sessions_of_user(txn, IDP, &SubjectId::email("u@x"))?.is_empty(), "user index emptied");
+            // A revoked session stays for its retention, and while in use.
+            let mut revoked = record("revoked", None, "u@x");
+            revoked.revoked = Some(Revocation { txn: "t".into(), at_ms: 2000 });
+            insert_session(txn, &mut revoked, 2000, &LIFETIMES)?;
+            assert_eq!(prune_sessions(txn, 6999, &LIFETIMES, 100, never)?, SessionsPruned::default());
+            let in_use = prune_sessions(txn, 7000, &LIFETIMES, 100, |_| Ok(true))?;
+            assert_eq!(in_use.postponed, 1, "kept while its cascade is dispatched");
+            assert_eq!(prune_sessions(txn, 7000 + RECHECK_MS, &LIFETIMES, 100, never)?.removed, 1);
+            // An absolute end comes before the idle one.
+            let mut ending = record("ending", None, "u@x");
+            ending.expires_at_ms = Some(100_050);
+            insert_session(txn, &mut ending, 100_000, &LIFETIMES)?;
+            assert!(session(txn, &key("ending"))?.is_some_and(|r| r.ended(100_050)));
+            assert_eq!(prune_sessions(txn, 100_050, &LIFETIMES, 100, never)?.removed, 1);
+            Ok(())
+        };
+        store.write(Commit::Durable, move |txn| scenario(txn)).await.expect("scenario");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Hub {
     /// Where a session's graph is, when not in `store` (Kafka mode).
     graph_stores: OnceLock<Arc<dyn GraphStores>>,
     cluster: OnceLock<Arc<dyn ClusterStatus>>,
+    /// What is kept how long, and how often pruning runs.
+    retention: crate::lifecycle::Pruning,
 }
 
 /// What an instance of a scaled-out hub is doing, for `/healthz`.
@@ -72,6 +74,7 @@ impl Hub {
         store: Store,
         issuers: Issuers,
         log: Box<dyn EventLog>,
+        retention: crate::lifecycle::Pruning,
     ) -> Arc<Self> {
         let dispatcher = Dispatcher::new(issuer, Arc::clone(&transmitter), store.clone(), Arc::new(LocalOutbox));
         Arc::new(Hub {
@@ -84,13 +87,13 @@ impl Hub {
             barrier: OnceLock::new(),
             graph_stores: OnceLock::new(),
             cluster: OnceLock::new(),
+            retention,
         })
     }
 
     /// Re-dispatches leaves a crash left planned, and starts the sweep that
     /// re-dispatches leaves whose dispatch failed (so none waits for a
-    /// restart) and the hourly pruning of replay records no SET can still
-    /// need and of expired pending touches.
+    /// restart) and the pruning job (see `lifecycle`).
     pub fn start(self: &Arc<Self>) -> Result<(), StoreError> {
         let dispatcher = Arc::clone(&self.dispatcher);
         tokio::spawn(async move {
@@ -105,19 +108,31 @@ impl Hub {
                 }
             }
         });
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
-            loop {
-                hourly.tick().await;
-                match store.write(Commit::Lazy, |txn| crate::effects::prune(txn, now_ms())).await {
-                    Ok(pruned) if pruned.is_empty() => {}
-                    Ok(pruned) => tracing::info!(?pruned, "pruned expired records"),
-                    Err(error) => tracing::warn!(%error, "cannot prune expired records"),
-                }
-            }
-        });
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.prune_forever().await });
         self.dispatcher.redispatch_planned()
+    }
+
+    /// Every `retention.interval`: prunes this hub's store and runs the
+    /// transmitter's upkeep (dead letters, expired SETs, inactive streams).
+    async fn prune_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.retention.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let started = std::time::Instant::now();
+            match crate::lifecycle::prune_store(&self.store, self.retention.keep).await {
+                Ok(pruned) if pruned.is_empty() => {}
+                Ok(pruned) => tracing::info!(?pruned, "pruned"),
+                Err(error) => tracing::warn!(%error, "cannot prune"),
+            }
+            match self.transmitter.upkeep(now_ms()).await {
+                Ok(upkept) if upkept.is_empty() => {}
+                Ok(upkept) => tracing::info!(?upkept, "transmitter upkeep"),
+                Err(error) => tracing::warn!(%error, "cannot run the transmitter's upkeep"),
+            }
+            metrics::histogram!("caep_prune_seconds").record(started.elapsed().as_secs_f64());
+        }
     }
 
     /// Sets the read barrier (once).
@@ -197,7 +212,7 @@ impl Hub {
         // known here once the shared log is applied, within milliseconds).
         let keys = self.issuers.keys_for(&issuer).ok_or_else(|| rejected("invalid_issuer", "issuer is not trusted"))?;
         let mut expect = caep_schemas::set::Expectations::new(&issuer, &self.issuer);
-        expect.max_age_secs = Some(crate::effects::MAX_SET_AGE_SECS);
+        expect.max_age_secs = Some(crate::replay::MAX_SET_AGE_SECS);
         let jwks = keys.get().await.map_err(|e| IngestError::Unavailable(format!("issuer keys: {e}")))?;
         match SecurityEventToken::verify(token, &jwks, &expect) {
             Err(caep_schemas::set::SetError::Jose(caep_schemas::jose::JoseError::UnknownKey { kid })) => {
@@ -226,9 +241,11 @@ impl Hub {
     /// the stream hears from, and if the session is already revoked, send
     /// that stream the revocation now. Fails (so the receiver retries) when
     /// the touch cannot be recorded.
-    pub async fn touched(self: &Arc<Self>, stream: &StreamRecord, subject: &SubjectId) -> Result<(), SsfError> {
-        let Some(complex) = subject.as_complex() else { return Ok(()) };
-        let Some(session) = &complex.session else { return Ok(()) };
+    /// Answers true when the subject was an agent session (kept here as a
+    /// touch, so the stream's subject list need not keep it).
+    pub async fn touched(self: &Arc<Self>, stream: &StreamRecord, subject: &SubjectId) -> Result<bool, SsfError> {
+        let Some(complex) = subject.as_complex() else { return Ok(false) };
+        let Some(session) = &complex.session else { return Ok(false) };
         let issuers = match &stream.issuers {
             Some(bound) => bound.clone(),
             None => self.issuers.names(),
@@ -240,7 +257,7 @@ impl Hub {
                 for (record, leaves) in plan.cascades {
                     self.dispatch(record, leaves);
                 }
-                Ok(())
+                Ok(true)
             }
             Err(IngestError::TooMany(reason)) => {
                 tracing::warn!(stream_id = %stream.config.stream_id, %reason, "touch refused");
@@ -539,7 +556,7 @@ impl SubjectHook for TouchHook {
         &'a self,
         stream: &'a StreamRecord,
         subject: &'a SubjectId,
-    ) -> BoxFuture<'a, Result<(), SsfError>> {
+    ) -> BoxFuture<'a, Result<bool, SsfError>> {
         Box::pin(async move {
             match self.hub.get().and_then(Weak::upgrade) {
                 Some(hub) => hub.touched(stream, subject).await,

@@ -12,8 +12,9 @@ use caep_schemas::set::SecurityEventToken;
 use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store};
 
+use crate::effects::Context;
 use crate::effects::{self, IngestError, Plan};
-use crate::graph::Touch;
+use crate::graph::{Lifetimes, Touch};
 
 /// Makes verified IdP events take effect durably.
 pub trait EventLog: Send + Sync {
@@ -32,34 +33,40 @@ pub trait EventLog: Send + Sync {
 pub struct LocalLog {
     store: Store,
     transmitter: Arc<Transmitter>,
+    lifetimes: Lifetimes,
 }
 
 impl LocalLog {
-    /// A log over `store`, routing leaves to `transmitter`'s streams.
-    pub fn new(store: Store, transmitter: Arc<Transmitter>) -> Self {
-        LocalLog { store, transmitter }
+    /// A log over `store`, routing leaves to `transmitter`'s streams and
+    /// keeping sessions for `lifetimes`.
+    pub fn new(store: Store, transmitter: Arc<Transmitter>, lifetimes: Lifetimes) -> Self {
+        LocalLog { store, transmitter, lifetimes }
     }
 }
 
 impl EventLog for LocalLog {
     fn append(&self, set: SecurityEventToken, received_at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>> {
-        let transmitter = Arc::clone(&self.transmitter);
+        let (transmitter, lifetimes) = (Arc::clone(&self.transmitter), self.lifetimes);
         Box::pin(async move {
             self.store
-                .write(Commit::Durable, move |txn| Ok(effects::apply(txn, transmitter.streams(), &set, received_at_ms)))
+                .write(Commit::Durable, move |txn| {
+                    let ctx = Context { streams: transmitter.streams(), lifetimes: &lifetimes };
+                    Ok(effects::apply(txn, ctx, &set, received_at_ms))
+                })
                 .await?
         })
     }
 
     fn touch(&self, keys: Vec<String>, stream_id: String, touch: Touch) -> BoxFuture<'_, Result<Plan, IngestError>> {
-        let transmitter = Arc::clone(&self.transmitter);
+        let (transmitter, lifetimes) = (Arc::clone(&self.transmitter), self.lifetimes);
         Box::pin(async move {
             self.store
                 .write(Commit::Durable, move |txn| {
+                    let ctx = Context { streams: transmitter.streams(), lifetimes: &lifetimes };
                     let mut plan = Plan::default();
                     let (mut recorded, mut refused) = (0, None);
                     for key in &keys {
-                        match effects::late_touch_plan(txn, transmitter.streams(), key, &stream_id, &touch) {
+                        match effects::late_touch_plan(txn, ctx, key, &stream_id, &touch) {
                             Ok(more) => {
                                 recorded += 1;
                                 plan.extend(more);

@@ -72,7 +72,7 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
     };
     let settings = settings(config, &issuer)?;
     let (transmitter, hub) = match config.kafka() {
-        None => embedded(settings, store, keys)?,
+        None => embedded(settings, store, keys, config.pruning())?,
         Some(kafka) => {
             let assembled = crate::kafka::assemble(config, kafka, store, keys, settings, local_addr).await?;
             (assembled.transmitter, assembled.hub)
@@ -98,6 +98,7 @@ fn embedded(
     settings: TransmitterSettings,
     store: Store,
     keys: Arc<KeyStore>,
+    pruning: crate::lifecycle::Pruning,
 ) -> Result<(Arc<Transmitter>, Arc<Hub>), StartError> {
     let issuer = settings.issuer.clone();
     let guard = PushUrlGuard::new(settings.push_allow.clone());
@@ -105,8 +106,8 @@ fn embedded(
     let touch_hook = Arc::new(TouchHook::default());
     let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone(), None)?;
     let issuers = Issuers::load(store.clone(), guard)?;
-    let log = Box::new(LocalLog::new(store.clone(), Arc::clone(&transmitter)));
-    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log);
+    let log = Box::new(LocalLog::new(store.clone(), Arc::clone(&transmitter), pruning.keep.sessions));
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log, pruning);
     touch_hook.connect(&hub);
     Ok((transmitter, hub))
 }
@@ -115,7 +116,10 @@ fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, Sta
     let mut settings = TransmitterSettings::new(issuer);
     settings.push_allow = config.push_allow_cidrs()?;
     settings.push_policy =
-        PushPolicy { give_up_after: Duration::from_secs(config.push_give_up_secs), ..PushPolicy::default() };
+        PushPolicy { give_up_after: Duration::from_secs(config.delivery_give_up_secs), ..PushPolicy::default() };
+    settings.dead_letter_retention = Duration::from_secs(config.dead_letter_retention_secs);
+    settings.inactivity_timeout =
+        Some(config.stream_inactivity_timeout_secs).filter(|secs| *secs > 0).map(Duration::from_secs);
     settings.long_poll = Duration::from_secs(config.long_poll_secs);
     settings.min_verification_interval = config.min_verification_interval_secs;
     settings.calls_per_second_per_receiver = config.receiver_calls_per_sec;

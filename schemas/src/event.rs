@@ -192,9 +192,9 @@ pub enum Authority {
 }
 
 caep_payload!(
-    /// `session-established`: a session started. The hub reads two extension
-    /// members: `parent_session` (this is a sub-agent session of that one)
-    /// and `authority`.
+    /// `session-established`: a session started. The hub reads three
+    /// extension members: `parent_session` (this is a sub-agent session of
+    /// that one), `authority`, and `expires_at` (when the session ends).
     SessionEstablished {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fp_ua: Option<String>,
@@ -210,6 +210,10 @@ caep_payload!(
         /// Extension: how the agent holding this session acts.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         authority: Option<Authority>,
+        /// Extension: when the session ends at the latest (NumericDate);
+        /// the hub forgets it then, unless it is revoked first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<i64>,
     }
 );
 
@@ -509,12 +513,14 @@ mod tests {
         let payload = json!({
             "parent_session": {"format": "opaque", "id": "S1"},
             "authority": "delegated",
+            "expires_at": 1_900_000_000,
             "amr": ["otp"]
         });
         let event = Event::from_parts(event_type::SESSION_ESTABLISHED, payload.clone()).expect("parses");
         let Event::SessionEstablished(established) = &event else { panic!("wrong variant") };
         assert_eq!(established.parent_session, Some(SubjectId::opaque("S1")));
         assert_eq!(established.authority, Some(Authority::Delegated));
+        assert_eq!(established.expires_at, Some(1_900_000_000));
         assert_eq!(event.payload(), payload);
     }
 }

@@ -42,6 +42,9 @@ fn tree_sessions() -> Vec<SessionRecord> {
         authority: None,
         established_at_ms: 0,
         revoked: None,
+        last_active_ms: 0,
+        expires_at_ms: None,
+        prune_at_ms: None,
     };
     let mut sessions = vec![record("root".into(), None)];
     for c in 0..9 {
@@ -63,7 +66,7 @@ fn graph_walk(c: &mut Criterion) {
     runtime
         .block_on(store.write(Commit::Durable, move |txn| {
             for session in &sessions {
-                graph::insert_session(txn, session, 0)?;
+                graph::insert_session(txn, &mut session.clone(), 0, &graph::Lifetimes::DEFAULT)?;
             }
             Ok(())
         }))

@@ -133,13 +133,32 @@ async fn change_status(
 #[derive(Deserialize)]
 struct DeadLetterQuery {
     stream_id: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
+/// Dead letters listed per page by default, and at most.
+const DEAD_LETTER_PAGE: usize = 100;
+const MAX_DEAD_LETTER_PAGE: usize = 1000;
+
+/// `GET /admin/dead-letters?stream_id=&limit=&cursor=`: a page of dead
+/// letters and the cursor of the next page (`null` on the last).
 async fn list_dead_letters(State(transmitter): Shared, uri: Uri) -> Result<Json<Value>, SsfError> {
     let query = axum::extract::Query::<DeadLetterQuery>::try_from_uri(&uri)
-        .map_err(|_| SsfError::BadRequest("malformed query string".into()))?;
-    let letters = transmitter.outbox().dead_letters(query.0.stream_id.as_deref()).map_err(store_error)?;
-    let listed = letters
+        .map_err(|_| SsfError::BadRequest("malformed query string (stream_id, limit, cursor)".into()))?;
+    let limit = query.0.limit.unwrap_or(DEAD_LETTER_PAGE);
+    if !(1..=MAX_DEAD_LETTER_PAGE).contains(&limit) {
+        return Err(SsfError::BadRequest(format!("`limit` must be 1 to {MAX_DEAD_LETTER_PAGE}")));
+    }
+    let after = query.0.cursor.as_deref().map(decode_cursor).transpose()?;
+    let after_ref = after.as_ref().map(|(stream, seq)| (stream.as_str(), *seq));
+    let (letters, more) =
+        transmitter.outbox().dead_letters(query.0.stream_id.as_deref(), after_ref, limit).map_err(store_error)?;
+    let next_cursor = match letters.last() {
+        Some(last) if more => Some(encode_cursor(&last.stream_id, last.seq)),
+        _ => None,
+    };
+    let listed: Vec<Value> = letters
         .into_iter()
         .map(|letter| {
             json!({
@@ -153,7 +172,20 @@ async fn list_dead_letters(State(transmitter): Shared, uri: Uri) -> Result<Json<
             })
         })
         .collect();
-    Ok(Json(Value::Array(listed)))
+    Ok(Json(json!({ "dead_letters": listed, "next_cursor": next_cursor })))
+}
+
+/// A page cursor: the last listed position, opaque to the caller.
+fn encode_cursor(stream_id: &str, seq: u64) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!([stream_id, seq]).to_string())
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, u64), SsfError> {
+    use base64::Engine;
+    let invalid = || SsfError::BadRequest("`cursor` is not one this hub gave out".into());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
+    serde_json::from_slice::<(String, u64)>(&bytes).map_err(|_| invalid())
 }
 
 #[derive(Deserialize)]

@@ -131,6 +131,19 @@ fn owned_stream(
     transmitter.streams().owned(&receiver.receiver_id, stream_id).ok_or(SsfError::NotFound)
 }
 
+/// [`owned_stream`] for a call that counts as the receiver's activity on
+/// the stream (SSF 1.0 §8.1.1): recorded before the call proceeds, so a
+/// status change made by the same call starts from it.
+async fn active_stream(
+    transmitter: &Transmitter,
+    receiver: &Receiver,
+    stream_id: &str,
+) -> Result<Arc<StreamRecord>, SsfError> {
+    let record = owned_stream(transmitter, receiver, stream_id)?;
+    transmitter.note_activity(&record).await;
+    Ok(transmitter.streams().owned(&receiver.receiver_id, stream_id).unwrap_or(record))
+}
+
 /// The stream configuration as returned to its owner, with the hub's
 /// `default_subjects` extension when the stream takes every subject.
 fn config_json(record: &StreamRecord) -> Value {
@@ -157,11 +170,14 @@ async fn read_streams(State(transmitter): Shared, Authed(receiver): Authed, uri:
     require_read(&receiver)?;
     match stream_id_query(&uri)? {
         Some(stream_id) => {
-            let record = owned_stream(&transmitter, &receiver, &stream_id)?;
+            let record = active_stream(&transmitter, &receiver, &stream_id).await?;
             Ok(Json(config_json(&record)))
         }
         None => {
             let all = transmitter.streams().owned_by(&receiver.receiver_id);
+            for record in &all {
+                transmitter.note_activity(record).await;
+            }
             Ok(Json(Value::Array(all.iter().map(|record| config_json(record)).collect())))
         }
     }
@@ -184,7 +200,7 @@ async fn change_stream(
     require_manage(&receiver)?;
     let request = streams::parse_request(&body, kind)?;
     let stream_id = request.stream_id.clone().ok_or_else(|| SsfError::BadRequest("`stream_id` is required".into()))?;
-    let existing = owned_stream(&transmitter, &receiver, &stream_id)?;
+    let existing = active_stream(&transmitter, &receiver, &stream_id).await?;
     let poll_url = |id: &str| transmitter.poll_url(id);
     let config = match kind {
         RequestKind::Replace => streams::apply_replace(&existing.config, request, EVENTS_SUPPORTED, poll_url)?,
@@ -217,7 +233,7 @@ async fn read_status(
 ) -> Result<Json<StatusBody>, SsfError> {
     require_read(&receiver)?;
     let stream_id = stream_id_query(&uri)?.ok_or_else(|| SsfError::BadRequest("`stream_id` is required".into()))?;
-    let record = owned_stream(&transmitter, &receiver, &stream_id)?;
+    let record = active_stream(&transmitter, &receiver, &stream_id).await?;
     Ok(Json(status_body(&record)))
 }
 
@@ -228,7 +244,7 @@ async fn update_status(
 ) -> Result<Json<StatusBody>, SsfError> {
     require_manage(&receiver)?;
     let request = streams::parse_status_update(&body)?;
-    let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    let record = active_stream(&transmitter, &receiver, &request.stream_id).await?;
     let updated = transmitter.set_status(&record, request.status, request.reason).await?;
     Ok(Json(status_body(&updated)))
 }
@@ -240,7 +256,7 @@ async fn add_subject(
 ) -> Result<StatusCode, SsfError> {
     require_manage(&receiver)?;
     let request = streams::parse_subject_request(&body)?;
-    let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    let record = active_stream(&transmitter, &receiver, &request.stream_id).await?;
     transmitter.add_subject(&record, request.subject).await?;
     Ok(StatusCode::OK)
 }
@@ -252,7 +268,7 @@ async fn remove_subject(
 ) -> Result<StatusCode, SsfError> {
     require_manage(&receiver)?;
     let request = streams::parse_subject_request(&body)?;
-    owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    active_stream(&transmitter, &receiver, &request.stream_id).await?;
     transmitter.remove_subject(&request.stream_id, request.subject).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -260,7 +276,7 @@ async fn remove_subject(
 async fn verify(State(transmitter): Shared, Authed(receiver): Authed, body: Bytes) -> Result<StatusCode, SsfError> {
     require_manage(&receiver)?;
     let request = streams::parse_verification_request(&body)?;
-    let record = owned_stream(&transmitter, &receiver, &request.stream_id)?;
+    let record = active_stream(&transmitter, &receiver, &request.stream_id).await?;
     transmitter.verify_stream(&record, request.state).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -276,7 +292,7 @@ async fn poll_stream(
     // Authenticated and owned here first, so a forward never serves a
     // caller this instance would refuse.
     require_read(&receiver)?;
-    let record = owned_stream(&transmitter, &receiver, &stream_id)?;
+    let record = active_stream(&transmitter, &receiver, &stream_id).await?;
     if !matches!(record.config.delivery, Delivery::Poll { .. }) {
         return Err(SsfError::NotFound);
     }

@@ -21,3 +21,4 @@ pub mod service;
 pub mod ssrf;
 pub mod store;
 pub mod streams;
+pub mod upkeep;

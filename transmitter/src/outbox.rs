@@ -20,6 +20,8 @@ use crate::store::{Commit, Store, StoreError, decode, encode};
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 const JTI_INDEX: TableDefinition<&str, (&str, u64)> = TableDefinition::new("outbox_jti");
 const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+/// (failed at, stream, seq): the dead letters by age, for retention.
+const DEAD_BY_AGE: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("dead_letters_by_age");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_SEQ: &str = "outbox_seq";
 
@@ -82,6 +84,11 @@ pub struct SetOutcome<'a> {
 pub trait OutcomeSink: Send + Sync {
     /// Called inside the outbox's write transaction; must write nothing when it fails.
     fn record(&self, txn: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError>;
+
+    /// Called once that transaction has committed: where outcomes are told
+    /// to others (another instance must never hear of an outcome that a
+    /// failed transaction then undid).
+    fn committed(&self, _outcomes: &[SetOutcome<'_>]) {}
 }
 
 /// A sink that records nothing.
@@ -130,6 +137,11 @@ impl Outbox {
         let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
         let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
         for set in sets {
+            // The same SET imported twice (a shared log read again after a
+            // failover) is queued once, so acknowledging its jti settles it.
+            if index.get(set.jti.as_str()).map_err(storage)?.is_some_and(|entry| entry.value().0 == set.stream_id) {
+                continue;
+            }
             let row =
                 QueuedSet { jti: set.jti.clone(), token: set.token.clone(), txn: set.txn.clone(), enqueued_at_ms: now };
             outbox.insert((set.stream_id.as_str(), seq), encode(&row)?.as_slice()).map_err(storage)?;
@@ -201,7 +213,8 @@ impl Outbox {
     /// causes a redelivery of the same `jti`, so the commit is lazy.
     pub async fn remove_delivered(&self, delivered: Vec<(String, u64, u64)>) -> Result<(), StoreError> {
         let sink = Arc::clone(&self.sink);
-        self.store
+        let removed = self
+            .store
             .write(Commit::Lazy, move |txn| {
                 let mut removed = Vec::with_capacity(delivered.len());
                 {
@@ -212,55 +225,47 @@ impl Outbox {
                         let set: QueuedSet = decode(row.value())?;
                         drop(row);
                         index.remove(set.jti.as_str()).map_err(storage)?;
-                        removed.push((stream_id.as_str(), set, *at_ms));
+                        removed.push((stream_id.clone(), set, *at_ms));
                     }
                 }
-                let outcomes: Vec<SetOutcome<'_>> = removed
-                    .iter()
-                    .map(|(stream_id, set, at_ms)| SetOutcome {
-                        stream_id,
-                        set,
-                        delivered: true,
-                        at_ms: *at_ms,
-                        err: None,
-                    })
-                    .collect();
-                sink.record(txn, &outcomes)
+                sink.record(txn, &delivered_outcomes(&removed))?;
+                Ok(removed)
             })
-            .await
+            .await?;
+        self.sink.committed(&delivered_outcomes(&removed));
+        Ok(())
     }
 
     /// Acknowledges SETs of `stream_id` by `jti` (RFC 8936 `ack`). A `jti`
     /// that is unknown or belongs to another stream is ignored, so no
     /// receiver can acknowledge another's events. Returns the removed rows.
     pub async fn ack(&self, stream_id: &str, jtis: Vec<String>) -> Result<Vec<QueuedSet>, StoreError> {
-        let stream_id = stream_id.to_owned();
+        let owned = stream_id.to_owned();
         let sink = Arc::clone(&self.sink);
-        self.store
+        let at_ms = now_ms();
+        let acked = self
+            .store
             .write(Commit::Lazy, move |txn| {
                 let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
                 let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
-                let mut acked: Vec<QueuedSet> = Vec::new();
+                let mut acked = Vec::new();
                 for jti in &jtis {
                     let seq = match index.get(jti.as_str()).map_err(storage)? {
-                        Some(entry) if entry.value().0 == stream_id => entry.value().1,
+                        Some(entry) if entry.value().0 == owned => entry.value().1,
                         _ => continue,
                     };
                     index.remove(jti.as_str()).map_err(storage)?;
-                    if let Some(row) = outbox.remove((stream_id.as_str(), seq)).map_err(storage)? {
-                        acked.push(decode(row.value())?);
+                    if let Some(row) = outbox.remove((owned.as_str(), seq)).map_err(storage)? {
+                        acked.push((owned.clone(), decode::<QueuedSet>(row.value())?, at_ms));
                     }
                 }
                 drop((outbox, index));
-                let at_ms = now_ms();
-                let outcomes: Vec<SetOutcome<'_>> = acked
-                    .iter()
-                    .map(|set| SetOutcome { stream_id: &stream_id, set, delivered: true, at_ms, err: None })
-                    .collect();
-                sink.record(txn, &outcomes)?;
+                sink.record(txn, &delivered_outcomes(&acked))?;
                 Ok(acked)
             })
-            .await
+            .await?;
+        self.sink.committed(&delivered_outcomes(&acked));
+        Ok(acked.into_iter().map(|(_, set, _)| set).collect())
     }
 
     /// Moves SETs of a stream to the dead letters with the reason given for
@@ -269,11 +274,13 @@ impl Outbox {
     pub async fn dead_letter(&self, stream_id: &str, failures: Vec<Failure>) -> Result<Vec<DeadLetter>, StoreError> {
         let stream_id = stream_id.to_owned();
         let sink = Arc::clone(&self.sink);
-        self.store
+        let moved = self
+            .store
             .write(Commit::Durable, move |txn| {
                 let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
                 let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
                 let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
+                let mut by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
                 let mut moved = Vec::new();
                 let now = now_ms();
                 for failure in &failures {
@@ -297,43 +304,51 @@ impl Outbox {
                         failed_at_ms: now,
                     };
                     dead.insert((stream_id.as_str(), seq), encode(&letter)?.as_slice()).map_err(storage)?;
+                    by_age.insert((now, stream_id.as_str(), seq), ()).map_err(storage)?;
                     moved.push(letter);
                 }
-                drop((outbox, index, dead));
-                let outcomes: Vec<SetOutcome<'_>> = moved
-                    .iter()
-                    .map(|letter| SetOutcome {
-                        stream_id: &stream_id,
-                        set: &letter.set,
-                        delivered: false,
-                        at_ms: now,
-                        err: Some(letter.err.as_str()),
-                    })
-                    .collect();
-                sink.record(txn, &outcomes)?;
+                drop((outbox, index, dead, by_age));
+                sink.record(txn, &failed_outcomes(&moved))?;
                 Ok(moved)
             })
-            .await
+            .await?;
+        self.sink.committed(&failed_outcomes(&moved));
+        Ok(moved)
     }
 
-    /// Dead letters, of one stream or of all.
-    pub fn dead_letters(&self, stream_id: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
+    /// Dead letters, of one stream or of all, in (stream, sequence) order:
+    /// up to `limit` after the position `after`, and whether more follow.
+    pub fn dead_letters(
+        &self,
+        stream_id: Option<&str>,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), StoreError> {
+        use std::ops::Bound;
         self.store.read(|txn| {
             let dead = match txn.open_table(DEAD_LETTERS) {
                 Ok(table) => table,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), false)),
                 Err(error) => return Err(storage(error)),
             };
-            let mut letters = Vec::new();
-            let rows = match stream_id {
-                Some(stream) => dead.range((stream, 0)..=(stream, u64::MAX)).map_err(storage)?,
-                None => dead.iter().map_err(storage)?,
+            let lower = match (after, stream_id) {
+                (Some(position), _) => Bound::Excluded(position),
+                (None, Some(stream)) => Bound::Included((stream, 0)),
+                (None, None) => Bound::Unbounded,
             };
-            for row in rows {
+            let upper = match stream_id {
+                Some(stream) => Bound::Included((stream, u64::MAX)),
+                None => Bound::Unbounded,
+            };
+            let mut letters = Vec::new();
+            for row in dead.range::<(&str, u64)>((lower, upper)).map_err(storage)? {
+                if letters.len() == limit {
+                    return Ok((letters, true));
+                }
                 let (_, value) = row.map_err(storage)?;
                 letters.push(decode(value.value())?);
             }
-            Ok(letters)
+            Ok((letters, false))
         })
     }
 
@@ -358,8 +373,10 @@ impl Outbox {
                     letters
                 };
                 let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
+                let mut by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
                 for letter in &letters {
                     dead.remove((owned.as_str(), letter.seq)).map_err(storage)?;
+                    by_age.remove((letter.failed_at_ms, owned.as_str(), letter.seq)).map_err(storage)?;
                 }
                 // Back at the tail of the queue with a fresh sequence (the
                 // stream's deliverer has moved past the old one); same jti.
@@ -380,31 +397,103 @@ impl Outbox {
         Ok(replayed)
     }
 
-    /// Drops every queued SET of a stream (stream deleted or disabled).
+    /// Drops every queued SET of a stream (stream disabled or moved away).
     pub async fn purge(&self, stream_id: &str) -> Result<u64, StoreError> {
         let owned = stream_id.to_owned();
-        let purged = self
-            .store
-            .write(Commit::Durable, move |txn| {
-                let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-                let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
-                let mut jtis = Vec::new();
-                let removed = outbox
-                    .extract_from_if((owned.as_str(), 0)..=(owned.as_str(), u64::MAX), |_, _| true)
-                    .map_err(storage)?;
-                for row in removed {
-                    let (_, value) = row.map_err(storage)?;
-                    let set: QueuedSet = decode(value.value())?;
-                    jtis.push(set.jti);
-                }
-                for jti in &jtis {
-                    index.remove(jti.as_str()).map_err(storage)?;
-                }
-                Ok(jtis.len() as u64)
-            })
-            .await?;
+        let purged = self.store.write(Commit::Durable, move |txn| Outbox::purge_in(txn, &owned)).await?;
         self.wake(stream_id);
         Ok(purged)
+    }
+
+    /// [`Outbox::purge`] inside a caller's transaction.
+    pub fn purge_in(txn: &WriteTransaction, stream_id: &str) -> Result<u64, StoreError> {
+        let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut index = txn.open_table(JTI_INDEX).map_err(storage)?;
+        let mut jtis = Vec::new();
+        let removed = outbox.extract_from_if((stream_id, 0)..=(stream_id, u64::MAX), |_, _| true).map_err(storage)?;
+        for row in removed {
+            let (_, value) = row.map_err(storage)?;
+            let set: QueuedSet = decode(value.value())?;
+            jtis.push(set.jti);
+        }
+        for jti in &jtis {
+            index.remove(jti.as_str()).map_err(storage)?;
+        }
+        Ok(jtis.len() as u64)
+    }
+
+    /// Removes everything a deleted stream left here: its queue, its dead
+    /// letters, its wake-up signal.
+    pub async fn forget_stream(&self, stream_id: &str) -> Result<(), StoreError> {
+        let owned = stream_id.to_owned();
+        self.store
+            .write(Commit::Durable, move |txn| {
+                Outbox::purge_in(txn, &owned)?;
+                let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
+                let mut by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
+                let letters = dead
+                    .extract_from_if((owned.as_str(), 0)..=(owned.as_str(), u64::MAX), |_, _| true)
+                    .map_err(storage)?;
+                for row in letters {
+                    let (_, value) = row.map_err(storage)?;
+                    let letter: DeadLetter = decode(value.value())?;
+                    by_age.remove((letter.failed_at_ms, owned.as_str(), letter.seq)).map_err(storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        // Wake whoever still waits on it (they find it gone), then forget the signal.
+        self.wake(stream_id);
+        self.wakers.lock().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
+        Ok(())
+    }
+
+    /// Removes up to `limit` dead letters that failed before `horizon_ms`,
+    /// oldest first; returns how many went.
+    pub async fn prune_dead_letters(&self, horizon_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.store
+            .write(Commit::Lazy, move |txn| {
+                let old: Vec<(u64, String, u64)> = {
+                    let by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
+                    let mut old = Vec::new();
+                    for row in by_age.range((0, "", 0)..(horizon_ms, "", 0)).map_err(storage)?.take(limit) {
+                        let (key, _) = row.map_err(storage)?;
+                        let (at, stream, seq) = key.value();
+                        old.push((at, stream.to_owned(), seq));
+                    }
+                    old
+                };
+                let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
+                let mut by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
+                for (at, stream, seq) in &old {
+                    dead.remove((stream.as_str(), *seq)).map_err(storage)?;
+                    by_age.remove((*at, stream.as_str(), *seq)).map_err(storage)?;
+                }
+                Ok(old.len())
+            })
+            .await
+    }
+
+    /// Dead-letters up to `limit` SETs of a stream that entered the outbox
+    /// before `horizon_ms` and were never acknowledged (a poll stream nobody
+    /// polls, a paused stream). Returns how many went.
+    pub async fn expire(&self, stream_id: &str, horizon_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut failures = Vec::new();
+        // Sequences follow enqueue order, so the old SETs come first.
+        for pending in self.pending(stream_id, 0, limit)? {
+            if pending.set.enqueued_at_ms >= horizon_ms {
+                break;
+            }
+            failures.push(Failure {
+                target: FailureTarget::Seq(pending.seq),
+                err: "delivery_timeout".into(),
+                description: "not acknowledged before the delivery give-up age".into(),
+            });
+        }
+        if failures.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.dead_letter(stream_id, failures).await?.len())
     }
 
     /// Whether the SET `jti` still waits in the stream's queue.
@@ -427,6 +516,26 @@ impl Outbox {
             Err(error) => Err(storage(error)),
         })
     }
+}
+
+fn delivered_outcomes(removed: &[(String, QueuedSet, u64)]) -> Vec<SetOutcome<'_>> {
+    removed
+        .iter()
+        .map(|(stream_id, set, at_ms)| SetOutcome { stream_id, set, delivered: true, at_ms: *at_ms, err: None })
+        .collect()
+}
+
+fn failed_outcomes(letters: &[DeadLetter]) -> Vec<SetOutcome<'_>> {
+    letters
+        .iter()
+        .map(|letter| SetOutcome {
+            stream_id: &letter.stream_id,
+            set: &letter.set,
+            delivered: false,
+            at_ms: letter.failed_at_ms,
+            err: Some(letter.err.as_str()),
+        })
+        .collect()
 }
 
 /// Which queued SET failed.
@@ -498,14 +607,19 @@ mod tests {
         let moved = outbox.dead_letter("a", failures).await.expect("dead letter");
         assert_eq!(moved.len(), 2);
         assert_eq!(outbox.depth("a").expect("depth"), 0);
-        assert_eq!(outbox.dead_letters(Some("a")).expect("list").len(), 2);
-        assert!(outbox.dead_letters(Some("b")).expect("list").is_empty());
+        assert_eq!(outbox.dead_letters(Some("a"), None, 10).expect("list").0.len(), 2);
+        assert!(outbox.dead_letters(Some("b"), None, 10).expect("list").0.is_empty());
+        let (first, more) = outbox.dead_letters(None, None, 1).expect("page");
+        assert!(more, "a second page follows");
+        let after = Some((first[0].stream_id.as_str(), first[0].seq));
+        let (second, more) = outbox.dead_letters(None, after, 1).expect("page");
+        assert!(!more && second[0].seq != first[0].seq, "the cursor moves past the first");
 
         assert_eq!(outbox.replay("a", vec!["2".into()]).await.expect("replay"), 1);
         let back = outbox.pending("a", 0, 10).expect("pending");
         assert_eq!(jtis(&back), ["2"]);
         assert_eq!(back[0].set.token, "token-2", "same SET, same jti");
-        assert_eq!(outbox.dead_letters(None).expect("list").len(), 1);
+        assert_eq!(outbox.dead_letters(None, None, 10).expect("list").0.len(), 1);
     }
 
     #[tokio::test]

@@ -250,7 +250,7 @@ mod tests {
         request.set_errs.insert("b".into(), SetErr { err: "invalid_key".into(), description: String::new() });
         let response = run(&outbox, "mine", request).await;
         assert!(response.sets.is_empty());
-        assert_eq!(outbox.dead_letters(Some("mine")).expect("list")[0].err, "invalid_key");
+        assert_eq!(outbox.dead_letters(Some("mine"), None, 10).expect("list").0[0].err, "invalid_key");
         assert_eq!(outbox.depth("theirs").expect("depth"), 1, "another stream's SET is untouched by ack or setErrs");
     }
 

@@ -132,6 +132,18 @@ impl Pusher {
         }
     }
 
+    /// Sends one SET once, outside any queue and with no retry, through the
+    /// same SSRF guard: an announcement to a stream already disabled (whose
+    /// queue drops everything). True when the receiver accepted it.
+    pub(crate) async fn send_direct(&self, endpoint_url: &str, authorization: Option<String>, token: &str) -> bool {
+        let route = PushRoute {
+            endpoint_url: endpoint_url.to_owned(),
+            authorization_header: authorization,
+            status: StreamStatus::Enabled,
+        };
+        matches!(self.send_once(&route, token).await, Attempt::Delivered)
+    }
+
     async fn send_once(&self, route: &PushRoute, token: &str) -> Attempt {
         let url = match reqwest::Url::parse(&route.endpoint_url) {
             Ok(url) => url,

@@ -9,7 +9,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -245,28 +245,23 @@ impl Receivers {
         })
     }
 
-    /// Removes a receiver and revokes its token at once. Returns false when
-    /// there was no such receiver (so re-applying does nothing). Its streams
-    /// are the caller's to disable.
-    pub(crate) async fn apply_deleted(&self, receiver_id: &str) -> Result<bool, StoreError> {
-        let receiver_id = receiver_id.to_owned();
-        self.store
-            .write(Commit::Durable, move |txn| {
-                let mut tokens = txn.open_table(TOKENS).map_err(storage)?;
-                let digests: Vec<Vec<u8>> = tokens
-                    .iter()
-                    .map_err(storage)?
-                    .filter_map(Result::ok)
-                    .filter(|(_, owner)| owner.value() == receiver_id)
-                    .map(|(digest, _)| digest.value().to_vec())
-                    .collect();
-                for digest in digests {
-                    tokens.remove(digest.as_slice()).map_err(storage)?;
-                }
-                let mut receivers = txn.open_table(RECEIVERS).map_err(storage)?;
-                Ok(receivers.remove(receiver_id.as_str()).map_err(storage)?.is_some())
-            })
-            .await
+    /// Removes a receiver and revokes its token, inside a caller's
+    /// transaction (which also disables its streams). Returns false when
+    /// there was no such receiver, so re-applying does nothing.
+    pub(crate) fn delete_in(txn: &WriteTransaction, receiver_id: &str) -> Result<bool, StoreError> {
+        let mut tokens = txn.open_table(TOKENS).map_err(storage)?;
+        let digests: Vec<Vec<u8>> = tokens
+            .iter()
+            .map_err(storage)?
+            .filter_map(Result::ok)
+            .filter(|(_, owner)| owner.value() == receiver_id)
+            .map(|(digest, _)| digest.value().to_vec())
+            .collect();
+        for digest in digests {
+            tokens.remove(digest.as_slice()).map_err(storage)?;
+        }
+        let mut receivers = txn.open_table(RECEIVERS).map_err(storage)?;
+        Ok(receivers.remove(receiver_id).map_err(storage)?.is_some())
     }
 
     /// The receiver a bearer token belongs to, if any.
@@ -356,9 +351,10 @@ mod tests {
         assert_eq!(receivers.authenticate("ssf_forged").expect("auth"), None);
         assert_eq!(receivers.list().expect("list").len(), 2);
 
-        assert!(receivers.apply_deleted(&alice.receiver_id).await.expect("delete"));
+        let delete = |id: String| receivers.store.write(Commit::Durable, move |txn| Receivers::delete_in(txn, &id));
+        assert!(delete(alice.receiver_id.clone()).await.expect("delete"));
         assert_eq!(receivers.authenticate(&alice_token).expect("auth"), None, "token revoked");
-        assert!(!receivers.apply_deleted(&alice.receiver_id).await.expect("delete"), "already gone");
+        assert!(!delete(alice.receiver_id.clone()).await.expect("delete"), "already gone");
         assert_eq!(receivers.authenticate(&bob_token).expect("auth"), Some(bob));
     }
 

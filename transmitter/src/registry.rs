@@ -4,23 +4,34 @@
 //! Invariant: the cache changes only after the write that it mirrors has
 //! committed, so nothing is routed by a change that could still be lost.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use caep_schemas::event::StreamStatus;
 use caep_schemas::subject::SubjectId;
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::outbox::now_ms;
 use crate::secrets::{SecretBox, SecretError};
 use crate::store::{Commit, Store, StoreError, decode, encode};
 use crate::streams::{Delivery, StreamConfig};
 
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
 const STREAM_SUBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("stream_subjects");
-/// Ids of deleted streams (value empty). Stream ids are random, so this only
-/// ever refuses a late change about a stream that really was deleted.
+/// Ids of deleted streams (value: when, ms since the epoch as 8 big-endian
+/// bytes; empty in older files). Stream ids are random, so this only ever
+/// refuses a late change about a stream that really was deleted; it is
+/// kept for [`DELETED_STREAM_MEMORY_MS`], far longer than any change takes
+/// to be applied everywhere.
 const DELETED_STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("deleted_streams");
+
+/// How long a deleted stream's id is remembered.
+pub const DELETED_STREAM_MEMORY_MS: u64 = 24 * 3600 * 1000;
+
+/// Subjects (other than agent sessions, which the hub keeps as touches in
+/// its graph) one stream may hold.
+pub const MAX_SUBJECTS_PER_STREAM: usize = 100_000;
 
 /// A stream as the transmitter keeps it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,6 +54,10 @@ pub struct StreamRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verification_ms: Option<u64>,
     pub created_at_ms: u64,
+    /// The receiver's last eligible activity (SSF 1.0 §8.1.1), recorded
+    /// coarsely (see `Transmitter::note_activity`); `None`: none since creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_ms: Option<u64>,
 }
 
 impl StreamRecord {
@@ -68,6 +83,11 @@ impl StreamRecord {
         Ok(self)
     }
 
+    /// When the receiver last showed eligible activity (creation counts).
+    pub fn last_active_ms(&self) -> u64 {
+        self.last_activity_ms.unwrap_or(self.created_at_ms).max(self.created_at_ms)
+    }
+
     /// Whether the stream may hear about `issuer`'s sessions.
     pub fn hears_from(&self, issuer: &str) -> bool {
         self.issuers.as_ref().is_none_or(|issuers| issuers.iter().any(|bound| bound == issuer))
@@ -87,8 +107,8 @@ pub struct StreamRegistry {
     /// Serializes applied changes so the cache applies them in commit order.
     changing: tokio::sync::Mutex<()>,
     cache: RwLock<HashMap<String, Arc<StreamRecord>>>,
-    /// stream → subject key → subject; keyed so adding one is O(log n).
-    subjects: RwLock<HashMap<String, BTreeMap<String, SubjectId>>>,
+    /// stream → how many subjects it holds (the subjects stay on disk).
+    subject_counts: RwLock<HashMap<String, usize>>,
 }
 
 fn storage<E: std::fmt::Display>(error: E) -> StoreError {
@@ -105,9 +125,9 @@ impl StreamRegistry {
     /// Loads every stream and subject from `store`, opening the sealed push
     /// credentials with `secrets`.
     pub fn load(store: Store, secrets: Arc<SecretBox>) -> Result<Self, StoreError> {
-        let (cache, subjects) = store.read(|txn| {
+        let (cache, subject_counts) = store.read(|txn| {
             let mut cache = HashMap::new();
-            let mut subjects: HashMap<String, BTreeMap<String, SubjectId>> = HashMap::new();
+            let mut subject_counts: HashMap<String, usize> = HashMap::new();
             match txn.open_table(STREAMS) {
                 Ok(table) => {
                     for row in table.iter().map_err(storage)? {
@@ -123,23 +143,21 @@ impl StreamRegistry {
             match txn.open_table(STREAM_SUBJECTS) {
                 Ok(table) => {
                     for row in table.iter().map_err(storage)? {
-                        let (key, value) = row.map_err(storage)?;
-                        let subject: SubjectId = decode(value.value())?;
-                        let (stream_id, subject_key) = key.value();
-                        subjects.entry(stream_id.to_owned()).or_default().insert(subject_key.to_owned(), subject);
+                        let (key, _) = row.map_err(storage)?;
+                        *subject_counts.entry(key.value().0.to_owned()).or_default() += 1;
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(error) => return Err(storage(error)),
             }
-            Ok((cache, subjects))
+            Ok((cache, subject_counts))
         })?;
         Ok(StreamRegistry {
             store,
             secrets,
             changing: tokio::sync::Mutex::new(()),
             cache: RwLock::new(cache),
-            subjects: RwLock::new(subjects),
+            subject_counts: RwLock::new(subject_counts),
         })
     }
 
@@ -211,6 +229,45 @@ impl StreamRegistry {
         Ok(Ok(record))
     }
 
+    /// Disables every stream `receiver_id` owns (with `reason`) in one
+    /// transaction with `also` (given the streams' ids), then updates the
+    /// cache. Returns the disabled records.
+    pub(crate) async fn disable_owned_by(
+        &self,
+        receiver_id: &str,
+        reason: &str,
+        mut also: impl FnMut(&WriteTransaction, &[String]) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<Vec<Arc<StreamRecord>>, StoreError> {
+        let _changing = self.changing.lock().await;
+        let disabled: Vec<StreamRecord> = self
+            .owned_by(receiver_id)
+            .iter()
+            .map(|record| StreamRecord {
+                status: StreamStatus::Disabled,
+                reason: Some(reason.to_owned()),
+                ..(**record).clone()
+            })
+            .collect();
+        let stored: Vec<StreamRecord> = disabled.iter().map(|record| record.sealed(&self.secrets)).collect();
+        let ids: Vec<String> = disabled.iter().map(|record| record.config.stream_id.clone()).collect();
+        self.store
+            .write(Commit::Durable, move |txn| {
+                let mut table = txn.open_table(STREAMS).map_err(storage)?;
+                for record in &stored {
+                    table.insert(record.config.stream_id.as_str(), encode(record)?.as_slice()).map_err(storage)?;
+                }
+                drop(table);
+                also(txn, &ids)
+            })
+            .await?;
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let disabled: Vec<Arc<StreamRecord>> = disabled.into_iter().map(Arc::new).collect();
+        for record in &disabled {
+            cache.insert(record.config.stream_id.clone(), Arc::clone(record));
+        }
+        Ok(disabled)
+    }
+
     /// Deletes a stream and its subjects, and remembers the id so a change
     /// about it ordered after the deletion cannot bring it back. Idempotent.
     pub(crate) async fn apply_delete(&self, stream_id: &str) -> Result<(), StoreError> {
@@ -224,13 +281,37 @@ impl StreamRegistry {
                 let end = format!("{owned}\0");
                 subjects.retain_in((owned.as_str(), "")..(end.as_str(), ""), |_, _| false).map_err(storage)?;
                 let mut deleted = txn.open_table(DELETED_STREAMS).map_err(storage)?;
-                deleted.insert(owned.as_str(), [].as_slice()).map_err(storage)?;
+                deleted.insert(owned.as_str(), now_ms().to_be_bytes().as_slice()).map_err(storage)?;
                 Ok(())
             })
             .await?;
         self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
-        self.subjects.write().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
+        self.subject_counts.write().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
         Ok(())
+    }
+
+    /// Forgets deleted streams' ids older than [`DELETED_STREAM_MEMORY_MS`]
+    /// (a day's deletions: a small table). Returns how many went.
+    pub async fn prune_deleted(&self, now: u64) -> Result<usize, StoreError> {
+        let horizon = now.saturating_sub(DELETED_STREAM_MEMORY_MS);
+        self.store
+            .write(Commit::Lazy, move |txn| {
+                let mut deleted = txn.open_table(DELETED_STREAMS).map_err(storage)?;
+                let mut removed = 0;
+                deleted
+                    .retain(|_, at| {
+                        // An entry without a time (written before they were) goes now.
+                        let when = <[u8; 8]>::try_from(at).map_or(0, u64::from_be_bytes);
+                        let keep = when >= horizon;
+                        if !keep {
+                            removed += 1;
+                        }
+                        keep
+                    })
+                    .map_err(storage)?;
+                Ok(removed)
+            })
+            .await
     }
 
     /// Adds a subject to a stream (idempotent); refused when the stream does
@@ -246,17 +327,19 @@ impl StreamRegistry {
         if self.get(stream_id).is_none() {
             return Ok(Err(format!("stream `{stream_id}` does not exist")));
         }
-        let (owned, key, stored) = (stream_id.to_owned(), subject_key(&subject), subject.clone());
-        self.store
+        let (owned, key) = (stream_id.to_owned(), subject_key(&subject));
+        let added = self
+            .store
             .write(Commit::Durable, move |txn| {
-                let bytes = encode(&stored)?;
+                let bytes = encode(&subject)?;
                 let mut table = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
-                table.insert((owned.as_str(), key.as_str()), bytes.as_slice()).map_err(storage)?;
-                Ok(())
+                Ok(table.insert((owned.as_str(), key.as_str()), bytes.as_slice()).map_err(storage)?.is_none())
             })
             .await?;
-        let mut subjects = self.subjects.write().unwrap_or_else(|p| p.into_inner());
-        subjects.entry(stream_id.to_owned()).or_default().insert(subject_key(&subject), subject);
+        if added {
+            *self.subject_counts.write().unwrap_or_else(|p| p.into_inner()).entry(stream_id.to_owned()).or_default() +=
+                1;
+        }
         Ok(Ok(()))
     }
 
@@ -264,27 +347,34 @@ impl StreamRegistry {
     pub(crate) async fn apply_remove_subject(&self, stream_id: &str, subject: &SubjectId) -> Result<(), StoreError> {
         let _changing = self.changing.lock().await;
         let (owned, key) = (stream_id.to_owned(), subject_key(subject));
-        self.store
+        let removed = self
+            .store
             .write(Commit::Durable, move |txn| {
                 let mut table = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
-                table.remove((owned.as_str(), key.as_str())).map_err(storage)?;
-                Ok(())
+                Ok(table.remove((owned.as_str(), key.as_str())).map_err(storage)?.is_some())
             })
             .await?;
-        if let Some(list) = self.subjects.write().unwrap_or_else(|p| p.into_inner()).get_mut(stream_id) {
-            list.remove(&subject_key(subject));
+        if removed
+            && let Some(count) = self.subject_counts.write().unwrap_or_else(|p| p.into_inner()).get_mut(stream_id)
+        {
+            *count = count.saturating_sub(1);
         }
         Ok(())
     }
 
-    /// How many subjects were added to a stream.
+    /// How many subjects a stream holds (agent sessions are not among them:
+    /// the hub keeps those as touches in its graph).
     pub fn subject_count(&self, stream_id: &str) -> usize {
-        self.subjects.read().unwrap_or_else(|p| p.into_inner()).get(stream_id).map_or(0, BTreeMap::len)
+        self.subject_counts.read().unwrap_or_else(|p| p.into_inner()).get(stream_id).copied().unwrap_or(0)
     }
 
-    /// The subjects added to a stream.
-    pub fn subjects(&self, stream_id: &str) -> Vec<SubjectId> {
-        let subjects = self.subjects.read().unwrap_or_else(|p| p.into_inner());
-        subjects.get(stream_id).map(|list| list.values().cloned().collect()).unwrap_or_default()
+    /// Whether the stream holds `subject`.
+    pub fn has_subject(&self, stream_id: &str, subject: &SubjectId) -> Result<bool, StoreError> {
+        let key = subject_key(subject);
+        self.store.read(|txn| match txn.open_table(STREAM_SUBJECTS) {
+            Ok(table) => Ok(table.get((stream_id, key.as_str())).map_err(storage)?.is_some()),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(error) => Err(storage(error)),
+        })
     }
 }

@@ -25,7 +25,7 @@ use crate::outbox::{NewSet, Outbox, OutcomeSink, now_ms};
 use crate::push::{PushPolicy, PushRoute, Pusher};
 use crate::queue::DeliveryQueue;
 use crate::receivers::{Receiver, ReceiverError, ReceiverSpec, Receivers};
-use crate::registry::{StreamRecord, StreamRegistry};
+use crate::registry::{MAX_SUBJECTS_PER_STREAM, StreamRecord, StreamRegistry};
 use crate::secrets::SecretBox;
 use crate::ssrf::PushUrlGuard;
 use crate::store::{Commit, Store, StoreError};
@@ -85,6 +85,11 @@ pub struct TransmitterSettings {
     /// Seals receivers' push credentials at rest. `new` makes a key that
     /// lives only as long as the process; the hub sets its persistent one.
     pub secrets: Arc<SecretBox>,
+    /// How long a dead letter waits for an operator's replay.
+    pub dead_letter_retention: Duration,
+    /// SSF `inactivity_timeout` of new streams: paused after this long
+    /// without eligible receiver activity. `None`: never.
+    pub inactivity_timeout: Option<Duration>,
 }
 
 impl TransmitterSettings {
@@ -101,30 +106,38 @@ impl TransmitterSettings {
             secrets: Arc::new(SecretBox::ephemeral()),
             calls_per_second_per_receiver: 200,
             max_long_polls_per_receiver: 8,
+            dead_letter_retention: Duration::from_secs(7 * 24 * 3600),
+            inactivity_timeout: Some(Duration::from_secs(30 * 24 * 3600)),
         }
     }
 }
 
+/// Why a removed receiver's streams are disabled.
+const RECEIVER_REMOVED: &str = "receiver removed by the transmitter's operator";
+
 /// A boxed future, for the hook trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Told when a receiver adds a subject to a stream, after it is stored; the
-/// hub records a session touch here. An error fails the add-subject call,
-/// so the receiver retries (adding a subject again is harmless).
+/// Told when a receiver adds a subject to a stream, before it is stored;
+/// the hub records a session touch here. An error fails the add-subject
+/// call, so the receiver retries (adding a subject again is harmless).
 pub trait SubjectHook: Send + Sync {
+    /// `Ok(true)` when the hook keeps the subject itself (the hub keeps agent
+    /// sessions as touches in its graph, pruned with the sessions), so the
+    /// stream's own subject list need not; `Ok(false)` to store it there.
     fn subject_added<'a>(
         &'a self,
         stream: &'a StreamRecord,
         subject: &'a SubjectId,
-    ) -> BoxFuture<'a, Result<(), SsfError>>;
+    ) -> BoxFuture<'a, Result<bool, SsfError>>;
 }
 
-/// A hook that does nothing.
+/// A hook that keeps nothing: every subject is stored with its stream.
 pub struct NoHook;
 
 impl SubjectHook for NoHook {
-    fn subject_added<'a>(&'a self, _: &'a StreamRecord, _: &'a SubjectId) -> BoxFuture<'a, Result<(), SsfError>> {
-        Box::pin(async { Ok(()) })
+    fn subject_added<'a>(&'a self, _: &'a StreamRecord, _: &'a SubjectId) -> BoxFuture<'a, Result<bool, SsfError>> {
+        Box::pin(async { Ok(false) })
     }
 }
 
@@ -303,14 +316,28 @@ impl Transmitter {
                 conflict_if(self.receivers.apply_created(receiver, &token_digest).await?)
             }
             ControlChange::ReceiverDeleted { receiver_id } => {
-                self.receivers.apply_deleted(&receiver_id).await?;
+                // One transaction: the token revoked, every stream disabled and
+                // its queue dropped. A crash leaves all of it done or none.
+                let gone = receiver_id.clone();
+                let also = move |txn: &redb::WriteTransaction, streams: &[String]| {
+                    crate::receivers::Receivers::delete_in(txn, &gone)?;
+                    for stream_id in streams {
+                        Outbox::purge_in(txn, stream_id)?;
+                    }
+                    Ok(())
+                };
+                let disabled = self.streams.disable_owned_by(&receiver_id, RECEIVER_REMOVED, also).await?;
+                for record in &disabled {
+                    self.pusher.stop(&record.config.stream_id);
+                    self.outbox.wake(&record.config.stream_id);
+                }
                 ControlOutcome::Applied
             }
             ControlChange::StreamPut { record } => self.apply_stream_put(record).await?,
             ControlChange::StreamDeleted { stream_id } => {
                 self.pusher.stop(&stream_id);
-                self.outbox.purge(&stream_id).await?;
                 self.streams.apply_delete(&stream_id).await?;
+                self.outbox.forget_stream(&stream_id).await?;
                 ControlOutcome::Applied
             }
             ControlChange::SubjectAdded { stream_id, subject } => {
@@ -407,8 +434,17 @@ impl Transmitter {
     /// bounds) stores nothing; a retry after a failure in between is
     /// harmless, both steps being idempotent.
     pub async fn add_subject(&self, record: &StreamRecord, subject: SubjectId) -> Result<(), SsfError> {
-        self.subject_hook.subject_added(record, &subject).await?;
+        if self.subject_hook.subject_added(record, &subject).await? {
+            return Ok(());
+        }
         let stream_id = record.config.stream_id.clone();
+        if self.streams.subject_count(&stream_id) >= MAX_SUBJECTS_PER_STREAM
+            && !self.streams.has_subject(&stream_id, &subject).map_err(store_error)?
+        {
+            return Err(SsfError::BadRequest(format!(
+                "this stream holds the most subjects allowed ({MAX_SUBJECTS_PER_STREAM}); remove some first"
+            )));
+        }
         let change = ControlChange::SubjectAdded { stream_id, subject };
         self.record(change, |_| SsfError::NotFound).await
     }
@@ -515,7 +551,7 @@ impl Transmitter {
         if self.streams.owned_by(&receiver.receiver_id).len() >= limit {
             return Err(SsfError::Conflict(format!("this receiver already has the most streams allowed ({limit})")));
         }
-        let config = streams::new_stream(
+        let mut config = streams::new_stream(
             streams::new_stream_id(),
             self.issuer(),
             Audience::One(receiver.audience.clone()),
@@ -524,6 +560,7 @@ impl Transmitter {
             |id| self.poll_url(id),
             self.settings.min_verification_interval,
         );
+        config.inactivity_timeout = self.settings.inactivity_timeout.map(|timeout| timeout.as_secs().max(1));
         self.check_push_endpoint(&config).await?;
         let record = StreamRecord {
             config,
@@ -534,6 +571,7 @@ impl Transmitter {
             issuers: receiver.issuers.clone(),
             last_verification_ms: None,
             created_at_ms: now_ms(),
+            last_activity_ms: None,
         };
         let stream_id = record.config.stream_id.clone();
         self.record(ControlChange::StreamPut { record }, SsfError::Conflict).await?;
@@ -633,22 +671,37 @@ impl Transmitter {
         Ok(())
     }
 
-    /// Removes a receiver: revokes its token at once, then disables its
-    /// streams (announcing it to them first).
+    /// Removes a receiver: in one transaction its token is revoked and
+    /// every stream it owns is disabled with its queue dropped. Then, best
+    /// effort, each push stream that was enabled is told by a stream-updated
+    /// SET posted directly (a poll stream cannot be told: its receiver can
+    /// no longer poll).
     pub async fn delete_receiver(self: &Arc<Self>, receiver_id: &str) -> Result<bool, SsfError> {
-        {
+        let told = {
             // Check and delete as one step here, so of two concurrent
             // deletions only one answers true.
             let _changing = self.changing.lock().await;
             if self.receivers.get(receiver_id).map_err(store_error)?.is_none() {
                 return Ok(false);
             }
+            let told: Vec<Arc<StreamRecord>> =
+                self.streams.owned_by(receiver_id).into_iter().filter(|r| r.status == StreamStatus::Enabled).collect();
             let change = ControlChange::ReceiverDeleted { receiver_id: receiver_id.to_owned() };
             self.record(change, SsfError::Conflict).await?;
-        }
-        for record in self.streams.owned_by(receiver_id) {
-            let reason = Some("receiver removed by the transmitter's operator".to_owned());
-            self.change_status_by_transmitter(&record.config.stream_id, StreamStatus::Disabled, reason).await?;
+            told
+        };
+        for record in told {
+            let Delivery::Push { endpoint_url, authorization_header } = &record.config.delivery else { continue };
+            let event = Event::StreamUpdated(StreamUpdated {
+                status: StreamStatus::Disabled,
+                reason: Some(RECEIVER_REMOVED.to_owned()),
+                ..Default::default()
+            });
+            let announcement = self.stream_event(&record, event);
+            let Ok(token) = announcement.set.sign(&self.keys.active()) else { continue };
+            let sent = self.pusher.send_direct(endpoint_url, authorization_header.clone(), &token);
+            let told = tokio::time::timeout(self.settings.announce_timeout, sent).await.unwrap_or(false);
+            tracing::info!(stream_id = %record.config.stream_id, told, "removed receiver's stream disabled");
         }
         Ok(true)
     }

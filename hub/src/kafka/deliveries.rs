@@ -355,11 +355,16 @@ impl StreamPlacement for Deliveries {
 }
 
 /// Reports outcomes of cascade leaves delivered here to every instance
-/// (through `shared`), from inside the outbox's own transaction.
+/// (through `shared`), once the outbox's transaction that settled them has
+/// committed: an outcome a failed transaction undid is never reported.
 pub struct KafkaTracker(pub Arc<Deliveries>);
 
 impl OutcomeSink for KafkaTracker {
-    fn record(&self, _txn: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+    fn record(&self, _txn: &WriteTransaction, _outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn committed(&self, outcomes: &[SetOutcome<'_>]) {
         for outcome in outcomes {
             let Some(key) = outcome.set.txn.clone() else { continue };
             let _ = self.0.settled.send(Outcome {
@@ -370,6 +375,5 @@ impl OutcomeSink for KafkaTracker {
                 err: outcome.err.map(str::to_owned),
             });
         }
-        Ok(())
     }
 }

@@ -95,7 +95,8 @@ pub async fn assemble(
     )?;
     let issuers = Issuers::load_with(store.clone(), guard, Arc::new(KafkaIssuers(Arc::clone(&shared))))?;
     let log = Box::new(log::KafkaLog::new(&settings, producer, Arc::clone(&shared)));
-    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log);
+    let pruning = config.pruning();
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log, pruning);
     touch_hook.connect(&hub);
     let barrier: Arc<dyn ReadBarrier> = shared.clone();
     hub.set_barrier(barrier);
@@ -111,6 +112,7 @@ pub async fn assemble(
         Arc::clone(&transmitter),
         sink,
         Arc::clone(&shared),
+        pruning,
     )?;
     hub.set_graph_stores(graph.clone());
     let status = Status { instance, graph: Arc::clone(&graph), deliveries, shared: Arc::clone(&shared) };

@@ -23,14 +23,13 @@ use std::time::Duration;
 
 use caep_schemas::set::SecurityEventToken;
 use caep_transmitter::outbox::{NewSet, now_ms};
-use caep_transmitter::registry::StreamRegistry;
 use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError};
 use redb::{TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, watch};
 
 use crate::cascade::{self, CascadeRecord, Leaf};
-use crate::effects::{self, ForeignRevocation, IngestError, Plan};
+use crate::effects::{self, Context, ForeignRevocation, IngestError, Plan};
 use crate::hub::{Dispatcher, LeafSink};
 use crate::kafka::client::{
     GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
@@ -38,6 +37,7 @@ use crate::kafka::client::{
 use crate::kafka::records::{self, DeliveryRecord, GraphRecord, SharedRecord};
 use crate::kafka::retry::until_ok;
 use crate::kafka::shared::SharedLog;
+use crate::lifecycle::{Pruning, prune_forever};
 
 /// The next offset of this file's partition to apply.
 const GRAPH_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_graph_next");
@@ -128,6 +128,8 @@ pub struct GraphPartitions {
     /// The next offset each partition worked here will apply.
     progress: Mutex<HashMap<i32, watch::Sender<i64>>>,
     shared: Arc<SharedLog>,
+    /// What the partitions' graphs keep, and how often they are pruned.
+    pruning: Pruning,
 }
 
 impl crate::hub::GraphStores for GraphPartitions {
@@ -157,6 +159,7 @@ impl GraphPartitions {
         transmitter: Arc<Transmitter>,
         sink: Arc<KafkaSink>,
         shared: Arc<SharedLog>,
+        pruning: Pruning,
     ) -> Result<Arc<Self>, StoreError> {
         let topic = settings.topic(records::GRAPH);
         let mut group = settings.clone();
@@ -175,6 +178,7 @@ impl GraphPartitions {
             stores: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             shared,
+            pruning,
         });
         tokio::spawn(Arc::clone(&this).run(rebalances));
         Ok(this)
@@ -289,7 +293,8 @@ impl GraphPartitions {
     ) -> Result<(), StoreError> {
         let store = self.open_store(partition).await;
         self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, store.clone());
-        let pruning = AbortOnDrop(tokio::spawn(prune_hourly(partition, store.clone())));
+        let pruner = prune_forever(store.clone(), self.pruning, format!("graph partition {partition}"));
+        let pruning = AbortOnDrop(tokio::spawn(pruner));
         let sink: Arc<dyn LeafSink> = self.sink.clone();
         let dispatcher = Dispatcher::new(&self.issuer, Arc::clone(&self.transmitter), store.clone(), sink);
         // Leaves this file planned but never handed over (a crash between).
@@ -380,12 +385,13 @@ impl GraphPartitions {
     /// `replayed`: their leaves were handed over before; mark them so.
     async fn apply(&self, store: &Store, batch: Vec<InRecord>, replayed: bool) -> Result<Vec<Plan>, StoreError> {
         let Some(next) = batch.last().map(|r| r.offset + 1) else { return Ok(Vec::new()) };
-        let transmitter = Arc::clone(&self.transmitter);
+        let (transmitter, lifetimes) = (Arc::clone(&self.transmitter), self.pruning.keep.sessions);
         store
             .write(Commit::Durable, move |txn| {
+                let ctx = Context { streams: transmitter.streams(), lifetimes: &lifetimes };
                 let mut plans = Vec::with_capacity(batch.len());
                 for record in &batch {
-                    let plan = apply_record(txn, transmitter.streams(), record)?;
+                    let plan = apply_record(txn, ctx, record)?;
                     if replayed {
                         for (cascade, leaves) in &plan.cascades {
                             let jtis: Vec<String> = leaves.iter().map(|leaf| leaf.jti.clone()).collect();
@@ -432,20 +438,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Forgets IdP replay records no accepted SET can still match, as the
-/// embedded hub does for its own store.
-async fn prune_hourly(partition: i32, store: Store) {
-    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
-    loop {
-        hourly.tick().await;
-        match store.write(Commit::Lazy, |txn| effects::prune(txn, now_ms())).await {
-            Ok(pruned) if pruned.is_empty() => {}
-            Ok(pruned) => tracing::info!(partition, ?pruned, "pruned expired records"),
-            Err(error) => tracing::warn!(partition, %error, "cannot prune expired records"),
-        }
-    }
-}
-
 fn next_offset(store: &Store) -> Result<i64, StoreError> {
     store.read(|txn| match txn.open_table(GRAPH_NEXT) {
         Ok(table) => Ok(table.get("next").map_err(storage)?.map_or(0, |v| v.value())),
@@ -457,7 +449,7 @@ fn next_offset(store: &Store) -> Result<i64, StoreError> {
 /// One record's effects. A record this hub cannot read or an event the
 /// graph refuses (another IdP's session) is logged and skipped: the IdP got
 /// its 202 already, and stalling the partition would stall every tree in it.
-fn apply_record(txn: &WriteTransaction, streams: &StreamRegistry, record: &InRecord) -> Result<Plan, StoreError> {
+fn apply_record(txn: &WriteTransaction, ctx: Context<'_>, record: &InRecord) -> Result<Plan, StoreError> {
     let parsed: GraphRecord = match serde_json::from_slice(&record.payload) {
         Ok(parsed) => parsed,
         Err(error) => {
@@ -474,16 +466,16 @@ fn apply_record(txn: &WriteTransaction, streams: &StreamRegistry, record: &InRec
                     return Ok(Plan::default());
                 }
             };
-            skip_refused(effects::apply(txn, streams, &set, received_at_ms), &set.jti)
+            skip_refused(effects::apply(txn, ctx, &set, received_at_ms), &set.jti)
         }
         GraphRecord::Touch { session_id, stream_id, touch } => {
-            skip_refused(effects::late_touch_plan(txn, streams, &session_id, &stream_id, &touch), &stream_id)
+            skip_refused(effects::late_touch_plan(txn, ctx, &session_id, &stream_id, &touch), &stream_id)
         }
         GraphRecord::Adopt { parent, child, child_root, issuer, .. } => {
             effects::adopt(txn, &parent, &child, &child_root, &issuer)
         }
         GraphRecord::RevokeForeign { session, cascade, event, at_ms } => {
-            skip_refused(effects::revoke_foreign(txn, streams, &session, &cascade, &event, at_ms), &session)
+            skip_refused(effects::revoke_foreign(txn, ctx, &session, &cascade, &event, at_ms), &session)
         }
     }
 }

@@ -466,7 +466,7 @@ impl Hub {
     pub async fn dead_letters(&self, stream_id: &str) -> Vec<Value> {
         let path = format!("/admin/dead-letters?stream_id={stream_id}");
         let reply = self.admin(reqwest::Method::GET, &path, Body::None).await.expect(200);
-        reply.json().as_array().expect("array").clone()
+        reply.json()["dead_letters"].as_array().expect("array").clone()
     }
 
     /// The operator's view of one stream (`GET /admin/streams`).
