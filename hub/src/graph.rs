@@ -419,7 +419,7 @@ pub struct SessionsPruned {
 }
 
 /// How long a session kept because it is in use waits for its next look.
-const RECHECK_MS: u64 = 60_000;
+const RECHECK_MS: u64 = 5_000;
 
 /// Removes up to `limit` due sessions, each with its edges, touches, user
 /// index entry and revocation claims. A due session that still has child

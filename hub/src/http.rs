@@ -218,6 +218,10 @@ fn session_json(record: &graph::SessionRecord) -> Value {
         "parent": record.parent.as_deref().map(crate::scope::local_id),
         "authority": record.authority,
         "established_at_ms": record.established_at_ms,
+        "last_active_ms": record.last_active_ms.max(record.established_at_ms),
+        "expires_at_ms": record.expires_at_ms,
+        // When the pruner next looks at it (it goes then unless still in use).
+        "kept_until_ms": record.prune_at_ms,
         "revoked": record.revoked.as_ref().map(|revoked| json!({
             "txn": crate::scope::local_id(&revoked.txn),
             "at_ms": revoked.at_ms,

@@ -565,3 +565,148 @@ impl SubjectHook for TouchHook {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use caep_schemas::event::event_type;
+    use caep_schemas::jose::Algorithm;
+    use caep_transmitter::keys::KeyStore;
+    use caep_transmitter::receivers::ReceiverSpec;
+    use caep_transmitter::service::{TransmitterSettings, open_in};
+
+    use super::*;
+    use crate::cascade::{CascadeEvent, LeafStatus};
+
+    /// A sink whose first `failures` hand-overs fail (a broker or disk
+    /// outage), then hands over like the embedded outbox.
+    struct Flaky {
+        failures: AtomicU32,
+        calls: AtomicU32,
+    }
+
+    impl LeafSink for Flaky {
+        fn hand_over<'a>(
+            &'a self,
+            store: &'a Store,
+            record: &'a CascadeRecord,
+            leaves: Vec<Leaf>,
+            signed: Vec<NewSet>,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                    return Err(StoreError::Storage("outbox unreachable".into()));
+                }
+                LocalOutbox.hand_over(store, record, leaves, signed).await
+            })
+        }
+    }
+
+    async fn transmitter_with_a_stream(dir: &std::path::Path) -> (Arc<Transmitter>, String) {
+        let keys = Arc::new(KeyStore::open(dir, Algorithm::Es256).expect("keys"));
+        let transmitter = open_in(dir, TransmitterSettings::new("https://hub.test"), keys).expect("transmitter");
+        let (receiver, _) =
+            transmitter.create_receiver(ReceiverSpec::new("rp", "https://rp.test")).await.expect("receiver");
+        let body = format!(r#"{{"events_requested": ["{}"]}}"#, event_type::SESSION_REVOKED);
+        let stream = transmitter.create_stream(&receiver, body.as_bytes()).await.expect("stream");
+        (transmitter, stream.config.stream_id.clone())
+    }
+
+    fn one_leaf(stream_id: &str) -> (CascadeRecord, Leaf) {
+        let record = CascadeRecord {
+            key: cascade::key("https://idp.test", "t1"),
+            txn: "t1".into(),
+            root: "session:s1".into(),
+            issuer: "https://idp.test".into(),
+            event_type: event_type::SESSION_REVOKED.into(),
+            events: Vec::new(),
+            started_at_ms: 1,
+            total: 0,
+            undispatched: 0,
+            delivered: 0,
+            failed: 0,
+            completed_at_ms: None,
+        };
+        let leaf = Leaf {
+            jti: "leaf-1".into(),
+            stream_id: stream_id.into(),
+            session_id: crate::scope::scoped("https://idp.test", "s1"),
+            with_user: false,
+            event: 0,
+            planned_at_ms: 1,
+            status: LeafStatus::Planned,
+            acked_at_ms: None,
+            err: None,
+        };
+        (record, leaf)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatch_that_fails_for_good_is_picked_up_by_the_sweep() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (transmitter, stream_id) = transmitter_with_a_stream(dir.path()).await;
+        let store = transmitter.outbox().store().clone();
+        let (template, leaf) = one_leaf(&stream_id);
+        let event = CascadeEvent { event_type: event_type::SESSION_REVOKED.into(), event: serde_json::json!({}) };
+        let (record, leaves) = store
+            .write(Commit::Durable, move |txn| cascade::plan(txn, &template, &event, vec![leaf.clone()]))
+            .await
+            .expect("planned");
+        let sink = Arc::new(Flaky { failures: AtomicU32::new(DISPATCH_ATTEMPTS), calls: AtomicU32::new(0) });
+        let dispatcher = Dispatcher::new("https://hub.test", Arc::clone(&transmitter), store.clone(), sink.clone());
+
+        let failed = dispatcher.dispatch_all(record, leaves).await;
+        assert!(failed.is_err(), "every attempt failed");
+        assert_eq!(sink.calls.load(Ordering::SeqCst), DISPATCH_ATTEMPTS);
+        assert_eq!(store.read(cascade::all_planned).expect("read").len(), 1, "the leaf stays planned");
+        assert_eq!(transmitter.outbox().depth(&stream_id).expect("depth"), 0);
+
+        // What the periodic sweep runs: the leaf goes out now, no restart.
+        dispatcher.redispatch_planned_before(now_ms()).expect("sweep");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while transmitter.outbox().depth(&stream_id).expect("depth") == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the sweep never handed the leaf over");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(store.read(cascade::all_planned).expect("read").is_empty(), "handed over once");
+        assert!(transmitter.outbox().contains(&stream_id, "leaf-1").expect("outbox"), "under its planned jti");
+    }
+
+    /// An event log that cannot record anything (its broker or disk is gone).
+    struct Unreachable;
+
+    impl EventLog for Unreachable {
+        fn append(&self, _: SecurityEventToken, _: u64) -> BoxFuture<'_, Result<crate::effects::Plan, IngestError>> {
+            Box::pin(async { Err(IngestError::Unavailable("log unreachable".into())) })
+        }
+
+        fn touch(
+            &self,
+            _: Vec<String>,
+            _: String,
+            _: graph::Touch,
+        ) -> BoxFuture<'_, Result<crate::effects::Plan, IngestError>> {
+            Box::pin(async { Err(IngestError::Unavailable("log unreachable".into())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_touch_that_cannot_be_recorded_fails_the_call() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (transmitter, stream_id) = transmitter_with_a_stream(dir.path()).await;
+        let store = transmitter.outbox().store().clone();
+        let guard = caep_transmitter::ssrf::PushUrlGuard::new(Vec::new());
+        let issuers = Issuers::load(store.clone(), guard).expect("issuers");
+        let pruning = crate::lifecycle::Pruning::default();
+        let hub =
+            Hub::new("https://hub.test", Arc::clone(&transmitter), store, issuers, Box::new(Unreachable), pruning);
+        let stream = transmitter.streams().get(&stream_id).expect("stream");
+        let session = SubjectId::session_of(SubjectId::opaque("s1"), None);
+        let refused = hub.touched(&stream, &session).await;
+        assert!(matches!(refused, Err(SsfError::Unavailable { .. })), "{refused:?}: the RP must retry");
+        let email = hub.touched(&stream, &SubjectId::email("ada@x")).await;
+        assert!(matches!(email, Ok(false)), "{email:?}: not a session, so the stream stores it");
+    }
+}

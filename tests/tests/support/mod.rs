@@ -86,6 +86,8 @@ pub struct HubOptions {
     pub receiver_calls_per_sec: u32,
     /// Long polls one receiver may hold open.
     pub max_long_polls_per_receiver: usize,
+    /// Changes any other setting (lifetimes, retention, pruning interval).
+    pub tune: fn(&mut HubConfig),
 }
 
 impl Default for HubOptions {
@@ -97,6 +99,7 @@ impl Default for HubOptions {
             kafka: false,
             receiver_calls_per_sec: HubConfig::default().receiver_calls_per_sec,
             max_long_polls_per_receiver: HubConfig::default().max_long_polls_per_receiver,
+            tune: |_| {},
         }
     }
 }
@@ -261,7 +264,7 @@ impl Hub {
     pub async fn start_with(options: HubOptions) -> Hub {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let kafka = options.kafka.then(|| MockKafka::start("caep"));
-        let config = HubConfig {
+        let mut config = HubConfig {
             kafka_brokers: kafka.as_ref().map(|k| k.brokers.clone()),
             kafka_partitions: KAFKA_PARTITIONS,
             listen: "127.0.0.1:0".parse().expect("address"),
@@ -276,6 +279,7 @@ impl Hub {
             secret_key: options.kafka.then(caep_transmitter::secrets::SecretBox::generate_key),
             ..HubConfig::default()
         };
+        (options.tune)(&mut config);
         let hub = caep_hub::server::bind(&config).await.expect("hub binds");
         let issuer = hub.issuer.clone();
         assert_eq!(issuer, format!("http://{}", hub.local_addr));
