@@ -38,6 +38,9 @@ const FOREIGN_CHILDREN: TableDefinition<(&str, &str), &str> = TableDefinition::n
 /// (session, stream) pairs already sent a session-revoked: one per pair,
 /// for as long as the session is kept.
 const REVOCATIONS_SENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("revocations_sent");
+/// Sessions this store no longer holds anything of, to be announced (Kafka
+/// mode: the shared directory forgets their routes); drained by the owner.
+const FORGOTTEN: TableDefinition<&str, ()> = TableDefinition::new("sessions_forgotten");
 /// (when, session): when the session is next looked at by the pruner. Each
 /// session has exactly one entry, the one its record names (`prune_at_ms`).
 const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("session_expiry");
@@ -390,7 +393,12 @@ fn forget_pending(txn: &WriteTransaction, key: &str, stream_id: &str) -> Result<
 
 /// Removes up to `limit` pending touches older than [`PENDING_TOUCH_TTL_MS`],
 /// oldest first; returns how many went.
-pub fn prune_pending_touches(txn: &WriteTransaction, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+pub fn prune_pending_touches(
+    txn: &WriteTransaction,
+    now_ms: u64,
+    limit: usize,
+    remember_forgotten: bool,
+) -> Result<usize, StoreError> {
     let horizon = now_ms.saturating_sub(PENDING_TOUCH_TTL_MS);
     let expired: Vec<(String, String)> = {
         let by_age = txn.open_table(PENDING_BY_AGE).map_err(storage)?;
@@ -404,12 +412,18 @@ pub fn prune_pending_touches(txn: &WriteTransaction, now_ms: u64, limit: usize) 
     };
     for (key, stream_id) in &expired {
         forget_pending(txn, key, stream_id)?;
+        let pending = txn.open_table(PENDING_TOUCHES).map_err(storage)?;
+        let more = pending.range((key.as_str(), "")..(after(key).as_str(), "")).map_err(storage)?.next().is_some();
+        drop(pending);
+        if remember_forgotten && !more && session(txn, key)?.is_none() {
+            txn.open_table(FORGOTTEN).map_err(storage)?.insert(key.as_str(), ()).map_err(storage)?;
+        }
     }
     Ok(expired.len())
 }
 
 /// What one pass over due sessions did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionsPruned {
     /// Sessions removed with everything hanging off them.
     pub removed: usize,
@@ -422,7 +436,8 @@ pub struct SessionsPruned {
 const RECHECK_MS: u64 = 5_000;
 
 /// Removes up to `limit` due sessions, each with its edges, touches, user
-/// index entry and revocation claims. A due session that still has child
+/// index entry and revocation claims (and, when `remember_forgotten`, notes
+/// it for [`forgotten`]). A due session that still has child
 /// sessions is kept (expiry runs bottom-up, so revoking a root still
 /// reaches every live sub-agent under it), and so is one `in_use` says
 /// is needed; both are looked at again later.
@@ -431,6 +446,7 @@ pub fn prune_sessions(
     now_ms: u64,
     lifetimes: &Lifetimes,
     limit: usize,
+    remember_forgotten: bool,
     in_use: impl Fn(&SessionRecord) -> Result<bool, StoreError>,
 ) -> Result<SessionsPruned, StoreError> {
     let due: Vec<(u64, String)> = {
@@ -467,9 +483,35 @@ pub fn prune_sessions(
         } else {
             remove_session(txn, &record)?;
             pruned.removed += 1;
+            if remember_forgotten {
+                txn.open_table(FORGOTTEN).map_err(storage)?.insert(key.as_str(), ()).map_err(storage)?;
+            }
         }
     }
     Ok(pruned)
+}
+
+/// Up to `limit` sessions this store has forgotten and not yet announced.
+pub fn forgotten(txn: &redb::ReadTransaction, limit: usize) -> Result<Vec<String>, StoreError> {
+    let table = match txn.open_table(FORGOTTEN) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(error) => return Err(storage(error)),
+    };
+    let mut keys = Vec::new();
+    for row in table.iter().map_err(storage)?.take(limit) {
+        keys.push(row.map_err(storage)?.0.value().to_owned());
+    }
+    Ok(keys)
+}
+
+/// Marks forgotten sessions as announced.
+pub fn announced(txn: &WriteTransaction, keys: &[String]) -> Result<(), StoreError> {
+    let mut table = txn.open_table(FORGOTTEN).map_err(storage)?;
+    for key in keys {
+        table.remove(key.as_str()).map_err(storage)?;
+    }
+    Ok(())
 }
 
 /// When a parent kept for its children is worth looking at again: when the
@@ -684,7 +726,7 @@ mod tests {
             let now = 20 + PENDING_TOUCH_TTL_MS;
             insert_session(txn, &mut record("late", None, "u@x"), 20, &LIFETIMES)?;
             assert_eq!(touches(txn, &key("late"))?.len(), 1, "the waiting touch became a touch");
-            assert_eq!(prune_pending_touches(txn, now, 100)?, 1, "the other expired");
+            assert_eq!(prune_pending_touches(txn, now, 100, false)?, 1, "the other expired");
             insert_session(txn, &mut record("stale", None, "u@x"), now, &LIFETIMES)?;
             assert!(touches(txn, &key("stale"))?.is_empty());
             for n in 0..MAX_PENDING_TOUCHES_PER_STREAM {
@@ -711,17 +753,21 @@ mod tests {
             }
             touch(txn, &key("child"), "s1", &at(1))?;
             claim_revocation(txn, &key("lone"), "s1")?;
-            assert_eq!(prune_sessions(txn, 1000, &LIFETIMES, 100, never)?, SessionsPruned::default(), "none due");
+            assert_eq!(
+                prune_sessions(txn, 1000, &LIFETIMES, 100, false, never)?,
+                SessionsPruned::default(),
+                "none due"
+            );
             // The child stays active: a touch at 900 moves it to 1900.
             let mut child = session(txn, &key("child"))?.expect("child");
             keep_alive(txn, &mut child, 900, &LIFETIMES)?;
-            let pass = prune_sessions(txn, 1001, &LIFETIMES, 100, never)?;
+            let pass = prune_sessions(txn, 1001, &LIFETIMES, 100, false, never)?;
             assert_eq!(pass, SessionsPruned { removed: 1, postponed: 1 }, "lone goes, root waits for its child");
             assert!(session(txn, &key("lone"))?.is_none());
             assert!(claim_revocation(txn, &key("lone"), "s1")?, "its revocation claims went with it");
             assert!(subtree(txn, &[key("root")])?.contains(&key("child")), "a revocation of root still reaches it");
             // The child expires, then its parent (looked at again when the child was due).
-            assert_eq!(prune_sessions(txn, 1900, &LIFETIMES, 100, never)?.removed, 2);
+            assert_eq!(prune_sessions(txn, 1900, &LIFETIMES, 100, false, never)?.removed, 2);
             assert!(touches(txn, &key("child"))?.is_empty(), "its touches went with it");
             assert!(subtree(txn, &[key("root")])?.len() == 1, "and its edge");
             assert!(sessions_of_user(txn, IDP, &SubjectId::email("u@x"))?.is_empty(), "user index emptied");
@@ -729,16 +775,16 @@ mod tests {
             let mut revoked = record("revoked", None, "u@x");
             revoked.revoked = Some(Revocation { txn: "t".into(), at_ms: 2000 });
             insert_session(txn, &mut revoked, 2000, &LIFETIMES)?;
-            assert_eq!(prune_sessions(txn, 6999, &LIFETIMES, 100, never)?, SessionsPruned::default());
-            let in_use = prune_sessions(txn, 7000, &LIFETIMES, 100, |_| Ok(true))?;
+            assert_eq!(prune_sessions(txn, 6999, &LIFETIMES, 100, false, never)?, SessionsPruned::default());
+            let in_use = prune_sessions(txn, 7000, &LIFETIMES, 100, false, |_| Ok(true))?;
             assert_eq!(in_use.postponed, 1, "kept while its cascade is dispatched");
-            assert_eq!(prune_sessions(txn, 7000 + RECHECK_MS, &LIFETIMES, 100, never)?.removed, 1);
+            assert_eq!(prune_sessions(txn, 7000 + RECHECK_MS, &LIFETIMES, 100, false, never)?.removed, 1);
             // An absolute end comes before the idle one.
             let mut ending = record("ending", None, "u@x");
             ending.expires_at_ms = Some(100_050);
             insert_session(txn, &mut ending, 100_000, &LIFETIMES)?;
             assert!(session(txn, &key("ending"))?.is_some_and(|r| r.ended(100_050)));
-            assert_eq!(prune_sessions(txn, 100_050, &LIFETIMES, 100, never)?.removed, 1);
+            assert_eq!(prune_sessions(txn, 100_050, &LIFETIMES, 100, false, never)?.removed, 1);
             Ok(())
         };
         store.write(Commit::Durable, move |txn| scenario(txn)).await.expect("scenario");

@@ -121,7 +121,9 @@ impl Hub {
         loop {
             tick.tick().await;
             let started = std::time::Instant::now();
-            match crate::lifecycle::prune_store(&self.store, self.retention.keep).await {
+            match crate::lifecycle::prune_store(&self.store, self.retention.keep, crate::lifecycle::Forgetting::Silent)
+                .await
+            {
                 Ok(pruned) if pruned.is_empty() => {}
                 Ok(pruned) => tracing::info!(?pruned, "pruned"),
                 Err(error) => tracing::warn!(%error, "cannot prune"),

@@ -100,9 +100,23 @@ impl Pruned {
     }
 }
 
+/// Whether a store notes the sessions it forgets, for its owner to announce
+/// (a Kafka graph partition: the shared directory must forget their routes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forgetting {
+    Silent,
+    Noted,
+}
+
 /// One bounded batch of pruning in one transaction.
-pub fn prune_batch(txn: &WriteTransaction, now: u64, retention: &Retention) -> Result<Pruned, StoreError> {
-    let sessions = graph::prune_sessions(txn, now, &retention.sessions, SESSION_BATCH, |record| {
+pub fn prune_batch(
+    txn: &WriteTransaction,
+    now: u64,
+    retention: &Retention,
+    forgetting: Forgetting,
+) -> Result<Pruned, StoreError> {
+    let noted = forgetting == Forgetting::Noted;
+    let sessions = graph::prune_sessions(txn, now, &retention.sessions, SESSION_BATCH, noted, |record| {
         // A revoked session is needed until its cascade's leaves are signed:
         // signing reads the session's subject and user from the graph.
         match &record.revoked {
@@ -117,16 +131,16 @@ pub fn prune_batch(txn: &WriteTransaction, now: u64, retention: &Retention) -> R
         cascades: cascades.cascades,
         leaves: cascades.leaves,
         replay_records: crate::replay::prune(txn, now, RECORD_BATCH)?,
-        pending_touches: graph::prune_pending_touches(txn, now, RECORD_BATCH)?,
+        pending_touches: graph::prune_pending_touches(txn, now, RECORD_BATCH, noted)?,
     })
 }
 
 /// Prunes `store` batch after batch until a batch finds less than its
 /// bounds; returns the total.
-pub async fn prune_store(store: &Store, retention: Retention) -> Result<Pruned, StoreError> {
+pub async fn prune_store(store: &Store, retention: Retention, forgetting: Forgetting) -> Result<Pruned, StoreError> {
     let mut total = Pruned::default();
     loop {
-        let batch = store.write(Commit::Lazy, move |txn| prune_batch(txn, now_ms(), &retention)).await?;
+        let batch = store.write(Commit::Lazy, move |txn| prune_batch(txn, now_ms(), &retention, forgetting)).await?;
         batch.record_metrics();
         total.add(batch);
         if !batch.filled() {
@@ -134,24 +148,5 @@ pub async fn prune_store(store: &Store, retention: Retention) -> Result<Pruned, 
         }
         // The next batch queues behind whatever ingest queued meanwhile.
         tokio::task::yield_now().await;
-    }
-}
-
-/// Runs [`prune_store`] on `store` (`what` names it in logs) as `pruning` says.
-pub async fn prune_forever(store: Store, pruning: Pruning, what: String) {
-    let (retention, interval) = (pruning.keep, pruning.interval);
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let started = std::time::Instant::now();
-        match prune_store(&store, retention).await {
-            Ok(pruned) if pruned.is_empty() => {}
-            Ok(pruned) => {
-                tracing::info!(store = %what, ?pruned, took_ms = started.elapsed().as_millis() as u64, "pruned")
-            }
-            Err(error) => tracing::warn!(store = %what, %error, "cannot prune"),
-        }
-        metrics::histogram!("caep_prune_seconds").record(started.elapsed().as_secs_f64());
     }
 }

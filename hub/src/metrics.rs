@@ -47,6 +47,10 @@ fn describe() {
         "IdP event ingest to a cascade leaf's acknowledgement"
     );
     describe_histogram!("caep_cascade_completion_seconds", Unit::Seconds, "IdP event ingest to a cascade's last leaf");
+    describe_counter!("caep_pruned_total", "records removed by the pruning job, by kind");
+    describe_counter!("caep_sets_expired_total", "SETs dead-lettered unacknowledged at the delivery give-up age");
+    describe_counter!("caep_streams_paused_inactive_total", "streams paused for receiver inactivity");
+    describe_histogram!("caep_prune_seconds", Unit::Seconds, "one pruning pass");
     counter!("caep_sets_emitted_total").absolute(0);
     for method in ["push", "poll"] {
         for outcome in ["delivered", "failed"] {
@@ -55,6 +59,11 @@ fn describe() {
     }
     for outcome in ["delivered", "rejected", "retry"] {
         counter!("caep_push_attempts_total", "outcome" => outcome).absolute(0);
+    }
+    for kind in
+        ["sessions", "cascades", "leaves", "replay_records", "pending_touches", "dead_letters", "deleted_stream_ids"]
+    {
+        counter!("caep_pruned_total", "kind" => kind).absolute(0);
     }
 }
 
@@ -84,6 +93,24 @@ pub fn render_streams(transmitter: &caep_transmitter::service::Transmitter) -> S
          caep_outbox_depth {total}\n\
          # HELP caep_outbox_depth_max SETs waiting at the stream with the most\n# TYPE caep_outbox_depth_max gauge\n\
          caep_outbox_depth_max {deepest}\n"
+    )
+}
+
+/// What the hub's own store keeps, rendered at each scrape: sessions in the
+/// graph (live, kept for their sub-agents, or revoked within retention) and
+/// cascade reports. In Kafka mode sessions live in the graph partitions'
+/// stores, so `caep_graph_sessions` counts only this store's.
+pub fn render_kept(store: &caep_transmitter::store::Store) -> String {
+    let sessions = store.read(crate::graph::session_count).unwrap_or(0);
+    let cascades = store.read(crate::cascade::cascade_count).unwrap_or(0);
+    format!(
+        "# HELP caep_graph_sessions Sessions kept in the graph (live, linking sub-agents, or revoked within retention)
+         # TYPE caep_graph_sessions gauge
+caep_graph_sessions {sessions}
+         # HELP caep_cascades_kept Cascade reports kept
+# TYPE caep_cascades_kept gauge
+caep_cascades_kept {cascades}
+"
     )
 }
 

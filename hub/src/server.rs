@@ -83,7 +83,7 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
         Some(addr) => {
             let bind_error = |source| StartError::Bind { addr, source };
             let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-            let router = Router::new().route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)));
+            let router = Router::new().route("/metrics", get(render_metrics).with_state(Arc::clone(&hub)));
             Some((listener, router))
         }
         None => None,
@@ -151,7 +151,7 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     // only authenticated callers make the hub wait for the shared log.
     let admin = admin::router(Arc::clone(&transmitter))
         .merge(crate::http::admin_router(Arc::clone(&hub)))
-        .route("/metrics", get(render_metrics).with_state(Arc::clone(&transmitter)))
+        .route("/metrics", get(render_metrics).with_state(Arc::clone(&hub)))
         .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up))
         .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
     let receivers = http::router(transmitter.clone())
@@ -211,12 +211,13 @@ async fn require_admin(State(token): State<Arc<AdminToken>>, request: Request, n
     }
 }
 
-async fn render_metrics(State(transmitter): State<Arc<Transmitter>>) -> Response {
+async fn render_metrics(State(hub): State<Arc<Hub>>) -> Response {
     let Some(handle) = crate::metrics::handle() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable").into_response();
     };
     let mut text = handle.render();
-    text.push_str(&crate::metrics::render_streams(&transmitter));
+    text.push_str(&crate::metrics::render_streams(hub.transmitter()));
+    text.push_str(&crate::metrics::render_kept(hub.store()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -62,6 +62,31 @@ impl SpawnedHub {
         Ok(hub)
     }
 
+    /// [`start`](Self::start) with `env` added (e.g. short lifetimes).
+    ///
+    /// # Errors
+    ///
+    /// When the process cannot be started or does not become healthy.
+    pub async fn start_with_env(
+        bin: PathBuf,
+        admin_token: String,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<SpawnedHub> {
+        let mut hub = SpawnedHub::spawn_with(bin, admin_token, free_port()?, env)?;
+        hub.wait_healthy().await?;
+        Ok(hub)
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The hub's redb file.
+    pub fn database_path(&self) -> PathBuf {
+        self.path.join("data").join("caep-hub.redb")
+    }
+
     /// Starts `bin serve` on `port` and a fresh temp data dir with `env`
     /// added (e.g. the Kafka settings), without waiting for it.
     ///

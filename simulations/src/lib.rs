@@ -12,4 +12,5 @@ pub mod drill;
 pub mod forest;
 pub mod hub;
 pub mod plot;
+pub mod soak;
 pub mod tansu;

@@ -134,6 +134,19 @@ struct Args {
     /// Runs of --bench.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Soak: run a constant workload for MINUTES against one hub with lifetimes of --soak-ttl-secs, sampling
+    /// sessions kept, redb bytes, RSS, leaf p99 and pruning every --soak-interval-secs (JSON lines on stdout).
+    #[arg(long, value_name = "MINUTES", conflicts_with_all = ["kafka", "hub", "bench"])]
+    soak: Option<f64>,
+    /// Soak: sessions established per second (a quarter as sub-agents; a third of the roots revoked).
+    #[arg(long, requires = "soak", default_value_t = 20.0)]
+    rate: f64,
+    /// Soak: seconds between samples.
+    #[arg(long, requires = "soak", default_value_t = 30)]
+    soak_interval_secs: u64,
+    /// Soak: the hub's session idle TTL, revoked, cascade and dead-letter retention (s).
+    #[arg(long, requires = "soak", default_value_t = 180)]
+    soak_ttl_secs: u64,
     /// Self-test: receiver 0 acknowledges but does not record its first N leaves (they must be reported lost).
     #[arg(long, default_value_t = 0, hide = true)]
     self_test_drop: usize,
@@ -240,6 +253,9 @@ impl Hub {
 /// Ok(exact?).
 async fn main_async(args: Args) -> anyhow::Result<bool> {
     let token = format!("drill-admin-{}", run_id(""));
+    if let Some(minutes) = args.soak {
+        return soak(&args, minutes, token).await;
+    }
     let mut hub = match (&args.hub, &args.kafka) {
         (Some(_), _) => Hub::External,
         (None, None) => {
@@ -456,4 +472,60 @@ async fn bench(args: &Args, url: &str, admin_token: &str, hub: &mut Hub) -> anyh
         median(rate)
     );
     Ok(exact)
+}
+
+/// `--soak`: a constant workload against one hub; JSON lines, a summary
+/// by thirds of the run, and optionally the samples (`--json`) and a plot
+/// of bytes and RSS (`--plot`). Ok(true) unless nothing could be sampled.
+async fn soak(args: &Args, minutes: f64, token: String) -> anyhow::Result<bool> {
+    use caep_simulations::soak::{self, SoakConfig};
+    let bin = locate_hub_bin(args.hub_bin.as_deref())?;
+    let hub = SpawnedHub::start_with_env(bin, token, soak::hub_env(args.soak_ttl_secs)).await?;
+    let config = SoakConfig {
+        duration: Duration::from_secs_f64(minutes * 60.0),
+        rate: args.rate,
+        interval: Duration::from_secs(args.soak_interval_secs.max(1)),
+        receivers: args.receivers,
+        revoke_share: 1.0 / 3.0,
+        concurrency: args.concurrency,
+    };
+    eprintln!(
+        "caep-drill: soak for {minutes} min at {} sessions/s, lifetimes {} s, sampling every {} s",
+        args.rate, args.soak_ttl_secs, args.soak_interval_secs
+    );
+    let samples = soak::run(&config, &hub).await?;
+    let Some(summary) = soak::summarize(&samples) else {
+        eprintln!("caep-drill: too few samples for a summary");
+        return Ok(false);
+    };
+    eprintln!("\n| part of the run | sessions kept | redb MB | RSS MB | leaf p99 ms |");
+    eprintln!("|---|---:|---:|---:|---:|");
+    for third in &summary.thirds {
+        eprintln!(
+            "| {:.0}–{:.0} min | {:.0} | {:.1} | {:.1} | {:.0} |",
+            third.from_s / 60.0,
+            third.to_s / 60.0,
+            third.live_sessions,
+            third.db_mb,
+            third.rss_mb,
+            third.leaf_p99_ms
+        );
+    }
+    eprintln!(
+        "\nlast third: redb {:+.1} %, RSS {:+.1} %; {:.0} bytes of redb per session kept; {} sessions established, {} roots revoked",
+        summary.db_growth_last_third * 100.0,
+        summary.rss_growth_last_third * 100.0,
+        summary.bytes_per_live_session,
+        summary.established_total,
+        summary.revoked_total
+    );
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&serde_json::json!({"samples": samples, "summary": summary}))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!("caep-drill --soak: {} sessions/s, lifetimes {} s", args.rate, args.soak_ttl_secs);
+        soak::plot(path, &samples, &title)?;
+    }
+    Ok(true)
 }

@@ -78,6 +78,12 @@ async fn revoke(hub: &Hub, idp: &Idp, id: &str, txn: &str) {
     idp.send(hub, &set).await;
 }
 
+/// Kafka mode: how many sessions the shared directory routes (`/healthz`).
+async fn directory_entries(hub: &Hub) -> Option<u64> {
+    let health: Value = hub.http.get(format!("{}/healthz", hub.issuer)).send().await.ok()?.json().await.ok()?;
+    health["kafka"]["root_directory_entries"].as_u64()
+}
+
 /// `GET /admin/cascades/{txn}`: the report, or `None` on 404.
 async fn report(hub: &Hub, txn: &str) -> Option<Value> {
     let reply = hub.admin(Method::GET, &format!("/admin/cascades/{txn}"), Body::None).await;
@@ -111,6 +117,10 @@ async fn an_expired_session_goes_with_its_edges_and_touches(kafka: bool) {
         session_status(&hub, "root").await == 404 && session_status(&hub, "child").await == 404
     })
     .await;
+    if kafka {
+        // The shared directory forgets their routes too: it is as bounded as the graphs.
+        eventually("the directory forgets them", || async { directory_entries(&hub).await == Some(0) }).await;
+    }
     // Nothing of the old tree is left: the old root's revocation (a new
     // tombstone) reaches no stream, since the child, its edge and its
     // touch went with it.

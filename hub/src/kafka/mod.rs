@@ -136,6 +136,7 @@ impl crate::hub::ClusterStatus for Status {
             "graph_partitions": self.graph.partitions(),
             "delivery_partitions": self.deliveries.partitions(),
             "read_barriers": self.shared.barriers(),
+            "root_directory_entries": self.shared.directory_entries(),
         })
     }
 }

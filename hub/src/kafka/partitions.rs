@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cascade::{self, CascadeRecord, Leaf};
 use crate::effects::{self, Context, ForeignRevocation, IngestError, Plan};
+use crate::graph;
 use crate::hub::{Dispatcher, LeafSink};
 use crate::kafka::client::{
     GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
@@ -37,7 +38,7 @@ use crate::kafka::client::{
 use crate::kafka::records::{self, DeliveryRecord, GraphRecord, SharedRecord};
 use crate::kafka::retry::until_ok;
 use crate::kafka::shared::SharedLog;
-use crate::lifecycle::{Pruning, prune_forever};
+use crate::lifecycle::{Forgetting, Pruning, prune_store};
 
 /// The next offset of this file's partition to apply.
 const GRAPH_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_graph_next");
@@ -293,8 +294,7 @@ impl GraphPartitions {
     ) -> Result<(), StoreError> {
         let store = self.open_store(partition).await;
         self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, store.clone());
-        let pruner = prune_forever(store.clone(), self.pruning, format!("graph partition {partition}"));
-        let pruning = AbortOnDrop(tokio::spawn(pruner));
+        let pruning = AbortOnDrop(tokio::spawn(Arc::clone(&self).prune_forever(partition, store.clone())));
         let sink: Arc<dyn LeafSink> = self.sink.clone();
         let dispatcher = Dispatcher::new(&self.issuer, Arc::clone(&self.transmitter), store.clone(), sink);
         // Leaves this file planned but never handed over (a crash between).
@@ -337,6 +337,37 @@ impl GraphPartitions {
 
     /// Sends revocations on to the partitions of foreign trees, retrying
     /// until the broker has them: the offset must not pass them unsent.
+    /// Prunes the partition's graph as the embedded hub prunes its own,
+    /// then tells the shared directory which sessions it forgot (noted in
+    /// the same transaction that removed them, so a crash between the two
+    /// only repeats the announcement).
+    async fn prune_forever(self: Arc<Self>, partition: i32, store: Store) {
+        let mut tick = tokio::time::interval(self.pruning.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match prune_store(&store, self.pruning.keep, Forgetting::Noted).await {
+                Ok(pruned) if pruned.is_empty() => {}
+                Ok(pruned) => tracing::info!(partition, ?pruned, "graph partition pruned"),
+                Err(error) => tracing::warn!(partition, %error, "cannot prune a graph partition"),
+            }
+            if let Err(error) = self.announce_forgotten(partition, &store).await {
+                tracing::warn!(partition, %error, "cannot announce forgotten sessions; next time");
+            }
+        }
+    }
+
+    async fn announce_forgotten(&self, partition: i32, store: &Store) -> Result<(), StoreError> {
+        loop {
+            let sessions = store.read(|txn| graph::forgotten(txn, 1000))?;
+            if sessions.is_empty() {
+                return Ok(());
+            }
+            self.shared.append(&SharedRecord::Forget { partition, sessions: sessions.clone() }).await?;
+            store.write(Commit::Lazy, move |txn| graph::announced(txn, &sessions)).await?;
+        }
+    }
+
     async fn continue_elsewhere(&self, partition: i32, foreign: Vec<ForeignRevocation>) {
         if foreign.is_empty() {
             return;

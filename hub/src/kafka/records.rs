@@ -46,6 +46,14 @@ pub enum SharedRecord {
         instance_id: String,
         url: String,
     },
+    /// Sessions a graph partition no longer holds anything of (expired,
+    /// or revoked past retention): the directory forgets their routes, so
+    /// it stays as bounded as the graphs. Only an entry that routes to that
+    /// partition is forgotten.
+    Forget {
+        partition: i32,
+        sessions: Vec<String>,
+    },
     /// Leaves a graph partition planned and handed to delivery.
     Planned {
         cascade: CascadeRecord,

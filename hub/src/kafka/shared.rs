@@ -21,13 +21,13 @@ use caep_transmitter::control::{ControlChange, ControlLog, ControlOutcome};
 use caep_transmitter::secrets::SecretBox;
 use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError, decode, encode};
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::watch;
 
 use crate::cascade;
 use crate::hub::Hub;
 use crate::issuers::{IssuerChange, IssuerLog};
-use crate::kafka::client::{InRecord, KafkaError, KafkaSettings, Producer, TailReader};
+use crate::kafka::client::{InRecord, KafkaError, KafkaSettings, Producer, TailReader, partition_for};
 use crate::kafka::records::{self, SharedRecord};
 use crate::kafka::retry::until_ok;
 
@@ -81,6 +81,8 @@ pub struct SharedLog {
     last_watermark: tokio::sync::Mutex<Option<(Instant, i64)>>,
     /// Barriers waited for (`/healthz`: shows that strangers cause none).
     barriers: AtomicU64,
+    /// Partitions of the `graph` topic (which partition a root routes to).
+    partitions: i32,
 }
 
 impl SharedLog {
@@ -112,6 +114,7 @@ impl SharedLog {
             instance_id: instance_id.to_owned(),
             last_watermark: tokio::sync::Mutex::new(None),
             barriers: AtomicU64::new(0),
+            partitions: settings.partitions,
         }))
     }
 
@@ -191,6 +194,17 @@ impl SharedLog {
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
             Err(error) => Err(storage(error)),
         })
+    }
+
+    /// How many sessions the directory routes (`/healthz`).
+    pub fn directory_entries(&self) -> u64 {
+        self.store
+            .read(|txn| match txn.open_table(ROOTS) {
+                Ok(table) => table.len().map_err(storage),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(error) => Err(storage(error)),
+            })
+            .unwrap_or(0)
     }
 
     /// The instance owning a deliveries partition, as last announced.
@@ -292,6 +306,7 @@ impl SharedLog {
             return Ok(());
         }
         let me = self.instance_id.clone();
+        let partitions = self.partitions;
         let applied = self
             .store
             .write(Commit::Lazy, move |txn| {
@@ -303,6 +318,16 @@ impl SharedLog {
                             if roots.get(session_id.as_str()).map_err(storage)?.is_none() {
                                 let entry = RootEntry { root: root.clone(), issuer: issuer.clone() };
                                 roots.insert(session_id.as_str(), encode(&entry)?.as_slice()).map_err(storage)?;
+                            }
+                        }
+                        SharedRecord::Forget { partition, sessions } => {
+                            let mut roots = txn.open_table(ROOTS).map_err(storage)?;
+                            for session in sessions {
+                                let entry = roots.get(session.as_str()).map_err(storage)?;
+                                let entry: Option<RootEntry> = entry.map(|v| decode(v.value())).transpose()?;
+                                if entry.is_some_and(|entry| partition_for(&entry.root, partitions) == *partition) {
+                                    roots.remove(session.as_str()).map_err(storage)?;
+                                }
                             }
                         }
                         SharedRecord::Planned { cascade, leaves } => cascade::merge_planned(txn, cascade, leaves)?,
