@@ -86,6 +86,9 @@ pub struct HubConfig {
     pub stream_inactivity_timeout_secs: u64,
     /// `CAEP_HUB_PRUNE_INTERVAL_SECS`: how often the pruning job runs.
     pub prune_interval_secs: u64,
+    /// `CAEP_HUB_MAX_SET_AGE_SECS`: the oldest IdP SET (`iat`) ingest
+    /// accepts; replay records are kept that long (plus five minutes).
+    pub max_set_age_secs: u64,
 }
 
 const DAY_SECS: u64 = 24 * 3600;
@@ -118,6 +121,7 @@ impl Default for HubConfig {
             dead_letter_retention_secs: 7 * DAY_SECS,
             stream_inactivity_timeout_secs: 30 * DAY_SECS,
             prune_interval_secs: 60,
+            max_set_age_secs: crate::replay::MAX_SET_AGE_SECS,
         }
     }
 }
@@ -217,6 +221,7 @@ impl HubConfig {
                 revoked_retention_ms: self.revoked_retention_secs.saturating_mul(1000),
             },
             cascade_ms: self.cascade_retention_secs.saturating_mul(1000),
+            max_set_age_secs: self.max_set_age_secs,
         };
         crate::lifecycle::Pruning { keep, interval: std::time::Duration::from_secs(self.prune_interval_secs) }
     }
@@ -228,6 +233,7 @@ impl HubConfig {
             (self.revoked_retention_secs, "CAEP_HUB_REVOKED_RETENTION_SECS"),
             (self.prune_interval_secs, "CAEP_HUB_PRUNE_INTERVAL_SECS"),
             (self.delivery_give_up_secs, "CAEP_HUB_DELIVERY_GIVE_UP_SECS"),
+            (self.max_set_age_secs, "CAEP_HUB_MAX_SET_AGE_SECS"),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));

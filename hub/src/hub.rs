@@ -214,7 +214,7 @@ impl Hub {
         // known here once the shared log is applied, within milliseconds).
         let keys = self.issuers.keys_for(&issuer).ok_or_else(|| rejected("invalid_issuer", "issuer is not trusted"))?;
         let mut expect = caep_schemas::set::Expectations::new(&issuer, &self.issuer);
-        expect.max_age_secs = Some(crate::replay::MAX_SET_AGE_SECS);
+        expect.max_age_secs = Some(i64::try_from(self.retention.keep.max_set_age_secs).unwrap_or(i64::MAX));
         let jwks = keys.get().await.map_err(|e| IngestError::Unavailable(format!("issuer keys: {e}")))?;
         match SecurityEventToken::verify(token, &jwks, &expect) {
             Err(caep_schemas::set::SetError::Jose(caep_schemas::jose::JoseError::UnknownKey { kid })) => {

@@ -22,6 +22,9 @@ pub struct Retention {
     pub sessions: Lifetimes,
     /// A complete cascade's report and leaves are kept this long after completion.
     pub cascade_ms: u64,
+    /// The oldest IdP SET accepted (its `iat`), which bounds how long its
+    /// `(iss, jti)` replay record must be kept.
+    pub max_set_age_secs: u64,
 }
 
 /// [`Retention`] and how often the pruning job applies it.
@@ -39,7 +42,11 @@ impl Default for Pruning {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { sessions: Lifetimes::DEFAULT, cascade_ms: 7 * 86_400_000 }
+        Retention {
+            sessions: Lifetimes::DEFAULT,
+            cascade_ms: 7 * 86_400_000,
+            max_set_age_secs: crate::replay::MAX_SET_AGE_SECS,
+        }
     }
 }
 
@@ -130,7 +137,12 @@ pub fn prune_batch(
         sessions_kept: sessions.postponed,
         cascades: cascades.cascades,
         leaves: cascades.leaves,
-        replay_records: crate::replay::prune(txn, now, RECORD_BATCH)?,
+        replay_records: crate::replay::prune(
+            txn,
+            now,
+            crate::replay::kept_ms(retention.max_set_age_secs),
+            RECORD_BATCH,
+        )?,
         pending_touches: graph::prune_pending_touches(txn, now, RECORD_BATCH, noted)?,
     })
 }

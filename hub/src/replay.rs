@@ -10,9 +10,18 @@ const INGESTED: TableDefinition<(&str, &str), u64> = TableDefinition::new("inges
 /// `(when, iss, jti)`: the same records by age, for pruning.
 const INGESTED_BY_AGE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("ingested_jtis_by_age");
 
-/// The oldest `iat` ingest accepts; a replay older than this is refused by
-/// its `iat` alone, so its `(iss, jti)` record is no longer needed.
-pub const MAX_SET_AGE_SECS: i64 = 24 * 3600;
+/// How old an IdP SET may be (its `iat`) by default; a replay older than
+/// the accepted age is refused by its `iat` alone, so its `(iss, jti)`
+/// record is no longer needed (`CAEP_HUB_MAX_SET_AGE_SECS`).
+pub const MAX_SET_AGE_SECS: u64 = 24 * 3600;
+
+/// How long a replay record is kept for SETs accepted up to `max_age_secs`
+/// old: a SET is accepted with an `iat` up to 60 s ahead of the hub's
+/// clock, so a replay may pass the age check until 60 s past that age
+/// after the record; five minutes of margin cover it.
+pub fn kept_ms(max_age_secs: u64) -> u64 {
+    max_age_secs.saturating_add(300).saturating_mul(1000)
+}
 
 fn storage<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::storage(error)
@@ -31,10 +40,10 @@ pub fn record(txn: &WriteTransaction, iss: &str, jti: &str, now_ms: u64) -> Resu
     Ok(())
 }
 
-/// Forgets up to `limit` records older than the accepted SET age (plus an
-/// hour of margin for clock skew), oldest first. Returns how many went.
-pub fn prune(txn: &WriteTransaction, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
-    let horizon = now_ms.saturating_sub((MAX_SET_AGE_SECS as u64 + 3600) * 1000);
+/// Forgets up to `limit` records older than `kept_ms`, oldest first.
+/// Returns how many went.
+pub fn prune(txn: &WriteTransaction, now_ms: u64, kept_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    let horizon = now_ms.saturating_sub(kept_ms);
     let old: Vec<(u64, String, String)> = {
         let by_age = txn.open_table(INGESTED_BY_AGE).map_err(storage)?;
         let mut old = Vec::new();
@@ -70,14 +79,15 @@ mod tests {
                 record(txn, "https://idp", "old", now - 2 * day_ms)?;
                 record(txn, "https://idp", "older", now - 3 * day_ms)?;
                 record(txn, "https://idp", "recent", now - day_ms)?;
-                let first = prune(txn, now, 1)?;
+                let kept = kept_ms(MAX_SET_AGE_SECS);
+                let first = prune(txn, now, kept, 1)?;
                 assert!(seen(txn, "https://idp", "old")?, "the batch took the oldest first");
-                let removed = first + prune(txn, now, 100)?;
+                let removed = first + prune(txn, now, kept, 100)?;
                 Ok((removed, seen(txn, "https://idp", "old")?, seen(txn, "https://idp", "recent")?))
             })
             .await
             .expect("prune");
-        assert_eq!(removed, 2, "only the records beyond 25 h go");
+        assert_eq!(removed, 2, "only the records beyond the accepted age go");
         assert!(!old_seen);
         assert!(recent_seen, "a record young enough to stop a replay is kept");
     }

@@ -54,7 +54,8 @@ pub fn hub_env(ttl_secs: u64) -> Vec<(String, String)> {
         ("CAEP_HUB_SESSION_IDLE_TTL_SECS".into(), ttl.clone()),
         ("CAEP_HUB_REVOKED_RETENTION_SECS".into(), ttl.clone()),
         ("CAEP_HUB_CASCADE_RETENTION_SECS".into(), ttl.clone()),
-        ("CAEP_HUB_DEAD_LETTER_RETENTION_SECS".into(), ttl),
+        ("CAEP_HUB_DEAD_LETTER_RETENTION_SECS".into(), ttl.clone()),
+        ("CAEP_HUB_MAX_SET_AGE_SECS".into(), ttl),
         ("CAEP_HUB_PRUNE_INTERVAL_SECS".into(), (ttl_secs / 12).clamp(1, 60).to_string()),
     ]
 }
