@@ -196,6 +196,7 @@ pub fn prune_completed(
             continue; // reopened since: a stale entry
         }
         txn.open_table(CASCADES).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
+        txn.open_table(UNDISPATCHED).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
         txn.open_table(PRUNING).map_err(storage)?.insert(key.as_str(), at).map_err(storage)?;
         pruned.cascades += 1;
     }
@@ -423,7 +424,7 @@ pub struct Applied {
 /// a duplicate acknowledgement (a retry that crossed a 202) changes nothing.
 pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Applied, StoreError> {
     let mut applied = Applied::default();
-    let mut touched: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut touched: BTreeMap<String, Settled> = BTreeMap::new();
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
         for outcome in outcomes {
@@ -434,32 +435,47 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
             if matches!(leaf.status, LeafStatus::Delivered | LeafStatus::Failed) {
                 continue;
             }
-            let counters = touched.entry(outcome.txn.clone()).or_default();
+            let settled = touched.entry(outcome.txn.clone()).or_default();
+            // A leaf settled before it was handed over (its stream vanished
+            // while it was signed) is no longer waiting for dispatch either.
+            if leaf.status == LeafStatus::Planned {
+                settled.were_planned += 1;
+            }
             if outcome.delivered {
                 leaf.status = LeafStatus::Delivered;
                 leaf.acked_at_ms = Some(outcome.at_ms);
                 applied.leaf_latencies_ms.push(outcome.at_ms.saturating_sub(leaf.planned_at_ms));
-                counters.0 += 1;
+                settled.delivered += 1;
             } else {
                 leaf.status = LeafStatus::Failed;
                 leaf.err = outcome.err.clone();
-                counters.1 += 1;
+                settled.failed += 1;
             }
-            counters.2 = counters.2.max(outcome.at_ms);
+            settled.last_at = settled.last_at.max(outcome.at_ms);
             table.insert(key, encode(&leaf)?.as_slice()).map_err(storage)?;
         }
     }
-    for (cascade_txn, (delivered, failed, last_at)) in touched {
+    for (cascade_txn, settled) in touched {
         let Some(mut record) = cascade(txn, &cascade_txn)? else { continue };
-        record.delivered += delivered;
-        record.failed += failed;
+        record.delivered += settled.delivered;
+        record.failed += settled.failed;
+        record.undispatched = record.undispatched.saturating_sub(settled.were_planned);
         if record.delivered + record.failed >= record.total && record.completed_at_ms.is_none() {
-            record.completed_at_ms = Some(last_at);
-            applied.completed.push((cascade_txn.clone(), last_at.saturating_sub(record.started_at_ms)));
+            record.completed_at_ms = Some(settled.last_at);
+            applied.completed.push((cascade_txn.clone(), settled.last_at.saturating_sub(record.started_at_ms)));
         }
         put_cascade(txn, &record)?;
     }
     Ok(applied)
+}
+
+/// What outcomes did to one cascade's counters.
+#[derive(Default)]
+struct Settled {
+    delivered: u64,
+    failed: u64,
+    were_planned: u64,
+    last_at: u64,
 }
 
 /// The `GET /admin/cascades/{txn}` report.
@@ -716,8 +732,19 @@ mod tests {
         // The sweep takes only leaves planned before its horizon.
         assert!(store.read(|txn| planned_before(txn, 1)).expect("read").is_empty(), "planned at 1, not before");
         assert_eq!(store.read(|txn| planned_before(txn, 2)).expect("read").len(), 1);
+        // A planned leaf settled before hand-over (its stream vanished) is not
+        // waiting for dispatch any more.
+        let dropped = vec![Outcome { txn: "t2".into(), jti: "x".into(), delivered: false, at_ms: 5, err: None }];
+        store.write(Commit::Lazy, move |txn| apply_outcomes(txn, &dropped).map(drop)).await.expect("dropped");
+        let indexed =
+            store.read(|txn| txn.open_table(UNDISPATCHED).map_err(storage)?.len().map_err(storage)).expect("read");
+        assert_eq!(indexed, 0, "settled while planned: nothing left to dispatch");
+        store
+            .write(Commit::Durable, |txn| plan(txn, &template("t3"), &event(), vec![leaf("y", "s1", 1)]).map(drop))
+            .await
+            .expect("plan");
         // Handed over: the cascade leaves the index, and nothing is swept.
-        store.write(Commit::Lazy, |txn| mark_pending(txn, "t2", &["x".into()]).map(drop)).await.expect("pending");
+        store.write(Commit::Lazy, |txn| mark_pending(txn, "t3", &["y".into()]).map(drop)).await.expect("pending");
         assert!(store.read(all_planned).expect("read").is_empty());
         let indexed =
             store.read(|txn| txn.open_table(UNDISPATCHED).map_err(storage)?.len().map_err(storage)).expect("read");

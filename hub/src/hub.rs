@@ -711,4 +711,39 @@ mod tests {
         let email = hub.touched(&stream, &SubjectId::email("ada@x")).await;
         assert!(matches!(email, Ok(false)), "{email:?}: not a session, so the stream stores it");
     }
+
+    #[tokio::test]
+    async fn a_late_touch_after_the_cascade_was_pruned_is_still_revoked() {
+        use caep_schemas::event::SessionRevoked;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (transmitter, stream_id) = transmitter_with_a_stream(dir.path()).await;
+        let store = transmitter.outbox().store().clone();
+        let revoke = SecurityEventToken::new(
+            "https://idp.test",
+            "https://hub.test",
+            SubjectId::session_of(SubjectId::opaque("s1"), None),
+            Event::SessionRevoked(SessionRevoked::default()),
+        )
+        .with_txn("t1");
+        let late = store
+            .write(Commit::Durable, move |txn| {
+                let lifetimes = graph::Lifetimes::DEFAULT;
+                let ctx = crate::effects::Context { streams: transmitter.streams(), lifetimes: &lifetimes };
+                let now = 1_000_000;
+                crate::effects::apply(txn, ctx, &revoke, now).map_err(|e| StoreError::Storage(e.to_string()))?;
+                let pruned = cascade::prune_completed(txn, now + 1, 100)?;
+                assert_eq!(pruned.cascades, 1, "nothing touched it: complete at once, and pruned");
+                let key = graph::session_key("https://idp.test", &SubjectId::opaque("s1"));
+                let touch = graph::Touch { at_ms: now + 2, ..graph::Touch::default() };
+                crate::effects::late_touch_plan(txn, ctx, &key, &stream_id, &touch)
+                    .map_err(|e| StoreError::Storage(e.to_string()))
+            })
+            .await
+            .expect("late touch");
+        assert_eq!(late.cascades.len(), 1, "{late:?}");
+        let (record, leaves) = &late.cascades[0];
+        assert_eq!((record.key.as_str(), record.txn.as_str()), (cascade::key("https://idp.test", "t1").as_str(), "t1"));
+        assert_eq!(leaves.len(), 1);
+        assert_eq!(record.events[leaves[0].event].event_type, event_type::SESSION_REVOKED);
+    }
 }

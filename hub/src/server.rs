@@ -164,10 +164,16 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
 }
 
 /// Liveness, and in Kafka mode the partitions this instance works. 503
-/// with a reason when the storage writer has stopped: nothing can commit.
+/// with a reason when the storage writer has stopped (nothing can commit)
+/// or a push delivery worker has.
 async fn health(State(hub): State<Arc<Hub>>) -> Response {
-    if !hub.store().writer_running() {
-        let body = json!({"status": "unavailable", "reason": "the storage writer has stopped"});
+    let fault = if hub.store().writer_running() {
+        hub.transmitter().delivery_fault()
+    } else {
+        Some("the storage writer has stopped".to_owned())
+    };
+    if let Some(reason) = fault {
+        let body = json!({"status": "unavailable", "reason": reason});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     match hub.cluster_status() {

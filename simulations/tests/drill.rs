@@ -110,3 +110,45 @@ fn a_dropped_leaf_is_lost_and_an_extra_one_unexpected_and_the_exit_status_says_s
     assert_eq!(count(&report, "unexpected_leaves"), 1, "{report}");
     assert_eq!(code, 1, "loss or unexpected leaves fail the drill");
 }
+
+#[test]
+fn a_short_soak_samples_a_hub_that_prunes_what_expires() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let hub = hub_bin();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_path = dir.path().join("soak.json");
+    let plot_path = dir.path().join("soak.svg");
+    let args =
+        ["--soak", "0.4", "--rate", "20", "--soak-interval-secs", "3", "--soak-ttl-secs", "3", "--receivers", "3"];
+    let output = Command::new(DRILL)
+        .args(args)
+        .arg("--hub-bin")
+        .arg(&hub)
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--plot")
+        .arg(&plot_path)
+        .output()
+        .expect("running caep-drill --soak");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "caep-drill --soak failed:\n{stderr}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each sample is a JSON line"))
+        .collect();
+    assert!(lines.len() >= 6, "a sample every 3 s for 24 s: {lines:?}");
+    let last = lines.last().expect("samples");
+    assert!(count(last, "established_total") > 100, "{last}");
+    assert!(count(last, "db_bytes") > 0 && count(last, "rss_bytes") > 0, "{last}");
+    assert!(count(&last["pruned"], "sessions") > 0, "sessions of 3 s lifetimes were pruned: {last}");
+    assert!(
+        count(last, "live_sessions") < count(last, "established_total"),
+        "the hub keeps fewer sessions than were established: {last}"
+    );
+    assert!(lines.iter().any(|sample| count(sample, "leaves") > 0), "revocations reached the receivers: {lines:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).expect("--json")).expect("JSON");
+    assert_eq!(report["summary"]["thirds"].as_array().map(Vec::len), Some(3), "{report}");
+    assert!(stderr.contains("| part of the run |"), "the summary table:\n{stderr}");
+    let svg = std::fs::read_to_string(&plot_path).expect("--plot");
+    assert!(svg.starts_with("<svg") && svg.contains("redb file"), "bytes and RSS over time");
+}

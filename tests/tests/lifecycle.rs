@@ -269,12 +269,12 @@ async fn a_deleted_stream_and_a_deleted_receiver_leave_nothing_behind(kafka: boo
     let streams = hub.admin(Method::GET, "/admin/streams", Body::None).await.expect(200).json();
     assert!(!streams.to_string().contains(&polled.stream_id), "{streams}");
     hub.get(&hub.stream_url(&polled.stream_id), &polled.rp.token).await.expect(404);
-    // Deleting a receiver: its token stops working, its stream is disabled,
-    // and its push endpoint is told after the fact.
+    // Deleting a receiver: its token stops working, its stream is gone, and
+    // its push endpoint is told after the fact.
     hub.admin(Method::DELETE, &format!("/admin/receivers/{}", pushed.rp.receiver_id), Body::None).await.expect(204);
     hub.get(&hub.stream_url(&pushed.stream_id), &pushed.rp.token).await.expect(401);
-    let view = hub.admin_stream(&pushed.stream_id).await;
-    assert_eq!(view["status"], "disabled", "{view}");
+    let streams = hub.admin(Method::GET, "/admin/streams", Body::None).await.expect(200).json();
+    assert!(!streams.to_string().contains(&pushed.stream_id), "{streams}");
     let sets = pushed.settle(&hub, 1).await;
     assert_eq!(sets[0].event.type_uri(), STREAM_UPDATED);
     assert_eq!(sets[0].event.payload()["status"], "disabled");

@@ -422,30 +422,26 @@ impl Outbox {
         Ok(jtis.len() as u64)
     }
 
-    /// Removes everything a deleted stream left here: its queue, its dead
-    /// letters, its wake-up signal.
-    pub async fn forget_stream(&self, stream_id: &str) -> Result<(), StoreError> {
-        let owned = stream_id.to_owned();
-        self.store
-            .write(Commit::Durable, move |txn| {
-                Outbox::purge_in(txn, &owned)?;
-                let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
-                let mut by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
-                let letters = dead
-                    .extract_from_if((owned.as_str(), 0)..=(owned.as_str(), u64::MAX), |_, _| true)
-                    .map_err(storage)?;
-                for row in letters {
-                    let (_, value) = row.map_err(storage)?;
-                    let letter: DeadLetter = decode(value.value())?;
-                    by_age.remove((letter.failed_at_ms, owned.as_str(), letter.seq)).map_err(storage)?;
-                }
-                Ok(())
-            })
-            .await?;
-        // Wake whoever still waits on it (they find it gone), then forget the signal.
+    /// A deleted stream's queue and dead letters, inside a caller's
+    /// transaction; call [`Outbox::forget_waker`] after it commits.
+    pub fn forget_stream_in(txn: &WriteTransaction, stream_id: &str) -> Result<(), StoreError> {
+        Outbox::purge_in(txn, stream_id)?;
+        let mut dead = txn.open_table(DEAD_LETTERS).map_err(storage)?;
+        let mut by_age = txn.open_table(DEAD_BY_AGE).map_err(storage)?;
+        let letters = dead.extract_from_if((stream_id, 0)..=(stream_id, u64::MAX), |_, _| true).map_err(storage)?;
+        for row in letters {
+            let (_, value) = row.map_err(storage)?;
+            let letter: DeadLetter = decode(value.value())?;
+            by_age.remove((letter.failed_at_ms, stream_id, letter.seq)).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Wakes whoever still waits on a deleted stream (they find it gone),
+    /// then forgets its signal.
+    pub fn forget_waker(&self, stream_id: &str) {
         self.wake(stream_id);
         self.wakers.lock().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
-        Ok(())
     }
 
     /// Removes up to `limit` dead letters that failed before `horizon_ms`,
@@ -631,6 +627,50 @@ mod tests {
         assert!(outbox.ack("a", vec!["1".into()]).await.expect("ack").is_empty(), "index entry gone");
         assert_eq!(outbox.purge("a").await.expect("purge"), 1);
         assert_eq!(outbox.total_depth().expect("depth"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_set_queued_twice_is_queued_once_and_its_ack_settles_it() {
+        let (_dir, outbox) = open();
+        // A shared log read again after a failover imports the same SET twice.
+        outbox.enqueue(vec![set("a", "1")]).await.expect("enqueue");
+        outbox.enqueue(vec![set("a", "1")]).await.expect("enqueue again");
+        assert_eq!(outbox.depth("a").expect("depth"), 1);
+        assert_eq!(outbox.ack("a", vec!["1".into()]).await.expect("ack").len(), 1);
+        assert_eq!(outbox.depth("a").expect("depth"), 0, "nothing left that no ack can reach");
+    }
+
+    /// Records which outcomes it was told of, and when.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<(&'static str, String)>>);
+
+    impl OutcomeSink for Told {
+        fn record(&self, _: &WriteTransaction, outcomes: &[SetOutcome<'_>]) -> Result<(), StoreError> {
+            let mut told = self.0.lock().expect("lock");
+            told.extend(outcomes.iter().map(|o| ("in the transaction", o.set.jti.clone())));
+            Ok(())
+        }
+
+        fn committed(&self, outcomes: &[SetOutcome<'_>]) {
+            let mut told = self.0.lock().expect("lock");
+            told.extend(outcomes.iter().map(|o| ("committed", o.set.jti.clone())));
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_are_told_in_the_transaction_then_after_the_commit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("db.redb")).expect("open");
+        let sink = Arc::new(Told::default());
+        let outbox = Outbox::new(store, sink.clone());
+        outbox.enqueue(vec![set("a", "1"), set("a", "2")]).await.expect("enqueue");
+        outbox.ack("a", vec!["1".into()]).await.expect("ack");
+        let failure = Failure { target: FailureTarget::Jti("2".into()), err: "e".into(), description: "d".into() };
+        outbox.dead_letter("a", vec![failure]).await.expect("dead letter");
+        let told = sink.0.lock().expect("lock").clone();
+        let expected =
+            [("in the transaction", "1"), ("committed", "1"), ("in the transaction", "2"), ("committed", "2")];
+        assert_eq!(told, expected.map(|(when, jti)| (when, jti.to_owned())));
     }
 
     #[tokio::test]

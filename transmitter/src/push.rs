@@ -122,6 +122,17 @@ impl Pusher {
         workers.insert(stream_id.to_owned(), (sender, handle));
     }
 
+    /// How many stream workers have ended while their stream is still
+    /// routed (a worker ends only when stopped, so this is a fault).
+    pub fn stopped_workers(&self) -> usize {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|(_, handle)| handle.is_finished())
+            .count()
+    }
+
     /// Stops a stream's worker and every SET it has in flight (stream
     /// deleted, disabled, or no longer push): they see the route disabled.
     pub fn stop(&self, stream_id: &str) {

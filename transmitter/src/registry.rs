@@ -121,6 +121,18 @@ fn subject_key(subject: &SubjectId) -> String {
     subject.to_value().to_string()
 }
 
+/// A stream's row and subjects removed, its id remembered as deleted.
+fn delete_in(txn: &WriteTransaction, stream_id: &str) -> Result<(), StoreError> {
+    txn.open_table(STREAMS).map_err(storage)?.remove(stream_id).map_err(storage)?;
+    let mut subjects = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
+    // NUL is the least character: (id + NUL, "") bounds exactly this stream's keys.
+    let end = format!("{stream_id}\0");
+    subjects.retain_in((stream_id, "")..(end.as_str(), ""), |_, _| false).map_err(storage)?;
+    let mut deleted = txn.open_table(DELETED_STREAMS).map_err(storage)?;
+    deleted.insert(stream_id, now_ms().to_be_bytes().as_slice()).map_err(storage)?;
+    Ok(())
+}
+
 impl StreamRegistry {
     /// Loads every stream and subject from `store`, opening the sealed push
     /// credentials with `secrets`.
@@ -229,60 +241,49 @@ impl StreamRegistry {
         Ok(Ok(record))
     }
 
-    /// Disables every stream `receiver_id` owns (with `reason`) in one
-    /// transaction with `also` (given the streams' ids), then updates the
-    /// cache. Returns the disabled records.
-    pub(crate) async fn disable_owned_by(
+    /// Deletes every stream `receiver_id` owns, in one transaction with
+    /// `also` (given their ids: the receiver's removal, their queues), then
+    /// updates the caches. Returns the deleted records.
+    pub(crate) async fn delete_owned_by(
         &self,
         receiver_id: &str,
-        reason: &str,
         mut also: impl FnMut(&WriteTransaction, &[String]) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<Vec<Arc<StreamRecord>>, StoreError> {
         let _changing = self.changing.lock().await;
-        let disabled: Vec<StreamRecord> = self
-            .owned_by(receiver_id)
-            .iter()
-            .map(|record| StreamRecord {
-                status: StreamStatus::Disabled,
-                reason: Some(reason.to_owned()),
-                ..(**record).clone()
-            })
-            .collect();
-        let stored: Vec<StreamRecord> = disabled.iter().map(|record| record.sealed(&self.secrets)).collect();
-        let ids: Vec<String> = disabled.iter().map(|record| record.config.stream_id.clone()).collect();
+        let gone = self.owned_by(receiver_id);
+        let ids: Vec<String> = gone.iter().map(|record| record.config.stream_id.clone()).collect();
+        let deleting = ids.clone();
         self.store
             .write(Commit::Durable, move |txn| {
-                let mut table = txn.open_table(STREAMS).map_err(storage)?;
-                for record in &stored {
-                    table.insert(record.config.stream_id.as_str(), encode(record)?.as_slice()).map_err(storage)?;
+                for id in &deleting {
+                    delete_in(txn, id)?;
                 }
-                drop(table);
-                also(txn, &ids)
+                also(txn, &deleting)
             })
             .await?;
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        let disabled: Vec<Arc<StreamRecord>> = disabled.into_iter().map(Arc::new).collect();
-        for record in &disabled {
-            cache.insert(record.config.stream_id.clone(), Arc::clone(record));
+        let mut counts = self.subject_counts.write().unwrap_or_else(|p| p.into_inner());
+        for id in &ids {
+            cache.remove(id);
+            counts.remove(id);
         }
-        Ok(disabled)
+        Ok(gone)
     }
 
-    /// Deletes a stream and its subjects, and remembers the id so a change
-    /// about it ordered after the deletion cannot bring it back. Idempotent.
-    pub(crate) async fn apply_delete(&self, stream_id: &str) -> Result<(), StoreError> {
+    /// Deletes a stream and its subjects, in one transaction with `also`
+    /// (its queue), and remembers the id so a change about it ordered after
+    /// the deletion cannot bring it back. Idempotent.
+    pub(crate) async fn apply_delete(
+        &self,
+        stream_id: &str,
+        mut also: impl FnMut(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
         let _changing = self.changing.lock().await;
         let owned = stream_id.to_owned();
         self.store
             .write(Commit::Durable, move |txn| {
-                txn.open_table(STREAMS).map_err(storage)?.remove(owned.as_str()).map_err(storage)?;
-                let mut subjects = txn.open_table(STREAM_SUBJECTS).map_err(storage)?;
-                // NUL is the least character: (id + NUL, "") bounds exactly this stream's keys.
-                let end = format!("{owned}\0");
-                subjects.retain_in((owned.as_str(), "")..(end.as_str(), ""), |_, _| false).map_err(storage)?;
-                let mut deleted = txn.open_table(DELETED_STREAMS).map_err(storage)?;
-                deleted.insert(owned.as_str(), now_ms().to_be_bytes().as_slice()).map_err(storage)?;
-                Ok(())
+                delete_in(txn, &owned)?;
+                also(txn)
             })
             .await?;
         self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(stream_id);

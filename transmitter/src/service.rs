@@ -112,7 +112,7 @@ impl TransmitterSettings {
     }
 }
 
-/// Why a removed receiver's streams are disabled.
+/// Why a removed receiver's streams are gone (told to push receivers).
 const RECEIVER_REMOVED: &str = "receiver removed by the transmitter's operator";
 
 /// A boxed future, for the hook trait.
@@ -316,28 +316,30 @@ impl Transmitter {
                 conflict_if(self.receivers.apply_created(receiver, &token_digest).await?)
             }
             ControlChange::ReceiverDeleted { receiver_id } => {
-                // One transaction: the token revoked, every stream disabled and
-                // its queue dropped. A crash leaves all of it done or none.
+                // One transaction: the token revoked, every stream of the
+                // receiver deleted with its queue and dead letters. A crash
+                // leaves all of it done or none.
                 let gone = receiver_id.clone();
                 let also = move |txn: &redb::WriteTransaction, streams: &[String]| {
                     crate::receivers::Receivers::delete_in(txn, &gone)?;
                     for stream_id in streams {
-                        Outbox::purge_in(txn, stream_id)?;
+                        Outbox::forget_stream_in(txn, stream_id)?;
                     }
                     Ok(())
                 };
-                let disabled = self.streams.disable_owned_by(&receiver_id, RECEIVER_REMOVED, also).await?;
-                for record in &disabled {
+                for record in self.streams.delete_owned_by(&receiver_id, also).await? {
                     self.pusher.stop(&record.config.stream_id);
-                    self.outbox.wake(&record.config.stream_id);
+                    self.outbox.forget_waker(&record.config.stream_id);
                 }
                 ControlOutcome::Applied
             }
             ControlChange::StreamPut { record } => self.apply_stream_put(record).await?,
             ControlChange::StreamDeleted { stream_id } => {
                 self.pusher.stop(&stream_id);
-                self.streams.apply_delete(&stream_id).await?;
-                self.outbox.forget_stream(&stream_id).await?;
+                // One transaction: the stream, its subjects, queue and dead letters.
+                let gone = stream_id.clone();
+                self.streams.apply_delete(&stream_id, move |txn| Outbox::forget_stream_in(txn, &gone)).await?;
+                self.outbox.forget_waker(&stream_id);
                 ControlOutcome::Applied
             }
             ControlChange::SubjectAdded { stream_id, subject } => {
@@ -474,6 +476,16 @@ impl Transmitter {
             _ => self.pusher.stop(&record.config.stream_id),
         }
         self.outbox.wake(&record.config.stream_id);
+    }
+
+    /// Why delivery is not healthy, if it is not (for `/healthz`): a push
+    /// worker that ended while its stream is still routed. Counts only, so
+    /// an unauthenticated caller learns no stream id.
+    pub fn delivery_fault(&self) -> Option<String> {
+        match self.pusher.stopped_workers() {
+            0 => None,
+            n => Some(format!("{n} push delivery worker(s) stopped")),
+        }
     }
 
     /// The per-receiver limits.
@@ -671,11 +683,11 @@ impl Transmitter {
         Ok(())
     }
 
-    /// Removes a receiver: in one transaction its token is revoked and
-    /// every stream it owns is disabled with its queue dropped. Then, best
-    /// effort, each push stream that was enabled is told by a stream-updated
-    /// SET posted directly (a poll stream cannot be told: its receiver can
-    /// no longer poll).
+    /// Removes a receiver: in one transaction its token is revoked and every
+    /// stream it owns is deleted with its queue and dead letters, so nothing
+    /// of it is left. Then, best effort, each push stream that was enabled is
+    /// told it is disabled by a stream-updated SET posted directly (a poll
+    /// stream cannot be told: its receiver can no longer poll).
     pub async fn delete_receiver(self: &Arc<Self>, receiver_id: &str) -> Result<bool, SsfError> {
         let told = {
             // Check and delete as one step here, so of two concurrent
