@@ -826,7 +826,7 @@ async fn receiver_changes_during_a_transmitter_initiated_pause_are_not_lost(base
 
 // ---------------------------------------------------------------- receiver removal
 
-async fn deleting_a_receiver_revokes_its_token_and_disables_its_streams(base: HubOptions) {
+async fn deleting_a_receiver_revokes_its_token_and_deletes_its_streams(base: HubOptions) {
     let hub = Hub::start_with(base.clone()).await;
     let rp = hub.receiver("leaving").await;
     let receiver = PushReceiver::accepting().await;
@@ -843,13 +843,14 @@ async fn deleting_a_receiver_revokes_its_token_and_disables_its_streams(base: Hu
     assert!(challenge.starts_with("Bearer") && challenge.contains("invalid_token"), "{challenge:?}");
     hub.post(&hub.endpoint("verification_endpoint"), &rp.token, json!({"stream_id": stream_id})).await.expect(401);
 
-    // Its stream was told, then disabled.
+    // Its stream is gone with it, and its push endpoint was told.
     let pushes = receiver.wait_for(1).await;
     let set = hub.verify_set(&pushes[0].body, &rp);
     assert_stream_subject(&set, &stream_id);
     assert_eq!(set.event.type_uri(), STREAM_UPDATED);
     assert_eq!(set.event.payload()["status"], "disabled");
-    assert_eq!(hub.admin_stream(&stream_id).await["status"], "disabled");
+    let all = hub.admin(Method::GET, "/admin/streams", Body::None).await.expect(200).json();
+    assert!(!all.to_string().contains(&stream_id), "a removed receiver's stream is left: {all}");
 
     hub.admin(Method::DELETE, &path, Body::None).await.expect(404);
     let listed = hub.admin(Method::GET, "/admin/receivers", Body::None).await.expect(200).json();
@@ -987,7 +988,7 @@ on_every_backend!(
     a_paused_push_stream_holds_its_sets_until_resumed,
     a_transmitter_initiated_pause_is_announced_by_a_stream_updated_set,
     receiver_changes_during_a_transmitter_initiated_pause_are_not_lost,
-    deleting_a_receiver_revokes_its_token_and_disables_its_streams,
+    deleting_a_receiver_revokes_its_token_and_deletes_its_streams,
     deleting_a_push_stream_stops_retrying_its_sets,
     disabling_a_push_stream_drops_the_set_being_retried,
     metrics_count_push_attempts_and_deliveries_and_show_outbox_depth,
