@@ -25,6 +25,7 @@ use crate::http;
 use crate::jwks::JwksCache;
 use crate::poll::PollLoop;
 use crate::push::push_router;
+use crate::revocations::{Feeding, Revocations};
 use crate::streams::{StreamConfiguration, StreamRequest, StreamStatusInfo, TransmitterMetadata};
 use crate::verify::SetVerifier;
 
@@ -77,6 +78,8 @@ pub struct Receiver {
     token: String,
     verifier: Arc<SetVerifier>,
     verifications: Arc<Verifications>,
+    /// Fed by every SET this receiver's push router and poll loop verify.
+    revocations: Option<Arc<Revocations>>,
 }
 
 impl fmt::Debug for Receiver {
@@ -164,6 +167,7 @@ impl Receiver {
             token: token.into(),
             verifier,
             verifications: Arc::new(Verifications::default()),
+            revocations: None,
         })
     }
 
@@ -200,11 +204,24 @@ impl Receiver {
         VerificationTap { inner: handler, verifications: Arc::clone(&self.verifications) }
     }
 
+    /// Has this receiver's push router and poll loop feed `revocations`
+    /// with every verified SET, before the handler runs (see
+    /// [`Revocations::feeding`]).
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    /// The handler as this receiver runs it: the revocation store first, if any.
+    fn fed<H: EventHandler>(&self, handler: H) -> VerificationTap<Feeding<H>> {
+        self.tap(Feeding::new(self.revocations.clone(), handler))
+    }
+
     /// An RFC 8935 push router for this transmitter's SETs (see
     /// [`push_router`]), which also completes
     /// [`verify_stream`](Self::verify_stream).
     pub fn push_router<H: EventHandler>(&self, expected_authorization: Option<String>, handler: H) -> Router {
-        push_router(Arc::clone(&self.verifier), expected_authorization, self.tap(handler))
+        push_router(Arc::clone(&self.verifier), expected_authorization, self.fed(handler))
     }
 
     /// An RFC 8936 poll loop over `stream` (a poll stream), which also
@@ -218,11 +235,11 @@ impl Receiver {
         &self,
         stream: &StreamConfiguration,
         handler: H,
-    ) -> Result<PollLoop<VerificationTap<H>>, ReceiverError> {
+    ) -> Result<PollLoop<VerificationTap<Feeding<H>>>, ReceiverError> {
         let poll_url = stream.poll_url().ok_or_else(|| {
             ReceiverError::Config(format!("stream {} is not a poll stream with an endpoint_url", stream.stream_id))
         })?;
-        Ok(PollLoop::new(Arc::clone(&self.verifier), poll_url, self.token.clone(), self.tap(handler))
+        Ok(PollLoop::new(Arc::clone(&self.verifier), poll_url, self.token.clone(), self.fed(handler))
             .with_client(self.client.clone()))
     }
 

@@ -44,6 +44,10 @@
 //!   ([`replay`]): verification, usable on their own.
 //! - [`EventHandler`], [`ReceivedEvent`], [`Signal`]: what the application
 //!   writes and receives.
+//! - [`Revocations`] ([`revocations`]): the sessions and users to stop
+//!   honouring, fed by verified SETs, optionally on disk; and
+//!   [`guard::EnforceLayer`], the tower layer that refuses their requests and
+//!   reports each new agent session as a touch.
 //!
 //! # What "verified" means
 //!
@@ -59,12 +63,14 @@
 pub mod client;
 pub mod error;
 pub mod event;
+pub mod guard;
 pub mod handler;
 mod http;
 pub mod jwks;
 pub mod poll;
 pub mod push;
 pub mod replay;
+pub mod revocations;
 pub mod streams;
 pub mod verify;
 
@@ -76,5 +82,6 @@ pub use jwks::JwksCache;
 pub use poll::PollLoop;
 pub use push::push_router;
 pub use replay::ReplayCache;
+pub use revocations::Revocations;
 pub use streams::{StreamConfiguration, StreamRequest, StreamStatusInfo, TransmitterMetadata};
 pub use verify::{SetVerifier, Verified, VerifyError};
