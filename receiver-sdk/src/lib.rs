@@ -71,6 +71,7 @@ pub mod poll;
 pub mod push;
 pub mod replay;
 pub mod revocations;
+pub mod sidecar;
 pub mod streams;
 pub mod verify;
 
