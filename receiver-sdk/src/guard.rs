@@ -71,17 +71,218 @@ pub fn bearer_jwt(claim: &str) -> Extract {
         if !scheme.eq_ignore_ascii_case("bearer") || token.len() > MAX_TOKEN {
             return None;
         }
-        let claims = jwt_claims(token.trim())?;
-        Some(agent_of(&claims, &claim))
+        let payload = jwt_payload(token.trim())?;
+        claims::agent_in(&payload, &claim)
     })
 }
 
-fn jwt_claims(token: &str) -> Option<Value> {
+/// The decoded payload of a compact JWS.
+fn jwt_payload(token: &str) -> Option<Vec<u8>> {
     use base64::Engine;
     let mut parts = token.split('.');
     let (_, payload) = (parts.next()?, parts.next()?);
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    serde_json::from_slice::<Value>(&bytes).ok().filter(Value::is_object)
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()
+}
+
+/// Reads only the claims the layer needs from a JWT payload, without
+/// building a JSON tree: this runs on every request.
+mod claims {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::{Agent, MAX_ACTORS};
+    use crate::revocations::{email_key, iss_sub_key};
+
+    /// The agent a payload names; `None` when it is not a JSON object.
+    pub(super) fn agent_in(payload: &[u8], claim: &str) -> Option<Agent> {
+        let mut deserializer = serde_json::Deserializer::from_slice(payload);
+        let level = Level { claim, depth: 0 }.deserialize(&mut deserializer).ok()?;
+        let mut agent = Agent::default();
+        if let (Some(iss), Some(sub)) = (&level.iss, &level.sub) {
+            agent.users.push(iss_sub_key(iss, sub));
+        }
+        if let Some(email) = &level.email {
+            agent.users.push(email_key(email));
+        }
+        agent.sessions = level.sessions;
+        Some(agent)
+    }
+
+    /// One level of the `act` chain.
+    struct Level<'c> {
+        claim: &'c str,
+        depth: usize,
+    }
+
+    /// What one level (and the actors under it) names.
+    #[derive(Default)]
+    struct Found {
+        /// This level's session first, then its actors'.
+        sessions: Vec<String>,
+        iss: Option<String>,
+        sub: Option<String>,
+        email: Option<String>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Level<'_> {
+        type Value = Found;
+
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Found, D::Error> {
+            deserializer.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Level<'_> {
+        type Value = Found;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("JWT claims (an object)")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+            let mut found = Found::default();
+            let (mut own, mut actors) = (None, Vec::new());
+            while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                let Some(key) = key else {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                };
+                if key == self.claim {
+                    own = map.next_value::<Text<'de>>()?.0.filter(|s| !s.is_empty()).map(Cow::into_owned);
+                } else if key == "act" && self.depth < MAX_ACTORS {
+                    let nested = Level { claim: self.claim, depth: self.depth + 1 };
+                    actors = map.next_value_seed(Actor(nested))?;
+                } else if self.depth == 0 && matches!(&*key, "iss" | "sub" | "email") {
+                    let value = map.next_value::<Text<'de>>()?.0.map(Cow::into_owned);
+                    match &*key {
+                        "iss" => found.iss = value,
+                        "sub" => found.sub = value,
+                        _ => found.email = value,
+                    }
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            found.sessions.extend(own);
+            found.sessions.extend(actors);
+            Ok(found)
+        }
+    }
+
+    /// An `act` member: its sessions, or none when it is not an object.
+    struct Actor<'c>(Level<'c>);
+
+    impl<'de> DeserializeSeed<'de> for Actor<'_> {
+        type Value = Vec<String>;
+
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<String>, D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Actor<'_> {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an actor")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Vec<String>, A::Error> {
+            Ok(self.0.visit_map(map)?.sessions)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Vec::new())
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Vec<String>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Vec<String>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Vec<String>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Vec<String>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Vec<String>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_unit<E>(self) -> Result<Vec<String>, E> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A value kept when it is a string (borrowed where it can be).
+    struct Text<'de>(Option<Cow<'de, str>>);
+
+    impl<'de> serde::Deserialize<'de> for Text<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(TextVisitor)
+        }
+    }
+
+    struct TextVisitor;
+
+    impl<'de> Visitor<'de> for TextVisitor {
+        type Value = Text<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+
+        fn visit_borrowed_str<E>(self, value: &'de str) -> Result<Text<'de>, E> {
+            Ok(Text(Some(Cow::Borrowed(value))))
+        }
+
+        fn visit_str<E>(self, value: &str) -> Result<Text<'de>, E> {
+            Ok(Text(Some(Cow::Owned(value.to_owned()))))
+        }
+
+        fn visit_string<E>(self, value: String) -> Result<Text<'de>, E> {
+            Ok(Text(Some(Cow::Owned(value))))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text<'de>, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Text(None))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text<'de>, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Text(None))
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Text<'de>, E> {
+            Ok(Text(None))
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Text<'de>, E> {
+            Ok(Text(None))
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Text<'de>, E> {
+            Ok(Text(None))
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Text<'de>, E> {
+            Ok(Text(None))
+        }
+
+        fn visit_unit<E>(self) -> Result<Text<'de>, E> {
+            Ok(Text(None))
+        }
+    }
 }
 
 /// The agent a token's claims name.
@@ -220,15 +421,8 @@ impl EnforceLayer {
     /// sessions otherwise.
     pub fn check(&self, headers: &HeaderMap) -> Option<Revoked> {
         let agent = (self.extract)(headers)?;
-        for session in &agent.sessions {
-            if self.revocations.is_session_revoked(session) {
-                return Some(Revoked::Session(session.clone()));
-            }
-        }
-        for user in &agent.users {
-            if self.revocations.is_user_revoked(user) {
-                return Some(Revoked::User(user.clone()));
-            }
+        if let Some(revoked) = self.revocations.first_revoked(&agent.sessions, &agent.users) {
+            return Some(revoked);
         }
         if let (Some(touches), Some(session)) = (&self.touches, agent.sessions.first()) {
             touches.seen(session);
@@ -306,6 +500,14 @@ mod tests {
             deep = json!({"sid": format!("s{n}"), "act": deep});
         }
         assert_eq!(agent_of(&deep, "sid").sessions.len(), MAX_ACTORS + 1, "the chain is followed a bounded depth");
+        // The per-request reader (no JSON tree) reads the same.
+        for claims in [claims, deep, json!({"sid": 7, "act": "not an actor", "iss": ["x"], "sub": "u"})] {
+            let payload = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims.to_string());
+            let mut headers = HeaderMap::new();
+            let value = HeaderValue::from_str(&format!("Bearer h.{payload}.s")).expect("header");
+            headers.insert(header::AUTHORIZATION, value);
+            assert_eq!(bearer_jwt("sid")(&headers), Some(agent_of(&claims, "sid")), "{claims}");
+        }
     }
 
     #[test]

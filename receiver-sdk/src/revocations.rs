@@ -135,6 +135,23 @@ impl Revocations {
         live(&self.users, key)
     }
 
+    /// The first of `sessions`, then of `users` (keys), that is revoked now:
+    /// one clock read and one lock per kind, for the per-request check.
+    pub fn first_revoked(&self, sessions: &[String], users: &[String]) -> Option<Revoked> {
+        let now = now_ms();
+        let first = |map: &RwLock<HashMap<String, i64>>, keys: &[String]| {
+            let map = map.read().unwrap_or_else(|p| p.into_inner());
+            if map.is_empty() {
+                return None;
+            }
+            keys.iter().find(|key| map.get(key.as_str()).is_some_and(|until| *until > now)).cloned()
+        };
+        if let Some(session) = first(&self.sessions, sessions) {
+            return Some(Revoked::Session(session));
+        }
+        first(&self.users, users).map(Revoked::User)
+    }
+
     /// How many sessions and users are remembered.
     pub fn len(&self) -> (usize, usize) {
         let count = |map: &RwLock<HashMap<String, i64>>| map.read().unwrap_or_else(|p| p.into_inner()).len();
