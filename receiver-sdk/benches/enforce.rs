@@ -17,7 +17,8 @@ use tower::Service;
 
 fn bearer(session: &str) -> HeaderValue {
     let part = |text: String| URL_SAFE_NO_PAD.encode(text);
-    let claims = format!(r#"{{"iss":"https://idp.example","sub":"ada","sid":"{session}","act":{{"sid":"parent-{session}"}}}}"#);
+    let claims =
+        format!(r#"{{"iss":"https://idp.example","sub":"ada","sid":"{session}","act":{{"sid":"parent-{session}"}}}}"#);
     let token = format!("{}.{}.signature", part(r#"{"alg":"ES256"}"#.into()), part(claims));
     HeaderValue::from_str(&format!("Bearer {token}")).expect("header")
 }
@@ -57,9 +58,14 @@ fn service(c: &mut Criterion) {
         c.bench_function(name, |b| {
             b.iter(|| {
                 let mut router = router.clone();
-                let request = Request::get("/").header(header::AUTHORIZATION, agent.clone()).body(Body::empty()).expect("request");
+                let request = Request::get("/")
+                    .header(header::AUTHORIZATION, agent.clone())
+                    .body(Body::empty())
+                    .expect("request");
                 let response = runtime.block_on(async move {
-                    std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut router, cx)).await.expect("ready");
+                    std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut router, cx))
+                        .await
+                        .expect("ready");
                     router.call(request).await.expect("response")
                 });
                 assert_eq!(response.status(), 200);

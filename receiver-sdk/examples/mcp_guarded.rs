@@ -26,7 +26,11 @@ async fn mcp(Json(request): Json<Value>) -> Json<Value> {
     let result = match request["method"].as_str() {
         Some("tools/list") => json!({"tools": [{"name": "lookup", "description": "Looks something up"}]}),
         Some("tools/call") => json!({"content": [{"type": "text", "text": "found it"}]}),
-        _ => return Json(json!({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "no such method"}})),
+        _ => {
+            return Json(
+                json!({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "no such method"}}),
+            );
+        }
     };
     Json(json!({"jsonrpc": "2.0", "id": request["id"], "result": result}))
 }
@@ -39,7 +43,8 @@ async fn main() -> Result<(), BoxError> {
 
     // The integration: a store on disk, a stream feeding it, the layer.
     let revocations = Revocations::open("mcp-revocations.redb".as_ref(), Duration::from_secs(3600))?;
-    let receiver = Arc::new(Receiver::discover(&issuer, &audience, &token).await?.with_revocations(revocations.clone()));
+    let receiver =
+        Arc::new(Receiver::discover(&issuer, &audience, &token).await?.with_revocations(revocations.clone()));
     let stream = receiver.create_stream(&StreamRequest::poll().all_events()).await?;
     tokio::spawn(receiver.poll_loop(&stream, |_| async { Ok(()) })?.run(std::future::pending()));
     let guard = EnforceLayer::new(revocations).reporting_touches(receiver, &stream.stream_id);

@@ -296,6 +296,7 @@ impl Receiver {
     pub async fn create_stream(&self, request: &StreamRequest) -> Result<StreamConfiguration, ReceiverError> {
         let url = self.configuration_endpoint()?;
         let config: StreamConfiguration = self.call_json(Method::POST, &url, Some(request.to_body(None))).await?;
+        let config = self.ours(&url, config)?;
         let method = config.delivery.as_ref().map_or("", |delivery| delivery.method.as_str());
         tracing::info!(stream_id = %config.stream_id, method, "stream created");
         Ok(config)
@@ -308,7 +309,8 @@ impl Receiver {
     /// [`ReceiverError::Status`] 404 for a stream this receiver does not own.
     pub async fn read_stream(&self, stream_id: &str) -> Result<StreamConfiguration, ReceiverError> {
         let url = Self::with_stream_id(&self.configuration_endpoint()?, stream_id)?;
-        self.call_json(Method::GET, &url, None).await
+        let config = self.call_json(Method::GET, &url, None).await?;
+        self.ours(&url, config)
     }
 
     /// Lists this receiver's streams.
@@ -318,7 +320,8 @@ impl Receiver {
     /// [`ReceiverError::Status`] or transport errors.
     pub async fn list_streams(&self) -> Result<Vec<StreamConfiguration>, ReceiverError> {
         let url = self.configuration_endpoint()?;
-        self.call_json(Method::GET, &url, None).await
+        let configs: Vec<StreamConfiguration> = self.call_json(Method::GET, &url, None).await?;
+        configs.into_iter().map(|config| self.ours(&url, config)).collect()
     }
 
     /// Updates the members present in `request` (PATCH); the others keep
@@ -333,7 +336,8 @@ impl Receiver {
         request: &StreamRequest,
     ) -> Result<StreamConfiguration, ReceiverError> {
         let url = self.configuration_endpoint()?;
-        self.call_json(Method::PATCH, &url, Some(request.to_body(Some(stream_id)))).await
+        let config = self.call_json(Method::PATCH, &url, Some(request.to_body(Some(stream_id)))).await?;
+        self.ours(&url, config)
     }
 
     /// Replaces every receiver-supplied member (PUT); a member missing from
@@ -348,7 +352,22 @@ impl Receiver {
         request: &StreamRequest,
     ) -> Result<StreamConfiguration, ReceiverError> {
         let url = self.configuration_endpoint()?;
-        self.call_json(Method::PUT, &url, Some(request.to_body(Some(stream_id)))).await
+        let config = self.call_json(Method::PUT, &url, Some(request.to_body(Some(stream_id)))).await?;
+        self.ours(&url, config)
+    }
+
+    /// Refuses a stream configuration that names another issuer than the
+    /// transmitter's metadata (SSF 1.0 §8.1.1: `iss` is the transmitter's):
+    /// its SETs would be verified against the wrong issuer.
+    fn ours(&self, url: &str, config: StreamConfiguration) -> Result<StreamConfiguration, ReceiverError> {
+        let expected = self.metadata.issuer.trim_end_matches('/');
+        match config.iss.as_deref().map(|iss| iss.trim_end_matches('/')) {
+            Some(iss) if iss != expected => Err(ReceiverError::InvalidResponse {
+                url: url.to_owned(),
+                reason: format!("the stream configuration names issuer `{iss}`, not the transmitter's `{expected}`"),
+            }),
+            _ => Ok(config),
+        }
     }
 
     /// Deletes a stream.
