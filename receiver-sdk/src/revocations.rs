@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub struct Revocations {
     sessions: RwLock<HashMap<String, i64>>,
     users: RwLock<HashMap<String, i64>>,
     file: Option<Arc<Database>>,
+    /// When expired entries were last forgotten: each revocation recorded
+    /// prunes too, at most every tenth of the TTL, so the store stays
+    /// bounded without a task of its own.
+    last_pruned: AtomicI64,
 }
 
 impl std::fmt::Debug for Revocations {
@@ -88,6 +93,7 @@ impl Revocations {
             sessions: RwLock::default(),
             users: RwLock::default(),
             file: None,
+            last_pruned: AtomicI64::new(now_ms()),
         })
     }
 
@@ -122,6 +128,7 @@ impl Revocations {
             sessions: RwLock::new(sessions),
             users: RwLock::new(users),
             file: Some(Arc::new(db)),
+            last_pruned: AtomicI64::new(now),
         }))
     }
 
@@ -268,7 +275,8 @@ impl Revocations {
         Ok(count)
     }
 
-    /// Prunes every tenth of the TTL, for ever (spawn it).
+    /// Prunes every tenth of the TTL, for ever (spawn it where revocations
+    /// are rare, so memory is returned without waiting for the next one).
     pub async fn prune_forever(self: Arc<Self>) {
         let every = Duration::from_millis((self.ttl_ms / 10).clamp(1_000, 3_600_000) as u64);
         let mut tick = tokio::time::interval(every);
@@ -286,7 +294,14 @@ impl Revocations {
         table: TableDefinition<'static, &'static str, i64>,
         key: &str,
     ) -> Result<(), ReceiverError> {
-        let until = now_ms().saturating_add(self.ttl_ms);
+        let now = now_ms();
+        let last = self.last_pruned.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= (self.ttl_ms / 10).max(1_000)
+            && self.last_pruned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.prune().await?;
+        }
+        let until = now.saturating_add(self.ttl_ms);
         {
             let mut map = map.write().unwrap_or_else(|p| p.into_inner());
             let entry = map.entry(key.to_owned()).or_insert(until);
@@ -394,6 +409,15 @@ mod tests {
         assert!(!short.is_session_revoked("s9"), "kept for the TTL only");
         assert_eq!(short.prune().await.expect("prune"), 1);
         assert!(short.is_empty());
+    }
+
+    #[tokio::test]
+    async fn recording_revocations_forgets_expired_ones_without_a_task() {
+        let store = Revocations::in_memory(Duration::from_millis(1));
+        store.revoke_session("old").await.expect("revoke");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        store.revoke_session("new").await.expect("revoke");
+        assert_eq!(store.len(), (1, 0), "the expired one went when the next was recorded");
     }
 
     #[test]
