@@ -493,7 +493,11 @@ async fn soak(args: &Args, minutes: f64, token: String) -> anyhow::Result<bool> 
         "caep-drill: soak for {minutes} min at {} sessions/s, lifetimes {} s, sampling every {} s",
         args.rate, args.soak_ttl_secs, args.soak_interval_secs
     );
-    let samples = soak::run(&config, &hub).await?;
+    // One JSON line per sample on stdout, as it is taken.
+    let samples = soak::run(&config, &hub, |sample| {
+        println!("{}", serde_json::to_string(sample).unwrap_or_default());
+    })
+    .await?;
     let Some(summary) = soak::summarize(&samples) else {
         eprintln!("caep-drill: too few samples for a summary");
         return Ok(false);

@@ -230,13 +230,17 @@ fn session_of(token: &[u8]) -> Option<String> {
     claims["sub_id"]["session"]["id"].as_str().map(str::to_owned)
 }
 
-/// Runs the soak against `hub` (started with [`hub_env`]); prints a JSON
-/// line per sample to stdout and returns the samples.
+/// Runs the soak against `hub` (started with [`hub_env`]), handing each
+/// sample to `on_sample` as it is taken; returns them all.
 ///
 /// # Errors
 ///
 /// When the hub cannot be set up or stops answering.
-pub async fn run(config: &SoakConfig, hub: &SpawnedHub) -> anyhow::Result<Vec<Sample>> {
+pub async fn run(
+    config: &SoakConfig,
+    hub: &SpawnedHub,
+    mut on_sample: impl FnMut(&Sample),
+) -> anyhow::Result<Vec<Sample>> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
     let url = hub.url();
     let admin = hub.admin_token().to_owned();
@@ -273,7 +277,7 @@ pub async fn run(config: &SoakConfig, hub: &SpawnedHub) -> anyhow::Result<Vec<Sa
     while started.elapsed() < config.duration {
         tick.tick().await;
         let sample = sample(&soak, hub, started).await?;
-        println!("{}", serde_json::to_string(&sample)?);
+        on_sample(&sample);
         samples.push(sample);
         soak.ledger.forget_older_than(600_000.0);
     }
