@@ -8,7 +8,10 @@
 //! the token's `iss`/`sub` and `email` for user-level revocations; or what
 //! an [`Extract`] function the RP supplies says) and denies with 401 and
 //! `WWW-Authenticate: Bearer error="invalid_token", error_description="session
-//! revoked"` (RFC 6750 §3) before the inner service runs.
+//! revoked"` (RFC 6750 §3) before the inner service runs. A request the
+//! service accepts (2xx or 3xx) reports its agent session as a touch; one
+//! the service's authentication refuses reports nothing, so forged tokens
+//! cannot make the RP report sessions it never served.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -417,18 +420,36 @@ impl EnforceLayer {
         self
     }
 
-    /// Why a request with these headers is refused, if it is; reports its
-    /// sessions otherwise.
+    /// Why a request with these headers is refused, if it is; otherwise
+    /// reports its agent session at once. This is the forward-auth answer
+    /// (`caep-guard`), which never sees the service's own answer.
     pub fn check(&self, headers: &HeaderMap) -> Option<Revoked> {
-        let agent = (self.extract)(headers)?;
-        if let Some(revoked) = self.revocations.first_revoked(&agent.sessions, &agent.users) {
-            return Some(revoked);
+        match self.decide(headers) {
+            Decision::Refuse(revoked) => Some(revoked),
+            Decision::Pass(session) => {
+                if let (Some(touches), Some(session)) = (&self.touches, session) {
+                    touches.seen(&session);
+                }
+                None
+            }
         }
-        if let (Some(touches), Some(session)) = (&self.touches, agent.sessions.first()) {
-            touches.seen(session);
-        }
-        None
     }
+
+    fn decide(&self, headers: &HeaderMap) -> Decision {
+        let Some(mut agent) = (self.extract)(headers) else { return Decision::Pass(None) };
+        if let Some(revoked) = self.revocations.first_revoked(&agent.sessions, &agent.users) {
+            return Decision::Refuse(revoked);
+        }
+        let own = if agent.sessions.is_empty() { None } else { Some(agent.sessions.swap_remove(0)) };
+        Decision::Pass(own.filter(|_| self.touches.is_some()))
+    }
+}
+
+/// What the layer does with a request.
+enum Decision {
+    Refuse(Revoked),
+    /// Let it through; the agent's own session, to report as a touch.
+    Pass(Option<String>),
 }
 
 impl<S> Layer<S> for EnforceLayer {
@@ -444,6 +465,36 @@ impl<S> Layer<S> for EnforceLayer {
 pub struct Enforce<S> {
     layer: EnforceLayer,
     inner: S,
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's answer; its agent session is reported as a
+    /// touch only if the service accepted the request (2xx or 3xx), so
+    /// tokens the RP's own authentication refuses (forged ones naming any
+    /// session) never make this RP report sessions.
+    pub struct Reporting<F> {
+        #[pin]
+        inner: F,
+        report: Option<(TouchReporter, String)>,
+    }
+}
+
+impl<F, B, E> std::future::Future for Reporting<F>
+where
+    F: std::future::Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(response), Some((touches, session))) = (&output, this.report.take())
+            && (response.status().is_success() || response.status().is_redirection())
+        {
+            touches.seen(&session);
+        }
+        Poll::Ready(output)
+    }
 }
 
 /// The RFC 6750 refusal.
@@ -464,19 +515,22 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Response<ResBody>, S::Error>>, S::Future>;
+    type Future = Either<Ready<Result<Response<ResBody>, S::Error>>, Reporting<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        match self.layer.check(request.headers()) {
-            Some(revoked) => {
+        match self.layer.decide(request.headers()) {
+            Decision::Refuse(revoked) => {
                 tracing::debug!(?revoked, "request of a revoked agent refused");
                 Either::Left(ready(Ok(refusal())))
             }
-            None => Either::Right(self.inner.call(request)),
+            Decision::Pass(session) => {
+                let report = self.layer.touches.clone().zip(session);
+                Either::Right(Reporting { inner: self.inner.call(request), report })
+            }
         }
     }
 }

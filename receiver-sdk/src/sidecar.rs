@@ -84,7 +84,6 @@ struct GuardState {
     layer: EnforceLayer,
     revocations: Arc<Revocations>,
     counters: Arc<Counters>,
-    stream_id: String,
 }
 
 /// A guard ready to serve.
@@ -137,7 +136,7 @@ pub async fn start(config: GuardConfig) -> Result<Guard, ReceiverError> {
     let layer = EnforceLayer::new(Arc::clone(&revocations))
         .extracting(bearer_jwt(&config.session_claim))
         .reporting_touches(Arc::clone(&receiver), &stream.stream_id);
-    let state = Arc::new(GuardState { layer, revocations, counters, stream_id: stream.stream_id.clone() });
+    let state = Arc::new(GuardState { layer, revocations, counters });
     let router = Router::new()
         .route("/check", get(check).post(check).head(check))
         .route("/healthz", get(health))
@@ -205,8 +204,9 @@ async fn check(State(state): State<Arc<GuardState>>, headers: HeaderMap) -> Resp
     }
 }
 
-async fn health(State(state): State<Arc<GuardState>>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ok", "stream_id": state.stream_id}))
+/// Liveness only: `/healthz` is unauthenticated, so it names no stream.
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
 }
 
 async fn metrics(State(state): State<Arc<GuardState>>) -> Response {

@@ -75,7 +75,14 @@ async fn revoked_sessions_actors_and_users_are_refused_and_touches_are_reported_
     let idp_key = SigningKey::generate(Algorithm::Es256).expect("key");
     let issuer = json!({"issuer": IDP, "jwks": Jwks::from_keys([&idp_key]).to_json()});
     assert_eq!(hub.admin(reqwest::Method::POST, "/admin/issuers", issuer).await.0, 201);
-    for (id, user) in [("orchestrator", "ada"), ("worker", "ada"), ("bystander", "bob"), ("other-user", "carol")] {
+    let sessions = [
+        ("orchestrator", "ada"),
+        ("worker", "ada"),
+        ("bystander", "bob"),
+        ("other-user", "carol"),
+        ("targeted", "eve"),
+    ];
+    for (id, user) in sessions {
         ingest(&hub, &idp_key, session(id, user), Event::SessionEstablished(SessionEstablished::default())).await;
     }
 
@@ -91,12 +98,20 @@ async fn revoked_sessions_actors_and_users_are_refused_and_touches_are_reported_
     tokio::spawn(poll.run(std::future::pending()));
     let served = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&served);
+    // The service's own authentication (standing in for token validation):
+    // it refuses mallory, whose tokens are forged.
     let service = axum::Router::new()
         .route(
             "/mcp",
-            post(move |Json(request): Json<Value>| {
+            post(move |headers: axum::http::HeaderMap, Json(request): Json<Value>| {
                 counter.fetch_add(1, Ordering::SeqCst);
-                async move { Json(json!({"jsonrpc": "2.0", "id": request["id"], "result": {"content": []}})) }
+                let forged = headers.get("x-forged").is_some();
+                async move {
+                    if forged {
+                        return Err(axum::http::StatusCode::UNAUTHORIZED);
+                    }
+                    Ok(Json(json!({"jsonrpc": "2.0", "id": request["id"], "result": {"content": []}})))
+                }
             }),
         )
         .layer(EnforceLayer::new(Arc::clone(&revocations)).reporting_touches(Arc::clone(&receiver), &stream.stream_id));
@@ -108,6 +123,19 @@ async fn revoked_sessions_actors_and_users_are_refused_and_touches_are_reported_
         token(json!({"iss": IDP, "sub": "ada", "sid": "worker", "act": {"sub": "agent", "sid": "orchestrator"}}));
     let bystander = token(json!({"iss": IDP, "sub": "bob", "sid": "bystander"}));
     let carol = token(json!({"iss": IDP, "sub": "carol", "sid": "other-user"}));
+    // First, a forged token naming someone else's session, refused by the
+    // service's authentication: the layer must report nothing for it (the
+    // legitimate reports queued after it show that it had its chance).
+    let forged = token(json!({"iss": IDP, "sub": "mallory", "sid": "targeted"}));
+    let refused_by_service = http
+        .post(&url)
+        .bearer_auth(&forged)
+        .header("x-forged", "1")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+        .send()
+        .await
+        .expect("forged call");
+    assert_eq!(refused_by_service.status().as_u16(), 401);
     for agent in [&orchestrator, &worker, &bystander, &carol, &orchestrator, &worker] {
         assert_eq!(call(&http, &url, agent).await, (200, None));
     }
@@ -119,6 +147,8 @@ async fn revoked_sessions_actors_and_users_are_refused_and_touches_are_reported_
         })
         .await;
     }
+    let (_, targeted) = hub.admin(reqwest::Method::GET, "/admin/sessions/targeted", Value::Null).await;
+    assert_eq!(targeted["touches"], json!([]), "a request the service refused reported a touch: {targeted}");
 
     // The IdP revokes the orchestrator: it, and the worker acting through
     // it, are refused; the bystander is not.
