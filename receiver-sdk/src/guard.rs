@@ -579,5 +579,9 @@ mod tests {
         let payload = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"sid":"s1"}"#);
         let agent = extract(&headers(&format!("bearer h.{payload}.sig"))).expect("agent");
         assert_eq!(agent.sessions, ["s1"]);
+        // An oversized token is not decoded at all (a client cannot make
+        // every check parse megabytes).
+        let padding = "x".repeat(MAX_TOKEN);
+        assert!(extract(&headers(&format!("Bearer h.{payload}.{padding}"))).is_none());
     }
 }
