@@ -43,40 +43,6 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
     panic!("hub not healthy");
 }
 
-/// Registers a receiver through the admin API and creates its stream with
-/// `stream` as the create body; returns (receiver token, stream id).
-async fn push_receiver(
-    client: &reqwest::Client,
-    base: &str,
-    name: &str,
-    audience: &str,
-    stream: Value,
-) -> (String, String) {
-    let receiver: Value = client
-        .post(format!("{base}/admin/receivers"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": name, "audience": audience}))
-        .send()
-        .await
-        .expect("create receiver")
-        .json()
-        .await
-        .expect("json");
-    let token = receiver["token"].as_str().expect("token").to_owned();
-    let created: Value = client
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth(&token)
-        .json(&stream)
-        .send()
-        .await
-        .expect("create stream")
-        .json()
-        .await
-        .expect("json");
-    let stream_id = created["stream_id"].as_str().expect("stream_id").to_owned();
-    (token, stream_id)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
     const SETS: usize = 120;
@@ -91,7 +57,8 @@ async fn kill_9_mid_delivery_then_restart_delivers_every_set() {
     let credential = "Bearer rp-credential-kept-sealed";
     let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url,
                                      "authorization_header": credential}});
-    let (token, stream_id) = push_receiver(&client, &base, "slow RP", "https://slow.example", stream).await;
+    let (token, stream_id) =
+        support::push_receiver(&client, &base, ADMIN, "slow RP", "https://slow.example", stream).await;
 
     // Each 204 means the verification SET is durably in the outbox.
     for state in 0..SETS {
@@ -208,7 +175,7 @@ async fn kill_9_mid_cascade_then_restart_delivers_every_leaf() {
         let audience = format!("https://{name}.durability.example");
         let body = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url},
             "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]});
-        let (token, stream_id) = push_receiver(&client, &base, name, &audience, body).await;
+        let (token, stream_id) = support::push_receiver(&client, &base, ADMIN, name, &audience, body).await;
         receivers.push((audience, token, stream_id, received));
     }
     let user = SubjectId::email("owner@durability.example");

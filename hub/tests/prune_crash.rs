@@ -88,30 +88,9 @@ async fn kill_9_mid_prune_loses_no_leaf_and_corrupts_nothing() {
     assert_eq!(registered.status(), 201);
     // A slow receiver: the cascade is still being delivered at the kill.
     let (push_url, received) = support::recording_webhook(Duration::from_secs(3)).await;
-    let receiver: Value = client
-        .post(format!("{base}/admin/receivers"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "rp", "audience": AUDIENCE}))
-        .send()
-        .await
-        .expect("receiver")
-        .json()
-        .await
-        .expect("json");
-    let token = receiver["token"].as_str().expect("token").to_owned();
     let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url},
         "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]});
-    let created: Value = client
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth(&token)
-        .json(&stream)
-        .send()
-        .await
-        .expect("stream")
-        .json()
-        .await
-        .expect("json");
-    let stream_id = created["stream_id"].as_str().expect("stream_id").to_owned();
+    let (token, stream_id) = support::push_receiver(&client, &base, ADMIN, "rp", AUDIENCE, stream).await;
 
     // Sessions nobody revokes: they expire while the rest goes on, so the
     // pruning job is busy with them.

@@ -133,3 +133,38 @@ pub async fn recording_webhook(delay: Duration) -> (String, Arc<Mutex<Vec<String
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, received)
 }
+
+/// Registers a receiver through the admin API (with the `admin` token) and creates its stream with
+/// `stream` as the create body; returns (receiver token, stream id).
+pub async fn push_receiver(
+    client: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    name: &str,
+    audience: &str,
+    stream: serde_json::Value,
+) -> (String, String) {
+    let receiver: serde_json::Value = client
+        .post(format!("{base}/admin/receivers"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"name": name, "audience": audience}))
+        .send()
+        .await
+        .expect("create receiver")
+        .json()
+        .await
+        .expect("json");
+    let token = receiver["token"].as_str().expect("token").to_owned();
+    let created: serde_json::Value = client
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(&token)
+        .json(&stream)
+        .send()
+        .await
+        .expect("create stream")
+        .json()
+        .await
+        .expect("json");
+    let stream_id = created["stream_id"].as_str().expect("stream_id").to_owned();
+    (token, stream_id)
+}
