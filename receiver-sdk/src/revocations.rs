@@ -4,7 +4,7 @@
 //! outlive the memory of its revocation).
 //!
 //! Fed by verified SETs ([`Revocations::feeding`] wraps the RP's handler;
-//! [`Receiver::enforcing`](crate::Receiver::enforcing) does it for the push
+//! [`Receiver::with_revocations`](crate::Receiver::with_revocations) does it for the push
 //! router and the poll loop): CAEP `session-revoked` revokes its session (or
 //! its user, when it names no session); RISC `account-disabled`,
 //! `account-purged` and `credential-compromise` revoke the user; RISC
@@ -20,13 +20,23 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use caep_schemas::event::Event;
+use caep_schemas::event::{Event, event_type};
 use caep_schemas::subject::SubjectId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::error::ReceiverError;
 use crate::event::{ReceivedEvent, now_ms};
 use crate::handler::{EventHandler, HandlerError};
+
+/// The event types the store acts on: those that revoke, and the one that
+/// lifts. A stream that feeds a store requests at least these.
+pub const ENFORCED_EVENTS: [&str; 5] = [
+    event_type::SESSION_REVOKED,
+    event_type::ACCOUNT_DISABLED,
+    event_type::ACCOUNT_PURGED,
+    event_type::CREDENTIAL_COMPROMISE,
+    event_type::ACCOUNT_ENABLED,
+];
 
 /// session id → revoked until (ms since the epoch).
 const SESSIONS: TableDefinition<&str, i64> = TableDefinition::new("revoked_sessions");

@@ -18,7 +18,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use caep_schemas::event::event_type;
 use serde_json::json;
 
 use crate::client::Receiver;
@@ -26,7 +25,7 @@ use crate::error::ReceiverError;
 use crate::event::ReceivedEvent;
 use crate::guard::{EnforceLayer, bearer_jwt, refusal};
 use crate::handler::HandlerError;
-use crate::revocations::Revocations;
+use crate::revocations::{ENFORCED_EVENTS, Revocations};
 use crate::streams::StreamRequest;
 
 /// How the guard receives its SETs.
@@ -61,15 +60,6 @@ pub struct GuardConfig {
     /// How long a revocation is honoured (at least the longest access-token lifetime).
     pub revocation_ttl: Duration,
 }
-
-/// The events the guard subscribes to: those that revoke, and the one that lifts.
-const EVENTS: [&str; 5] = [
-    event_type::SESSION_REVOKED,
-    event_type::ACCOUNT_DISABLED,
-    event_type::ACCOUNT_PURGED,
-    event_type::CREDENTIAL_COMPROMISE,
-    event_type::ACCOUNT_ENABLED,
-];
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -180,7 +170,7 @@ async fn stream_of(
         GuardDelivery::Poll => StreamRequest::poll(),
         GuardDelivery::Push { url } => StreamRequest::push(url.clone(), None),
     }
-    .events(EVENTS);
+    .events(ENFORCED_EVENTS);
     let stream = receiver.create_stream(&request).await?;
     std::fs::write(&saved, &stream.stream_id)
         .map_err(|e| ReceiverError::Config(format!("saving the stream id: {e}")))?;

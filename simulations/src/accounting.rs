@@ -199,6 +199,23 @@ impl Accounting {
         outcome
     }
 
+    /// When `leaf` was first delivered (its RP acknowledged it), in ms on the
+    /// drill's clock.
+    pub fn first_delivery(&self, leaf: &LeafKey) -> Option<f64> {
+        self.seen.get(leaf).map(|seen| seen.first_at_ms)
+    }
+
+    /// Leaf-latency percentiles of each cascade, in the order expected.
+    pub fn phase_latencies(&self) -> Vec<Percentiles> {
+        let mut per_phase = vec![Vec::new(); self.phases.len()];
+        for (leaf, &phase) in &self.expected {
+            if let Some(seen) = self.seen.get(leaf) {
+                per_phase[phase].push((seen.first_at_ms - self.phases[phase].started_at_ms).max(0.0));
+            }
+        }
+        per_phase.iter().map(|latencies| Percentiles::of(latencies)).collect()
+    }
+
     /// Latencies (ms) of every delivered expected leaf, for the plot.
     pub fn latencies(&self) -> Vec<f64> {
         self.expected
@@ -316,6 +333,9 @@ mod tests {
         let outcome = accounting.outcome();
         assert!(outcome.is_exact());
         assert_eq!(outcome.latency_ms.max, 7.0);
+        let phases = accounting.phase_latencies();
+        assert_eq!((phases[0].max, phases[1].max), (5.0, 7.0));
+        assert_eq!(accounting.first_delivery(&leaf(0, "b")), Some(1007.0));
     }
 
     #[test]

@@ -1,30 +1,32 @@
-//! One drill run: real receivers on loopback, a simulated IdP, the forest
-//! established and touched, revocations, waiting for every leaf, faults,
-//! and the exactness accounting.
+//! One drill run: real relying parties on loopback guarded by the SDK's
+//! layer or a `caep-guard` sidecar, a simulated IdP, the forest established
+//! and touched (by the guards, as agents call the RPs), revocations while
+//! the agents keep calling, waiting for every leaf and every refusal,
+//! faults, and the accounting of leaves and refusals.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::response::IntoResponse;
-use caep_receiver::{HandlerError, ReceivedEvent, Receiver, StreamRequest};
-use caep_schemas::event::{AccountDisabled, Authority, Event, SessionEstablished, SessionRevoked, event_type};
-use caep_schemas::jose::{Algorithm, Jwks, SigningKey};
-use caep_schemas::set::SecurityEventToken;
+use caep_schemas::event::{AccountDisabled, Event, SessionRevoked};
+use caep_schemas::jose::{Algorithm, SigningKey};
 use caep_schemas::subject::SubjectId;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::accounting::{Accounting, Delivery, Outcome};
+use crate::accounting::{Accounting, Outcome, Percentiles};
+use crate::agents::Agents;
 use crate::cluster::KafkaCluster;
-use crate::forest::{AuthorityKind, Forest, ForestParams, LeafKey, expected_leaves, user_email};
+use crate::forest::{Forest, ForestParams, LeafKey, expected_leaves, user_email};
+use crate::guards::Guarding;
 use crate::hub::SpawnedHub;
+use crate::refusals::RefusalOutcome;
+use crate::setup::{Admin, Idp, ReceiverPlan, agents_of, establish, start_receivers, touch_directly, wait_touched};
 
 /// Which revocations a drill performs, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -118,6 +120,16 @@ pub struct DrillConfig {
     pub drop_deliveries: usize,
     /// Self-test of the accounting: this many leaves are left out of the expectation.
     pub forget_expected: usize,
+    /// Which guards protect the RPs (none: the drill reports touches itself and no agent calls).
+    pub guarding: Guarding,
+    /// The `caep-guard` binary for sidecar RPs.
+    pub guard_bin: Option<PathBuf>,
+    /// Probe workers of the agents (concurrent calls to the RPs).
+    pub probers: usize,
+    /// Self-test of the refusal accounting: receiver 0's layer is not fed its SETs (stale accepts follow).
+    pub blind_receiver: bool,
+    /// Self-test of the refusal accounting: receiver 0 revokes an unaffected session when the first cascade starts.
+    pub false_refusal: bool,
 }
 
 /// The hub a drill runs against.
@@ -148,6 +160,10 @@ pub struct PhaseReport {
     pub hub_total: Option<u64>,
     /// Time from the first revocation post to the last expected leaf's delivery, on the drill's clock.
     pub wall_ms: f64,
+    /// Revocation post → each leaf's delivery (its RP acknowledged the SET).
+    pub delivery_ms: Percentiles,
+    /// With guards: revocation post → each revoked agent's first 401 at each RP it touched.
+    pub refusal_ms: Option<Percentiles>,
 }
 
 /// Everything a drill found.
@@ -188,6 +204,23 @@ pub struct DrillReport {
     /// Every delivered leaf's latency, for the plot.
     #[serde(skip)]
     pub latencies: Vec<f64>,
+    /// Which guards protected the RPs.
+    pub guarding: Guarding,
+    /// RPs guarded by the layer and by a sidecar.
+    pub guards: (usize, usize),
+    /// With guards: what the agents saw.
+    pub refusal: Option<RefusalOutcome>,
+    /// With guards: every refused agent's refusal latency, for the plot.
+    #[serde(skip)]
+    pub refusal_latencies: Vec<f64>,
+}
+
+impl DrillReport {
+    /// Exact leaves and, with guards, sound enforcement: no stale accept, no
+    /// false refusal, every revoked agent refused.
+    pub fn passed(&self) -> bool {
+        self.outcome.is_exact() && self.refusal.as_ref().is_none_or(RefusalOutcome::is_sound)
+    }
 }
 
 impl DrillReport {
@@ -230,6 +263,9 @@ impl DrillReport {
             "touches": self.touches,
             "setup_ms": self.setup_ms,
             "phases": self.phases,
+            "guarding": self.guarding,
+            "guards": {"layer": self.guards.0, "sidecar": self.guards.1},
+            "refusal": self.refusal,
             "lost_sample": o.lost_sample,
             "unexpected_sample": o.unexpected_sample,
         })
@@ -239,220 +275,6 @@ impl DrillReport {
 /// The IdP issuer of a run.
 fn idp_issuer(run: &str) -> String {
     format!("https://idp.drill.example/{run}")
-}
-
-/// What one receiver's handler needs.
-struct HandlerCtx {
-    receiver: usize,
-    epoch: Instant,
-    accounting: Arc<Mutex<Accounting>>,
-    flaky_failures: u32,
-    failures: Mutex<HashMap<String, u32>>,
-    slow: Duration,
-    down: AtomicBool,
-    drop_remaining: Mutex<usize>,
-}
-
-impl HandlerCtx {
-    async fn handle(&self, event: ReceivedEvent) -> Result<(), HandlerError> {
-        if event.event_type() != event_type::SESSION_REVOKED {
-            return Ok(());
-        }
-        if self.down.load(Ordering::SeqCst) {
-            return Err(HandlerError::new("receiver down"));
-        }
-        if self.flaky_failures > 0 {
-            let mut failures = self.failures.lock().map_err(|_| HandlerError::new("poisoned"))?;
-            let count = failures.entry(event.jti().to_owned()).or_insert(0);
-            if *count < self.flaky_failures {
-                *count += 1;
-                return Err(HandlerError::new("flaky receiver: try again"));
-            }
-        }
-        if !self.slow.is_zero() {
-            tokio::time::sleep(self.slow).await;
-        }
-        {
-            let mut drop = self.drop_remaining.lock().map_err(|_| HandlerError::new("poisoned"))?;
-            if *drop > 0 {
-                *drop -= 1;
-                tracing::warn!(jti = event.jti(), "self-test: a delivered leaf is not recorded");
-                return Ok(());
-            }
-        }
-        let delivery = Delivery {
-            receiver: self.receiver,
-            session: event.session_id().unwrap_or_default().to_owned(),
-            jti: event.jti().to_owned(),
-            txn: event.txn().map(str::to_owned),
-            received_at_ms: self.epoch.elapsed().as_secs_f64() * 1000.0,
-        };
-        self.accounting.lock().map_err(|_| HandlerError::new("poisoned"))?.record(delivery);
-        Ok(())
-    }
-}
-
-/// The `jti` of a compact SET, read without verification (for counting only).
-fn jti_of(token: &[u8]) -> Option<String> {
-    use base64::Engine;
-    let text = std::str::from_utf8(token).ok()?.trim();
-    let payload = text.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    claims["jti"].as_str().map(str::to_owned)
-}
-
-/// Wraps a push router to count SETs arriving again after their `jti` was
-/// answered 2xx (the SDK answers such copies without calling the handler).
-fn count_retries(router: axum::Router, accounting: Arc<Mutex<Accounting>>) -> axum::Router {
-    let acknowledged: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    router.layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
-        let (accounting, acknowledged) = (Arc::clone(&accounting), Arc::clone(&acknowledged));
-        async move {
-            let (parts, body) = request.into_parts();
-            let bytes = match axum::body::to_bytes(body, 1024 * 1024).await {
-                Ok(bytes) => bytes,
-                Err(_) => return axum::http::StatusCode::BAD_REQUEST.into_response(),
-            };
-            let jti = jti_of(&bytes);
-            let response = next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await;
-            if response.status().is_success()
-                && let Some(jti) = jti
-            {
-                let again = acknowledged.lock().map(|mut seen| !seen.insert(jti)).unwrap_or(false);
-                if again && let Ok(mut accounting) = accounting.lock() {
-                    accounting.record_retry();
-                }
-            }
-            response
-        }
-    }))
-}
-
-/// A running push listener that can be stopped and restarted on its port.
-struct PushServer {
-    addr: SocketAddr,
-    router: axum::Router,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl PushServer {
-    async fn start(addr: SocketAddr, router: axum::Router) -> anyhow::Result<PushServer> {
-        let mut server = PushServer { addr, router, stop: None };
-        server.listen().await?;
-        Ok(server)
-    }
-
-    async fn listen(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(self.addr).await {
-                Ok(listener) => break listener,
-                Err(error) if Instant::now() < deadline => {
-                    tracing::debug!(%error, addr = %self.addr, "rebinding");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(error) => return Err(error).context("binding a push receiver"),
-            }
-        };
-        self.addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let router = self.router.clone();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
-            if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
-                tracing::warn!(%error, "push receiver stopped");
-            }
-        });
-        self.stop = Some(stop);
-        Ok(())
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// One relying party of the drill.
-struct DrillReceiver {
-    sdk: Receiver,
-    stream_id: String,
-    ctx: Arc<HandlerCtx>,
-    push: Option<PushServer>,
-}
-
-/// The simulated IdP.
-struct Idp {
-    issuer: String,
-    hub: String,
-    key: SigningKey,
-    client: reqwest::Client,
-}
-
-impl Idp {
-    /// Posts one signed SET to `/ingest`, retrying while the hub is unavailable.
-    async fn ingest(&self, sub_id: SubjectId, event: Event, txn: &str) -> anyhow::Result<()> {
-        let token = SecurityEventToken::new(self.issuer.as_str(), self.hub.as_str(), sub_id, event)
-            .with_txn(txn)
-            .sign(&self.key)
-            .context("signing an IdP SET")?;
-        let url = format!("{}/ingest", self.hub);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let sent = self
-                .client
-                .post(&url)
-                .header("content-type", "application/secevent+jwt")
-                .body(token.clone())
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await;
-            match sent {
-                Ok(response) if response.status().as_u16() == 202 => return Ok(()),
-                Ok(response) if response.status().is_server_error() && attempt < 50 => {}
-                Ok(response) => {
-                    let status = response.status();
-                    anyhow::bail!("ingest answered {status}: {}", response.text().await.unwrap_or_default())
-                }
-                Err(error) if attempt < 50 => tracing::debug!(%error, "ingest failed; retrying"),
-                Err(error) => return Err(error).context("ingest"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-async fn admin_post(
-    client: &reqwest::Client,
-    target: &HubTarget<'_>,
-    path: &str,
-    body: Value,
-) -> anyhow::Result<Value> {
-    let response = client
-        .post(format!("{}{path}", target.url))
-        .bearer_auth(&target.admin_token)
-        .json(&body)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .with_context(|| format!("POST {path}"))?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    anyhow::ensure!(status.is_success(), "POST {path}: {status}: {text}");
-    serde_json::from_str(&text).with_context(|| format!("POST {path}: not JSON"))
-}
-
-fn authority(kind: AuthorityKind) -> Authority {
-    match kind {
-        AuthorityKind::Delegated => Authority::Delegated,
-        AuthorityKind::Bounded => Authority::Bounded,
-        AuthorityKind::Autonomous => Authority::Autonomous,
-    }
 }
 
 /// A revocation the drill performs.
@@ -505,27 +327,8 @@ fn progress_bar(enabled: bool) -> ProgressBar {
     bar
 }
 
-/// Runs one drill against `target`.
-///
-/// # Errors
-///
-/// Setup failures (the hub refusing registrations, receivers that cannot
-/// start or verify their streams). Lost or unexpected leaves are not errors:
-/// they are in the report.
-pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Result<DrillReport> {
-    let epoch = Instant::now();
-    let now_ms = || epoch.elapsed().as_secs_f64() * 1000.0;
-    let run = config.run_id.as_str();
-    let forest = Forest::build(&config.forest, run);
-    let mut phases = plan_phases(&forest, config.scenario, run);
-    if let Some(last) = phases.last_mut() {
-        for _ in 0..config.forget_expected {
-            if let Some(leaf) = last.leaves.iter().next_back().cloned() {
-                last.leaves.remove(&leaf);
-            }
-        }
-    }
-    let total_expected: usize = phases.iter().map(|p| p.leaves.len()).sum();
+/// The faults of a run, completed from the defaults and checked against the target.
+fn plan_faults(config: &DrillConfig, target: &HubTarget<'_>, total_expected: usize) -> anyhow::Result<Faults> {
     let mut faults = config.faults.clone();
     if config.kill_hub_default && faults.kill_hub_at.is_none() && target.spawned.is_some() {
         faults.kill_hub_at = Some((total_expected / 3).max(1));
@@ -555,156 +358,187 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
             "instance-kill and broker-restart faults need Kafka mode (--kafka)"
         );
     }
+    Ok(faults)
+}
+
+/// The timed faults injected so far.
+#[derive(Default)]
+struct Injected {
+    hub_kills: usize,
+    instance_kills: usize,
+    broker_restarts: usize,
+    instance_killed_after: Option<usize>,
+    broker_stopped_after: Option<usize>,
+}
+
+impl Injected {
+    /// Kills or restarts what is due once `delivered` leaves arrived.
+    async fn inject(
+        &mut self,
+        faults: &Faults,
+        target: &mut HubTarget<'_>,
+        delivered: usize,
+        bar: &ProgressBar,
+    ) -> anyhow::Result<()> {
+        let message = bar.message();
+        if self.hub_kills == 0
+            && let (Some(at), Some(hub)) = (faults.kill_hub_at, target.spawned.as_deref_mut())
+            && delivered >= at
+        {
+            bar.set_message("hub SIGKILLed, restarting");
+            let took = hub.kill_and_restart().await?;
+            tracing::info!(after_leaves = delivered, restart_ms = took.as_millis() as u64, "hub restarted");
+            bar.set_message(message.clone());
+            self.hub_kills += 1;
+        }
+        if self.instance_kills == 0
+            && let (Some(at), Some(cluster)) = (faults.kill_instance_at, target.cluster.as_deref_mut())
+            && delivered >= at
+        {
+            // The last instance: the balancer's round robin spreads the rest over the others.
+            let victim = cluster.instances() - 1;
+            cluster.kill_instance(victim)?;
+            tracing::info!(after_leaves = delivered, victim, "instance SIGKILLed");
+            self.instance_kills += 1;
+            self.instance_killed_after = Some(delivered);
+        }
+        if self.broker_restarts == 0
+            && let (Some(at), Some(cluster)) = (faults.restart_broker_at, target.cluster.as_deref_mut())
+            && delivered >= at
+        {
+            bar.set_message("broker restarting");
+            self.broker_stopped_after = Some(delivered);
+            let took = cluster.restart_broker(Duration::from_millis(faults.broker_down_ms)).await?;
+            tracing::info!(after_leaves = delivered, restart_ms = took.as_millis() as u64, "broker restarted");
+            bar.set_message(message);
+            self.broker_restarts += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Self-test: receiver 0 refuses a session no cascade revoked yet.
+async fn revoke_unaffected(
+    receiver: &crate::setup::DrillReceiver,
+    forest: &Forest,
+    leaves: &BTreeSet<LeafKey>,
+) -> anyhow::Result<()> {
+    let store = receiver.revocations.as_ref().context("--self-test-false-refusal needs receiver 0 on the layer")?;
+    let unaffected = forest
+        .sessions
+        .iter()
+        .find(|s| s.touches.contains(&0) && !leaves.contains(&LeafKey { receiver: 0, session: s.id.clone() }));
+    let session = unaffected.context("no unaffected agent at receiver 0")?;
+    tracing::warn!(session = session.id, "self-test: receiver 0 refuses an unaffected agent");
+    store.revoke_session(&session.id).await?;
+    Ok(())
+}
+
+/// Posts a phase's revocations as the IdP.
+async fn post_revocation(idp: &Arc<Idp>, phase: &Phase, permits: &Arc<Semaphore>) -> anyhow::Result<()> {
+    match &phase.action {
+        PhaseAction::Sessions(ids) => {
+            let mut tasks = JoinSet::new();
+            for id in ids {
+                let (idp, permits, txn) = (Arc::clone(idp), Arc::clone(permits), phase.txn.clone());
+                let subject = SubjectId::session_of(SubjectId::opaque(id.clone()), None);
+                tasks.spawn(async move {
+                    let _permit = permits.acquire_owned().await?;
+                    idp.ingest(subject, Event::SessionRevoked(SessionRevoked::default()), &txn).await
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done??;
+            }
+        }
+        PhaseAction::User(email) => {
+            let event = Event::AccountDisabled(AccountDisabled {
+                reason: Some("hijacking".into()),
+                ..AccountDisabled::default()
+            });
+            idp.ingest(SubjectId::email(email.clone()), event, &phase.txn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one drill against `target`.
+///
+/// # Errors
+///
+/// Setup failures (the hub refusing registrations, receivers that cannot
+/// start or verify their streams, guards' touches that never arrive). Lost
+/// or unexpected leaves, stale accepts and false refusals are not errors:
+/// they are in the report.
+pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Result<DrillReport> {
+    let epoch = Instant::now();
+    let now_ms = || epoch.elapsed().as_secs_f64() * 1000.0;
+    let run = config.run_id.as_str();
+    let forest = Forest::build(&config.forest, run);
+    let mut phases = plan_phases(&forest, config.scenario, run);
+    if let Some(last) = phases.last_mut() {
+        for _ in 0..config.forget_expected {
+            if let Some(leaf) = last.leaves.iter().next_back().cloned() {
+                last.leaves.remove(&leaf);
+            }
+        }
+    }
+    let total_expected: usize = phases.iter().map(|p| p.leaves.len()).sum();
+    let faults = plan_faults(config, &target, total_expected)?;
     let bar = progress_bar(config.progress);
     let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().context("HTTP client")?;
+    let admin = Admin { client: client.clone(), url: target.url.clone(), token: target.admin_token.clone() };
 
     // The IdP.
     let key = SigningKey::generate(Algorithm::Es256).context("IdP key")?;
-    let idp = Arc::new(Idp { issuer: idp_issuer(run), hub: target.url.clone(), key, client: client.clone() });
-    let jwks = Jwks::from_keys([&idp.key]).to_json();
-    admin_post(&client, &target, "/admin/issuers", json!({"issuer": idp.issuer, "jwks": jwks})).await?;
+    let idp = Arc::new(Idp::new(idp_issuer(run), target.url.clone(), key, client.clone()));
+    admin.post("/admin/issuers", json!({"issuer": idp.issuer, "jwks": idp.jwks().to_json()})).await?;
 
-    // The receivers.
-    let receivers_n = forest.receivers;
-    let poll_n = ((receivers_n as f64) * config.poll_share.clamp(0.0, 1.0)).round() as usize;
-    let push_n = receivers_n - poll_n;
+    // The relying parties.
     let accounting = Arc::new(Mutex::new(Accounting::new()));
-    let (stop_polls, polls_stopped) = watch::channel(false);
-    bar.set_message("starting receivers");
-    bar.set_length(receivers_n as u64);
-    let mut receivers: Vec<DrillReceiver> = Vec::with_capacity(receivers_n);
-    let mut poll_tasks = JoinSet::new();
-    for index in 0..receivers_n {
-        let is_push = index < push_n;
-        // Push receivers carry the faults: flaky first, then slow, then down.
-        let flaky = is_push && index < faults.flaky_receivers;
-        let slow = is_push && !flaky && index < faults.flaky_receivers + faults.slow_receivers;
-        let audience = format!("https://rp{index}.{run}.drill.example");
-        let created = admin_post(
-            &client,
-            &target,
-            "/admin/receivers",
-            json!({"name": format!("drill {run} rp{index}"), "audience": audience}),
-        )
-        .await?;
-        let token = created["token"].as_str().context("receiver token")?.to_owned();
-        let sdk = Receiver::discover(&target.url, audience, token).await.context("discovering the hub")?;
-        let ctx = Arc::new(HandlerCtx {
-            receiver: index,
-            epoch,
-            accounting: Arc::clone(&accounting),
-            flaky_failures: if flaky { faults.flaky_failures } else { 0 },
-            failures: Mutex::new(HashMap::new()),
-            slow: if slow { Duration::from_millis(faults.slow_ms) } else { Duration::ZERO },
-            down: AtomicBool::new(false),
-            drop_remaining: Mutex::new(if index == 0 { config.drop_deliveries } else { 0 }),
-        });
-        let handler = {
-            let ctx = Arc::clone(&ctx);
-            move |event: ReceivedEvent| {
-                let ctx = Arc::clone(&ctx);
-                async move { ctx.handle(event).await }
-            }
-        };
-        let request_events = [event_type::SESSION_REVOKED];
-        let (stream, push) = if is_push {
-            let secret = format!("Bearer drill-{run}-{index}");
-            let router = count_retries(sdk.push_router(Some(secret.clone()), handler), Arc::clone(&accounting));
-            let server = PushServer::start("127.0.0.1:0".parse()?, router).await?;
-            let url = format!("http://{}/", server.addr);
-            let stream = sdk.create_stream(&StreamRequest::push(url, Some(secret)).events(request_events)).await?;
-            (stream, Some(server))
-        } else {
-            let stream = sdk.create_stream(&StreamRequest::poll().events(request_events)).await?;
-            let poll = sdk
-                .poll_loop(&stream, handler)?
-                .with_backoff(Duration::from_millis(50), Duration::from_millis(500))
-                .with_request_timeout(Duration::from_secs(20));
-            let mut stopped = polls_stopped.clone();
-            poll_tasks.spawn(async move {
-                let shutdown = async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                };
-                if let Err(error) = poll.run(shutdown).await {
-                    tracing::warn!(%error, "poll loop ended");
-                }
-            });
-            (stream, None)
-        };
-        sdk.verify_stream(&stream.stream_id, Duration::from_secs(20)).await.context("verifying a stream")?;
-        receivers.push(DrillReceiver { sdk, stream_id: stream.stream_id, ctx, push });
-        bar.inc(1);
-    }
-    let receivers = Arc::new(receivers);
+    let plan = ReceiverPlan {
+        admin: &admin,
+        run,
+        epoch,
+        accounting: &accounting,
+        faults: &faults,
+        poll_share: config.poll_share,
+        drop_deliveries: config.drop_deliveries,
+        guarding: config.guarding,
+        guard_bin: config.guard_bin.as_deref(),
+        idp: &idp,
+        blind_receiver: config.blind_receiver,
+    };
+    let mut receivers = start_receivers(&plan, forest.receivers, &bar).await?;
 
-    // Establish the forest, level by level (parents first).
-    bar.set_message("establishing sessions");
-    bar.set_position(0);
-    bar.set_length(forest.sessions.len() as u64);
+    // The forest, and its touches: reported by the guards as the agents make their first calls.
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
-    for level in forest.levels() {
-        let mut tasks = JoinSet::new();
-        for index in level {
-            let session = &forest.sessions[index];
-            let event = SessionEstablished {
-                parent_session: session.parent.map(|p| SubjectId::opaque(forest.sessions[p].id.clone())),
-                authority: Some(authority(session.authority)),
-                ..SessionEstablished::default()
-            };
-            let subject = SubjectId::session_of(
-                SubjectId::opaque(session.id.clone()),
-                Some(SubjectId::email(user_email(run, session.user))),
-            );
-            let txn = format!("est-{}", session.id);
-            let (idp, permits, bar) = (Arc::clone(&idp), Arc::clone(&permits), bar.clone());
-            tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await?;
-                idp.ingest(subject, Event::SessionEstablished(event), &txn).await?;
-                bar.inc(1);
-                anyhow::Ok(())
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done??;
-        }
-    }
-
-    // Receivers report their touches.
-    bar.set_message("touching");
-    bar.set_position(0);
-    bar.set_length(forest.touch_count() as u64);
-    let mut tasks = JoinSet::new();
-    for session in &forest.sessions {
-        for &r in &session.touches {
-            let (receivers, permits, bar, id) =
-                (Arc::clone(&receivers), Arc::clone(&permits), bar.clone(), session.id.clone());
-            tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await?;
-                let receiver = &receivers[r];
-                receiver.sdk.touch(&receiver.stream_id, &id).await?;
-                bar.inc(1);
-                anyhow::Ok(())
-            });
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
+    establish(&idp, &forest, run, &permits, &bar).await?;
+    let agents = if config.guarding == Guarding::None {
+        let list = Arc::new(std::mem::take(&mut receivers.list));
+        touch_directly(&list, &forest, &permits, &bar).await?;
+        receivers.list = Arc::try_unwrap(list).map_err(|_| anyhow::anyhow!("receivers still shared"))?;
+        None
+    } else {
+        bar.set_message("agents' first calls");
+        let agents = agents_of(&forest, &receivers.list, &idp, run, epoch, client.clone())?;
+        agents.sweep(&agents.all(), config.concurrency).await;
+        bar.set_message("waiting for the guards' touches");
+        wait_touched(&admin, &forest, &receivers.list, Instant::now() + config.timeout).await?;
+        Some(agents)
+    };
     let setup_ms = now_ms();
-    let mut receivers = Arc::try_unwrap(receivers).map_err(|_| anyhow::anyhow!("receivers still shared"))?;
+    let mut probers = agents.as_ref().map(|agents| agents.start_probing(config.probers));
 
     // Revocations.
-    let down_set: Vec<usize> = (0..push_n)
+    let down_set: Vec<usize> = (0..receivers.push_n)
         .filter(|&i| {
             i >= faults.flaky_receivers + faults.slow_receivers
                 && i < faults.flaky_receivers + faults.slow_receivers + faults.down_receivers
         })
         .collect();
     let mut phase_reports = Vec::new();
-    let mut killed = false;
-    let mut hub_kills = 0;
-    let (mut instance_kills, mut broker_restarts) = (0, 0);
-    let (mut instance_killed_after, mut broker_stopped_after) = (None, None);
+    let mut injected = Injected::default();
     for (phase_index, phase) in phases.iter().enumerate() {
         bar.set_message(format!("revoking: {} ({})", phase.name, phase.txn));
         let before = accounting.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.delivered_count();
@@ -712,8 +546,8 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         bar.set_position(before as u64);
         if phase_index == 0 && !down_set.is_empty() {
             for &i in &down_set {
-                receivers[i].ctx.down.store(true, Ordering::SeqCst);
-                if let Some(server) = receivers[i].push.as_mut() {
+                receivers.list[i].ctx.set_down(true);
+                if let Some(server) = receivers.list[i].push.as_mut() {
                     server.shutdown();
                 }
             }
@@ -725,29 +559,11 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
             started,
             phase.leaves.iter().cloned(),
         );
-        match &phase.action {
-            PhaseAction::Sessions(ids) => {
-                let mut tasks = JoinSet::new();
-                for id in ids {
-                    let (idp, permits, txn) = (Arc::clone(&idp), Arc::clone(&permits), phase.txn.clone());
-                    let subject = SubjectId::session_of(SubjectId::opaque(id.clone()), None);
-                    tasks.spawn(async move {
-                        let _permit = permits.acquire_owned().await?;
-                        idp.ingest(subject, Event::SessionRevoked(SessionRevoked::default()), &txn).await
-                    });
-                }
-                while let Some(done) = tasks.join_next().await {
-                    done??;
-                }
-            }
-            PhaseAction::User(email) => {
-                let event = Event::AccountDisabled(AccountDisabled {
-                    reason: Some("hijacking".into()),
-                    ..AccountDisabled::default()
-                });
-                idp.ingest(SubjectId::email(email.clone()), event, &phase.txn).await?;
-            }
+        let refusal_phase = agents.as_ref().map(|agents| agents.revoke(started, &phase.leaves));
+        if phase_index == 0 && config.false_refusal {
+            revoke_unaffected(&receivers.list[0], &forest, &phase.leaves).await?;
         }
+        post_revocation(&idp, phase, &permits).await?;
         // Wait for every leaf, injecting the timed faults.
         let deadline = Instant::now() + config.timeout;
         let back_up_at = Instant::now() + Duration::from_millis(faults.down_ms);
@@ -758,47 +574,15 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
             bar.set_position(delivered as u64);
             if down_pending && Instant::now() >= back_up_at {
                 for &i in &down_set {
-                    if let Some(server) = receivers[i].push.as_mut() {
+                    if let Some(server) = receivers.list[i].push.as_mut() {
                         server.listen().await?;
                     }
-                    receivers[i].ctx.down.store(false, Ordering::SeqCst);
+                    receivers.list[i].ctx.set_down(false);
                 }
                 tracing::info!(receivers = ?down_set, "receivers back up");
                 down_pending = false;
             }
-            if !killed
-                && let (Some(at), Some(hub)) = (faults.kill_hub_at, target.spawned.as_deref_mut())
-                && delivered >= at
-            {
-                bar.set_message("hub SIGKILLed, restarting");
-                let took = hub.kill_and_restart().await?;
-                tracing::info!(after_leaves = delivered, restart_ms = took.as_millis() as u64, "hub restarted");
-                bar.set_message(format!("revoking: {} ({})", phase.name, phase.txn));
-                killed = true;
-                hub_kills += 1;
-            }
-            if instance_kills == 0
-                && let (Some(at), Some(cluster)) = (faults.kill_instance_at, target.cluster.as_deref_mut())
-                && delivered >= at
-            {
-                // The last instance: the balancer's round robin spreads the rest over the others.
-                let victim = cluster.instances() - 1;
-                cluster.kill_instance(victim)?;
-                tracing::info!(after_leaves = delivered, victim, "instance SIGKILLed");
-                instance_kills += 1;
-                instance_killed_after = Some(delivered);
-            }
-            if broker_restarts == 0
-                && let (Some(at), Some(cluster)) = (faults.restart_broker_at, target.cluster.as_deref_mut())
-                && delivered >= at
-            {
-                bar.set_message("broker restarting");
-                broker_stopped_after = Some(delivered);
-                let took = cluster.restart_broker(Duration::from_millis(faults.broker_down_ms)).await?;
-                tracing::info!(after_leaves = delivered, restart_ms = took.as_millis() as u64, "broker restarted");
-                bar.set_message(format!("revoking: {} ({})", phase.name, phase.txn));
-                broker_restarts += 1;
-            }
+            injected.inject(&faults, &mut target, delivered, &bar).await?;
             if delivered >= target_count && !down_pending {
                 break;
             }
@@ -809,8 +593,17 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let wall_ms = now_ms() - started;
+        if let (Some(agents), Some(refusal_phase)) = (&agents, refusal_phase) {
+            bar.set_message(format!("refusals: {} ({})", phase.name, phase.txn));
+            let left = agents.wait_refused(refusal_phase, deadline).await;
+            if left > 0 {
+                tracing::warn!(phase = phase.name, left, "revoked agents not refused in time");
+            }
+            // Every agent no cascade revoked must still be served.
+            agents.sweep(&agents.unaffected(), config.concurrency).await;
+        }
         // The hub's own view of the cascade.
-        let report = cascade_report(&client, &target, &phase.txn).await;
+        let report = cascade_report(&admin, &phase.txn).await;
         phase_reports.push(PhaseReport {
             name: phase.name.to_owned(),
             txn: phase.txn.clone(),
@@ -818,25 +611,29 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
             hub_cascade_ms: report.as_ref().and_then(|r| r["cascade_ms"].as_f64()),
             hub_total: report.as_ref().and_then(|r| r["total"].as_u64()),
             wall_ms,
+            delivery_ms: Percentiles::default(),
+            refusal_ms: None,
         });
     }
     // Let stragglers (unexpected or duplicate deliveries) arrive.
     bar.set_message("settling");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    bar.finish_and_clear();
-
-    let _ = stop_polls.send(true);
-    for receiver in &mut receivers {
-        if let Some(server) = receiver.push.as_mut() {
-            server.shutdown();
-        }
+    if let (Some(agents), Some(probers)) = (&agents, probers.as_mut()) {
+        agents.stop();
+        while probers.join_next().await.is_some() {}
+        // Every agent was revoked by now: each must be refused.
+        agents.sweep(&agents.all(), config.concurrency).await;
     }
-    let _ =
-        tokio::time::timeout(Duration::from_secs(5), async { while poll_tasks.join_next().await.is_some() {} }).await;
+    bar.finish_and_clear();
+    receivers.shutdown().await;
 
     let accounting = accounting.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let refusal = agents.as_ref().map(|agents| agents.outcome(|leaf| accounting.first_delivery(leaf)));
+    for ((phase, delivery), i) in phase_reports.iter_mut().zip(accounting.phase_latencies()).zip(0..) {
+        phase.delivery_ms = delivery;
+        phase.refusal_ms = refusal.as_ref().and_then(|r| r.phases.get(i)).map(|p| p.latency_ms);
+    }
     let outcome = accounting.outcome();
-    let latencies = accounting.latencies();
     let revocation_ms = latencies_span(&phase_reports);
     let sets_per_second =
         if revocation_ms > 0.0 { outcome.delivered_leaves as f64 / (revocation_ms / 1000.0) } else { 0.0 };
@@ -846,19 +643,23 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         cascade_ms,
         sets_per_second,
         faults,
-        hub_kills,
-        instance_kills,
-        instance_killed_after,
-        broker_stopped_after,
-        broker_restarts,
+        hub_kills: injected.hub_kills,
+        instance_kills: injected.instance_kills,
+        instance_killed_after: injected.instance_killed_after,
+        broker_stopped_after: injected.broker_stopped_after,
+        broker_restarts: injected.broker_restarts,
         instances: target.cluster.as_deref().map(KafkaCluster::requests_per_instance),
         phases: phase_reports,
         sessions: forest.sessions.len(),
-        receivers: receivers_n,
-        poll_receivers: poll_n,
+        receivers: forest.receivers,
+        poll_receivers: receivers.poll_n(),
         touches: forest.touch_count(),
         setup_ms,
-        latencies,
+        latencies: accounting.latencies(),
+        guarding: config.guarding,
+        guards: receivers.guards(),
+        refusal_latencies: agents.as_ref().map(Agents::latencies).unwrap_or_default(),
+        refusal,
     })
 }
 
@@ -868,20 +669,11 @@ fn latencies_span(phases: &[PhaseReport]) -> f64 {
 }
 
 /// `GET /admin/cascades/{txn}`, waiting briefly for the hub to see it complete.
-async fn cascade_report(client: &reqwest::Client, target: &HubTarget<'_>, txn: &str) -> Option<Value> {
+async fn cascade_report(admin: &Admin, txn: &str) -> Option<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;
     while Instant::now() < deadline {
-        let response = client
-            .get(format!("{}/admin/cascades/{txn}", target.url))
-            .bearer_auth(&target.admin_token)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
-        if let Ok(response) = response
-            && response.status().is_success()
-            && let Ok(report) = response.json::<Value>().await
-        {
+        if let Some(report) = admin.get(&format!("/admin/cascades/{txn}")).await {
             if report["complete"] == true {
                 return Some(report);
             }

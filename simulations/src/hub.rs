@@ -8,29 +8,36 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 /// Where the `caep-hub` binary is: `explicit` if given, else next to the
-/// current executable (or one directory up, for test binaries in
-/// `target/<profile>/deps`).
+/// current executable (see [`locate_bin`]).
 ///
 /// # Errors
 ///
 /// When no binary is found; build it with `cargo build -p caep-hub`.
 pub fn locate_hub_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    locate_bin("caep-hub", explicit, "cargo build -p caep-hub", "--hub-bin")
+}
+
+/// Where binary `name` is: `explicit` if given, else next to the current
+/// executable (or one directory up, for test binaries in
+/// `target/<profile>/deps`).
+///
+/// # Errors
+///
+/// When no binary is found: the message says to run `build` or pass `flag`.
+pub fn locate_bin(name: &str, explicit: Option<&Path>, build: &str, flag: &str) -> anyhow::Result<PathBuf> {
     if let Some(path) = explicit {
-        anyhow::ensure!(path.is_file(), "--hub-bin {} does not exist", path.display());
+        anyhow::ensure!(path.is_file(), "{flag} {} does not exist", path.display());
         return Ok(path.to_path_buf());
     }
     let exe = std::env::current_exe().context("current executable")?;
-    let name = format!("caep-hub{}", std::env::consts::EXE_SUFFIX);
+    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
     for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join(&name);
+        let candidate = dir.join(&file);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    anyhow::bail!(
-        "no caep-hub binary next to {}: run `cargo build -p caep-hub` (same profile) or pass --hub-bin",
-        exe.display()
-    )
+    anyhow::bail!("no {name} binary next to {}: run `{build}` (same profile) or pass {flag}", exe.display())
 }
 
 /// A `caep-hub` process on a temp data dir that the drill owns.

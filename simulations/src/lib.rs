@@ -6,11 +6,16 @@
 //! leaf. The `caep-drill` binary runs them; see the crate README.
 
 pub mod accounting;
+pub mod agents;
 pub mod balancer;
 pub mod cluster;
 pub mod drill;
 pub mod forest;
+pub mod guards;
 pub mod hub;
 pub mod plot;
+pub mod receivers;
+pub mod refusals;
+pub mod setup;
 pub mod soak;
 pub mod tansu;

@@ -7,16 +7,22 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use caep_simulations::accounting::Percentiles;
 use caep_simulations::cluster::{Brokers, ClusterSpec, KafkaCluster};
 use caep_simulations::drill::{self, DrillConfig, DrillReport, Faults, HubTarget, Scenario};
 use caep_simulations::forest::ForestParams;
+use caep_simulations::guards::{Guarding, locate_guard_bin};
 use caep_simulations::hub::{SpawnedHub, locate_hub_bin};
 use clap::Parser;
 
-/// Revocation-cascade drill: builds an agent forest, starts real receivers
-/// (push and poll) on loopback, establishes and touches every session
-/// through a simulated IdP, revokes, and checks that every expected leaf
-/// arrived exactly. Exits 1 when a leaf is lost or unexpected.
+/// Revocation-cascade drill: builds an agent forest, starts real relying
+/// parties (push and poll) on loopback guarded by the SDK's layer or a
+/// caep-guard sidecar, establishes every session through a simulated IdP,
+/// has the agents call the RPs they touch (the guards report the touches),
+/// revokes while the agents keep calling, and checks that every expected
+/// leaf arrived exactly and every revoked agent was refused. Exits 1 when a
+/// leaf is lost or unexpected, or on a stale accept, a false refusal or an
+/// agent never refused.
 #[derive(Debug, Parser)]
 #[command(name = "caep-drill", version)]
 struct Args {
@@ -113,6 +119,17 @@ struct Args {
     /// The caep-hub binary to start (default: next to this executable).
     #[arg(long)]
     hub_bin: Option<PathBuf>,
+    /// Guards of the RPs: the SDK's layer, caep-guard sidecars, a mix, or none (the drill reports the touches
+    /// itself and no agent calls: hub-only figures). With guards the agents call the RPs they touch, the guards
+    /// report the touches, and the report adds refusal latency, stale accepts and false refusals.
+    #[arg(long, value_enum, default_value_t = Guarding::Mix)]
+    guards: Guarding,
+    /// The caep-guard binary for sidecar RPs (default: next to this executable).
+    #[arg(long)]
+    guard_bin: Option<PathBuf>,
+    /// Agents' concurrent calls to the RPs during revocations.
+    #[arg(long, default_value_t = 8)]
+    probers: usize,
     /// Longest wait for one revocation's leaves (s).
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -153,6 +170,12 @@ struct Args {
     /// Self-test: N leaves are left out of the expectation (they must be reported unexpected).
     #[arg(long, default_value_t = 0, hide = true)]
     self_test_forget: usize,
+    /// Self-test: receiver 0's layer is not fed its SETs (its agents must show as stale accepts, never refused).
+    #[arg(long, hide = true)]
+    self_test_blind: bool,
+    /// Self-test: receiver 0 refuses an unaffected agent when the first cascade starts (a false refusal).
+    #[arg(long, hide = true)]
+    self_test_false_refusal: bool,
 }
 
 impl Args {
@@ -195,6 +218,11 @@ impl Args {
             run_id,
             drop_deliveries: self.self_test_drop,
             forget_expected: self.self_test_forget,
+            guarding: self.guards,
+            guard_bin: None,
+            probers: self.probers,
+            blind_receiver: self.self_test_blind,
+            false_refusal: self.self_test_false_refusal,
         }
     }
 }
@@ -293,7 +321,10 @@ async fn main_async(args: Args) -> anyhow::Result<bool> {
     let exact = if args.bench {
         bench(&args, &url, &admin_token, &mut hub).await?
     } else {
-        let config = args.config(run_id(""));
+        let mut config = args.config(run_id(""));
+        if matches!(args.guards, Guarding::Sidecar | Guarding::Mix) {
+            config.guard_bin = Some(locate_guard_bin(args.guard_bin.as_deref())?);
+        }
         let report = drill::run(&config, hub.target(&url, &admin_token)).await?;
         let kafka = match &hub {
             Hub::Kafka(cluster) => Some(cluster.brokers().to_owned()),
@@ -313,9 +344,13 @@ async fn main_async(args: Args) -> anyhow::Result<bool> {
                 report.instances.as_ref().map_or_else(String::new, |i| format!(", {} instances on Kafka", i.len())),
                 if report.faults.any() { ", with faults" } else { "" }
             );
-            caep_simulations::plot::latency_cdf(path, &report.latencies, &title)?;
+            let mut series = vec![("leaf delivery", report.latencies.as_slice())];
+            if report.refusal.is_some() {
+                series.push(("refusal at the RP", report.refusal_latencies.as_slice()));
+            }
+            caep_simulations::plot::latency_cdf(path, &series, &title)?;
         }
-        report.outcome.is_exact()
+        report.passed()
     };
     if !exact && let Hub::Kafka(cluster) = &mut hub {
         eprintln!("caep-drill: not exact; instance and broker logs kept in {:?}", cluster.keep_logs());
@@ -374,19 +409,27 @@ fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
         }
     }
     println!();
-    println!("  {:<8} {:<24} {:>9} {:>14} {:>12}", "phase", "txn", "leaves", "hub cascade", "drill wall");
+    let p99 = |p: Option<Percentiles>| p.map_or_else(|| "-".to_owned(), |p| format!("{:.0} ms", p.p99));
+    println!(
+        "  {:<8} {:<24} {:>9} {:>14} {:>12} {:>12} {:>14}",
+        "phase", "txn", "leaves", "hub cascade", "drill wall", "leaf p99", "refusal p99"
+    );
     for phase in &report.phases {
         println!(
-            "  {:<8} {:<24} {:>9} {:>14} {:>12}",
+            "  {:<8} {:<24} {:>9} {:>14} {:>12} {:>12} {:>14}",
             phase.name,
             phase.txn,
             phase.expected_leaves,
             ms(phase.hub_cascade_ms),
-            format!("{:.0} ms", phase.wall_ms)
+            format!("{:.0} ms", phase.wall_ms),
+            p99(Some(phase.delivery_ms)),
+            p99(phase.refusal_ms)
         );
     }
     println!();
-    let rows: [(&str, String); 13] = [
+    let spread =
+        |p: &Percentiles| format!("p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms", p.p50, p.p90, p.p99, p.max);
+    let mut rows: Vec<(&str, String)> = vec![
         ("expected leaves", o.expected_leaves.to_string()),
         ("delivered leaves", o.delivered_leaves.to_string()),
         ("lost leaves", o.lost_leaves.to_string()),
@@ -396,20 +439,28 @@ fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
             format!("{} ({} retries of an acknowledged jti)", o.duplicate_deliveries, o.retried_jtis),
         ),
         ("wrong txn", o.wrong_txn.to_string()),
-        (
-            "leaf latency",
-            format!(
-                "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-                o.latency_ms.p50, o.latency_ms.p90, o.latency_ms.p99, o.latency_ms.max
-            ),
-        ),
+        ("leaf latency", spread(&o.latency_ms)),
         ("cascade (roots, hub)", ms(report.cascade_ms)),
         ("throughput", format!("{:.0} SETs/s", report.sets_per_second)),
         ("hub restarts", report.hub_kills.to_string()),
         ("instances killed", report.instance_kills.to_string()),
         ("broker restarts", report.broker_restarts.to_string()),
-        ("verdict", if o.is_exact() { "EXACT".to_owned() } else { "FAILED".to_owned() }),
     ];
+    if let Some(r) = &report.refusal {
+        let (layer, sidecar) = report.guards;
+        rows.extend([
+            ("guards", format!("{layer} layer, {sidecar} caep-guard sidecar")),
+            (
+                "agent calls",
+                format!("{} ({} served, {} refused, {} failed)", r.requests, r.accepted, r.refused, r.failed),
+            ),
+            ("refusal latency", spread(&r.latency_ms)),
+            ("stale accepts", r.stale_accepts.to_string()),
+            ("false refusals", r.false_refusals.to_string()),
+            ("never refused", r.never_refused.to_string()),
+        ]);
+    }
+    rows.push(("verdict", if report.passed() { "EXACT".to_owned() } else { "FAILED".to_owned() }));
     for (name, value) in rows {
         println!("  {name:<22} {value}");
     }
@@ -418,6 +469,18 @@ fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
     }
     for leaf in &o.unexpected_sample {
         println!("  unexpected: receiver {} session {}", leaf.receiver, leaf.session);
+    }
+    for incident in report.refusal.iter().flat_map(|r| &r.stale_sample) {
+        println!(
+            "  stale accept: receiver {} session {} at {:.0} ms",
+            incident.receiver, incident.session, incident.sent_at_ms
+        );
+    }
+    for incident in report.refusal.iter().flat_map(|r| &r.false_sample) {
+        println!(
+            "  false refusal: receiver {} session {} at {:.0} ms",
+            incident.receiver, incident.session, incident.sent_at_ms
+        );
     }
 }
 
@@ -443,6 +506,8 @@ async fn bench(args: &Args, url: &str, admin_token: &str, hub: &mut Hub) -> anyh
     for run in 0..runs {
         let mut config = args.config(run_id(&format!("b{run}")));
         config.scenario = Scenario::Roots;
+        // Hub-only figures: no agents calling RPs beside the cascade.
+        config.guarding = Guarding::None;
         config.faults = Faults::default();
         config.kill_hub_default = false;
         let report = drill::run(&config, hub.target(url, admin_token)).await?;

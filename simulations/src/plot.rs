@@ -1,5 +1,5 @@
-//! The leaf-latency plot: an SVG cumulative distribution with the p50, p90
-//! and p99 marked.
+//! The latency plot: SVG cumulative distributions (leaf delivery, and with
+//! guards the refusal at the RP) with each series' p50, p90 and p99 marked.
 
 use std::path::Path;
 
@@ -7,18 +7,25 @@ use plotters::prelude::*;
 
 use crate::accounting::Percentiles;
 
-/// Writes the CDF of `latencies_ms` to `path` (SVG).
+/// Series colours, in order.
+const COLOURS: [RGBColor; 3] = [BLUE, RED, GREEN];
+
+/// Writes the CDFs of `series` (name, latencies in ms) to `path` (SVG).
 ///
 /// # Errors
 ///
-/// When there is nothing to plot or the file cannot be written.
-pub fn latency_cdf(path: &Path, latencies_ms: &[f64], title: &str) -> anyhow::Result<()> {
-    let mut sorted: Vec<f64> = latencies_ms.iter().copied().filter(|v| v.is_finite()).collect();
-    anyhow::ensure!(!sorted.is_empty(), "no latencies to plot");
-    sorted.sort_by(f64::total_cmp);
-    let percentiles = Percentiles::of(&sorted);
-    let x_max = (percentiles.max * 1.05).max(1.0);
-    let n = sorted.len() as f64;
+/// When the first series is empty or the file cannot be written.
+pub fn latency_cdf(path: &Path, series: &[(&str, &[f64])], title: &str) -> anyhow::Result<()> {
+    let sorted: Vec<Vec<f64>> = series
+        .iter()
+        .map(|(_, values)| {
+            let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+            sorted.sort_by(f64::total_cmp);
+            sorted
+        })
+        .collect();
+    anyhow::ensure!(sorted.first().is_some_and(|s| !s.is_empty()), "no latencies to plot");
+    let x_max = (sorted.iter().filter_map(|s| s.last()).copied().fold(0.0, f64::max) * 1.05).max(1.0);
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
@@ -30,32 +37,37 @@ pub fn latency_cdf(path: &Path, latencies_ms: &[f64], title: &str) -> anyhow::Re
         .map_err(plot_error)?;
     chart
         .configure_mesh()
-        .x_desc("leaf latency (ms, revocation posted → receiver handled the SET)")
-        .y_desc("share of leaves delivered")
+        .x_desc(
+            "ms from the IdP's revocation post (delivery: the RP acknowledged the SET; refusal: the agent's first 401)",
+        )
+        .y_desc("share")
         .draw()
         .map_err(plot_error)?;
-    let mut points = Vec::with_capacity(sorted.len() + 1);
-    points.push((0.0, 0.0));
-    for (i, value) in sorted.iter().enumerate() {
-        points.push((*value, (i + 1) as f64 / n));
-    }
-    chart
-        .draw_series(LineSeries::new(points, BLUE.stroke_width(2)))
-        .map_err(plot_error)?
-        .label(format!("{} leaves", sorted.len()))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    let marks = [
-        ("p50", percentiles.p50, 0.50, GREEN),
-        ("p90", percentiles.p90, 0.90, MAGENTA),
-        ("p99", percentiles.p99, 0.99, RED),
-    ];
-    for (name, value, q, color) in marks {
+    for (((name, _), values), colour) in series.iter().zip(&sorted).zip(COLOURS.iter().cycle()) {
+        if values.is_empty() {
+            continue;
+        }
+        let colour = *colour;
+        let n = values.len() as f64;
+        let mut points = Vec::with_capacity(values.len() + 1);
+        points.push((0.0, 0.0));
+        points.extend(values.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)));
+        let p = Percentiles::of(values);
         chart
-            .draw_series(LineSeries::new(vec![(value, 0.0), (value, q)], color.stroke_width(1)))
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
             .map_err(plot_error)?
-            .label(format!("{name} = {value:.0} ms"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(std::iter::once(Circle::new((value, q), 4, color.filled()))).map_err(plot_error)?;
+            .label(format!(
+                "{name} ({} samples): p50 = {:.0} ms, p90 = {:.0} ms, p99 = {:.0} ms",
+                values.len(),
+                p.p50,
+                p.p90,
+                p.p99
+            ))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+        let marks = [(p.p50, 0.50), (p.p90, 0.90), (p.p99, 0.99)];
+        chart
+            .draw_series(marks.iter().map(|&(value, q)| Circle::new((value, q), 4, colour.filled())))
+            .map_err(plot_error)?;
     }
     chart
         .configure_series_labels()
@@ -77,14 +89,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_an_svg_with_the_percentiles() {
+    fn writes_an_svg_with_each_series_percentiles() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("cdf.svg");
-        let values: Vec<f64> = (1..=200).map(f64::from).collect();
-        latency_cdf(&path, &values, "test").expect("plot");
+        let delivery: Vec<f64> = (1..=200).map(f64::from).collect();
+        let refusal: Vec<f64> = (1..=100).map(|v| f64::from(v) * 3.0).collect();
+        latency_cdf(&path, &[("delivery", &delivery), ("refusal", &refusal)], "test").expect("plot");
         let svg = std::fs::read_to_string(&path).expect("read");
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(100)]);
-        assert!(svg.contains("p99 = 198 ms"), "percentile label");
-        assert!(latency_cdf(&path, &[], "empty").is_err());
+        assert!(svg.contains("p99 = 198 ms"), "the delivery percentile label");
+        assert!(svg.contains("refusal (100 samples)") && svg.contains("p99 = 297 ms"), "the refusal series");
+        assert!(latency_cdf(&path, &[("empty", &[])], "empty").is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::Value;
-use support::{DRILL, hub_bin};
+use support::{DRILL, guard_bin, hub_bin};
 
 /// Serializes the drills: they share two cores and one hub build.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -15,7 +15,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Runs the drill with `args`; returns its exit code and its JSON report.
 fn drill(args: &[&str]) -> (i32, Value) {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let hub = hub_bin();
+    let (hub, guard) = (hub_bin(), guard_bin());
     let dir = tempfile::tempdir().expect("temp dir");
     let json_path = dir.path().join("report.json");
     let plot_path = dir.path().join("latency.svg");
@@ -24,6 +24,8 @@ fn drill(args: &[&str]) -> (i32, Value) {
         .arg("--quiet")
         .arg("--hub-bin")
         .arg(&hub)
+        .arg("--guard-bin")
+        .arg(&guard)
         .arg("--json")
         .arg(&json_path)
         .arg("--plot")
@@ -45,6 +47,22 @@ fn count(report: &Value, key: &str) -> u64 {
     report[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
 
+/// Every revoked agent was refused by the RPs it touched, none too late
+/// and none that was not revoked; refusal latency is reported per cascade.
+fn assert_enforced(report: &Value) {
+    let refusal = &report["refusal"];
+    assert_eq!(count(refusal, "stale_accepts"), 0, "{report}");
+    assert_eq!(count(refusal, "false_refusals"), 0, "{report}");
+    assert_eq!(count(refusal, "never_refused"), 0, "{report}");
+    assert_eq!(count(refusal, "failed"), 0, "no agent call failed: {report}");
+    assert!(count(refusal, "refused") >= count(report, "expected_leaves"), "each revoked agent refused: {report}");
+    assert!(count(&report["guards"], "layer") > 0 && count(&report["guards"], "sidecar") > 0, "a mix: {report}");
+    for phase in report["phases"].as_array().into_iter().flatten() {
+        assert!(phase["refusal_ms"]["p99"].as_f64().is_some_and(|p99| p99 > 0.0), "{report}");
+        assert!(phase["delivery_ms"]["p99"].as_f64().is_some_and(|p99| p99 > 0.0), "{report}");
+    }
+}
+
 #[test]
 fn small_drill_is_exact_across_every_scenario() {
     let (code, report) =
@@ -60,6 +78,7 @@ fn small_drill_is_exact_across_every_scenario() {
     }
     assert!(report["latency_ms"]["p99"].as_f64().is_some_and(|p99| p99 > 0.0));
     assert!(report["cascade_ms"].as_f64().is_some(), "the hub's cascade report was read");
+    assert_enforced(&report);
     assert_eq!(code, 0);
 }
 
@@ -85,6 +104,7 @@ fn faults_and_a_hub_sigkill_lose_nothing() {
     assert_eq!(count(&report, "unexpected_leaves"), 0, "{report}");
     assert_eq!(count(&report, "delivered_leaves"), count(&report, "expected_leaves"));
     assert!(count(&report, "duplicate_deliveries") >= count(&report, "retried_jtis"), "{report}");
+    assert_enforced(&report);
     assert_eq!(code, 0);
 }
 
@@ -109,6 +129,47 @@ fn a_dropped_leaf_is_lost_and_an_extra_one_unexpected_and_the_exit_status_says_s
     assert_eq!(count(&report, "lost_leaves"), 1, "{report}");
     assert_eq!(count(&report, "unexpected_leaves"), 1, "{report}");
     assert_eq!(code, 1, "loss or unexpected leaves fail the drill");
+}
+
+#[test]
+fn an_rp_that_is_not_fed_its_sets_shows_stale_accepts_and_the_exit_status_says_so() {
+    let (code, report) = drill(&[
+        "--sessions",
+        "20",
+        "--receivers",
+        "2",
+        "--poll-share",
+        "0",
+        "--scenario",
+        "roots",
+        "--timeout-secs",
+        "3",
+        "--self-test-blind",
+    ]);
+    assert_eq!(count(&report, "lost_leaves"), 0, "the leaves still arrive: {report}");
+    let refusal = &report["refusal"];
+    assert!(count(refusal, "stale_accepts") > 0, "{report}");
+    assert!(count(refusal, "never_refused") > 0, "{report}");
+    assert!(refusal["stale_sample"].as_array().is_some_and(|s| s.iter().all(|i| i["receiver"] == 0)), "{report}");
+    assert_eq!(code, 1, "a stale accept fails the drill");
+}
+
+#[test]
+fn a_refused_unaffected_agent_is_a_false_refusal_and_the_exit_status_says_so() {
+    let (code, report) = drill(&[
+        "--sessions",
+        "30",
+        "--receivers",
+        "3",
+        "--depth",
+        "2",
+        "--scenario",
+        "mid",
+        "--self-test-false-refusal",
+    ]);
+    assert!(count(&report["refusal"], "false_refusals") > 0, "{report}");
+    assert_eq!(count(&report["refusal"], "stale_accepts"), 0, "{report}");
+    assert_eq!(code, 1, "a false refusal fails the drill");
 }
 
 #[test]

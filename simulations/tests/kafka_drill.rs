@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use serde_json::Value;
-use support::{DRILL, hub_bin};
+use support::{DRILL, guard_bin, hub_bin};
 
 fn count(report: &Value, key: &str) -> u64 {
     report[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {report}"))
@@ -34,6 +34,8 @@ fn a_kafka_drill_across_an_instance_sigkill_loses_nothing() {
         .args(["--kill-instance-at", "1", "--timeout-secs", "45", "--quiet"])
         .arg("--hub-bin")
         .arg(&hub)
+        .arg("--guard-bin")
+        .arg(guard_bin())
         .arg("--json")
         .arg(&json_path)
         .env("CAEP_TANSU", &tansu)
@@ -58,5 +60,9 @@ fn a_kafka_drill_across_an_instance_sigkill_loses_nothing() {
     assert_eq!(count(&report, "unexpected_leaves"), 0, "{context}");
     assert_eq!(count(&report, "wrong_txn"), 0, "{context}");
     assert_eq!(count(&report, "delivered_leaves"), expected, "{context}");
+    // The guards reported the touches through the balancer, and enforced.
+    assert_eq!(count(&report["refusal"], "stale_accepts"), 0, "{context}");
+    assert_eq!(count(&report["refusal"], "false_refusals"), 0, "{context}");
+    assert_eq!(count(&report["refusal"], "never_refused"), 0, "{context}");
     assert_eq!(output.status.code(), Some(0), "{context}");
 }

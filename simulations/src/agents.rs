@@ -1,0 +1,351 @@
+//! The simulated agents calling the relying parties they touch. Each
+//! (session, receiver) pair is one agent with an access token for that RP:
+//! signed by the IdP (`typ: at+jwt`), naming its session in `sid`, its user
+//! in `sub`/`email`, and the sessions it was spawned under as the nested
+//! `act` chain of RFC 8693 §4.1.
+//!
+//! During a cascade the agents keep calling. The drill is the measuring
+//! instrument here, not the system under test, so it spends its requests
+//! where the measurement is: agents of the cascade in progress that were not
+//! refused yet are called as fast as the probe workers go (each at most
+//! every [`HOT_EVERY`]); every other agent is called in a slow rotation, and
+//! swept once after each cascade, to catch false refusals.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use caep_schemas::jose::SigningKey;
+use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::forest::LeafKey;
+use crate::refusals::{Answer, RefusalOutcome, Refusals};
+
+/// Shortest gap between two calls of an agent whose cascade is in progress.
+pub const HOT_EVERY: Duration = Duration::from_millis(2);
+/// Calls per second of the slow rotation over all other agents.
+const COLD_RATE: f64 = 500.0;
+/// Lifetime of the agents' access tokens.
+const TOKEN_LIFETIME_SECS: i64 = 3600;
+
+/// One agent's access token for one RP.
+pub struct TokenClaims<'a> {
+    /// The IdP.
+    pub issuer: &'a str,
+    /// The RP.
+    pub audience: &'a str,
+    /// The agent's session.
+    pub session: &'a str,
+    /// The user's e-mail.
+    pub email: &'a str,
+    /// The sessions it was spawned under, nearest first.
+    pub actors: &'a [String],
+}
+
+/// Signs an access token for `claims`.
+///
+/// # Errors
+///
+/// When signing fails.
+pub fn mint(key: &SigningKey, claims: &TokenClaims<'_>) -> anyhow::Result<String> {
+    let now = caep_schemas::set::now_secs();
+    // The innermost actor is the farthest ancestor: build the chain from it.
+    let mut act: Option<Value> = None;
+    for actor in claims.actors.iter().rev() {
+        let mut level = json!({"sub": format!("agent:{actor}"), "sid": actor});
+        if let Some(inner) = act.take() {
+            level["act"] = inner;
+        }
+        act = Some(level);
+    }
+    let mut payload = Map::new();
+    payload.insert("iss".into(), json!(claims.issuer));
+    payload.insert("sub".into(), json!(claims.email));
+    payload.insert("email".into(), json!(claims.email));
+    payload.insert("aud".into(), json!(claims.audience));
+    payload.insert("sid".into(), json!(claims.session));
+    payload.insert("iat".into(), json!(now));
+    payload.insert("exp".into(), json!(now + TOKEN_LIFETIME_SECS));
+    if let Some(act) = act {
+        payload.insert("act".into(), act);
+    }
+    key.sign("at+jwt", &payload).context("signing an agent token")
+}
+
+/// One agent at one RP.
+pub struct Target {
+    /// Which pair it is.
+    pub pair: LeafKey,
+    /// The RP's resource URL.
+    pub url: String,
+    /// `Bearer <token>`.
+    pub authorization: String,
+}
+
+struct Schedule {
+    /// (due in µs on the drill's clock, pair, generation).
+    queue: BinaryHeap<Reverse<(u64, usize, u32)>>,
+    generation: Vec<u32>,
+    hot: Vec<bool>,
+}
+
+impl Schedule {
+    fn push(&mut self, due_us: u64, pair: usize) {
+        self.generation[pair] = self.generation[pair].wrapping_add(1);
+        self.queue.push(Reverse((due_us, pair, self.generation[pair])));
+    }
+
+    /// The earliest live entry.
+    fn pop(&mut self) -> Option<(u64, usize)> {
+        while let Some(Reverse((due, pair, generation))) = self.queue.pop() {
+            if self.generation[pair] == generation {
+                return Some((due, pair));
+            }
+        }
+        None
+    }
+}
+
+struct Shared {
+    targets: Vec<Target>,
+    client: reqwest::Client,
+    epoch: Instant,
+    refusals: Mutex<Refusals>,
+    schedule: Mutex<Schedule>,
+    cold_every: Duration,
+    stop: AtomicBool,
+}
+
+/// The agents of a drill.
+#[derive(Clone)]
+pub struct Agents {
+    shared: Arc<Shared>,
+}
+
+impl Agents {
+    /// Agents for `targets`, on the drill's clock `epoch`.
+    pub fn new(targets: Vec<Target>, epoch: Instant, client: reqwest::Client) -> Agents {
+        let n = targets.len();
+        let refusals = Refusals::new(targets.iter().map(|t| t.pair.clone()).collect());
+        let cold_every = Duration::from_secs_f64((n as f64 / COLD_RATE).max(0.02));
+        let mut schedule = Schedule { queue: BinaryHeap::new(), generation: vec![0; n], hot: vec![false; n] };
+        // Spread the first rotation over one period.
+        let period_us = cold_every.as_micros() as u64;
+        for pair in 0..n {
+            schedule.push(period_us * pair as u64 / n.max(1) as u64, pair);
+        }
+        let shared = Shared {
+            targets,
+            client,
+            epoch,
+            refusals: Mutex::new(refusals),
+            schedule: Mutex::new(schedule),
+            cold_every,
+            stop: AtomicBool::new(false),
+        };
+        Agents { shared: Arc::new(shared) }
+    }
+
+    /// Number of agents.
+    pub fn len(&self) -> usize {
+        self.shared.targets.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.shared.targets.is_empty()
+    }
+
+    fn now_ms(&self) -> f64 {
+        self.shared.epoch.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn refusals(&self) -> std::sync::MutexGuard<'_, Refusals> {
+        self.shared.refusals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One call of agent `pair`, recorded.
+    pub async fn call(&self, pair: usize) -> Answer {
+        let Some(target) = self.shared.targets.get(pair) else { return Answer::Failed };
+        let sent = self.now_ms();
+        let answer = match self
+            .shared
+            .client
+            .get(&target.url)
+            .header("authorization", &target.authorization)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(response) if response.status().is_success() => Answer::Accepted,
+            Ok(response) if response.status().as_u16() == 401 && is_revocation(&response) => Answer::Refused,
+            Ok(response) => {
+                tracing::warn!(status = %response.status(), url = target.url, "an RP failed an agent");
+                Answer::Failed
+            }
+            Err(error) => {
+                tracing::warn!(%error, url = target.url, "an agent's call failed");
+                Answer::Failed
+            }
+        };
+        let done = self.now_ms();
+        tracing::debug!(pair, sent, done, ?answer, "agent call");
+        self.refusals().record(pair, sent, done, answer);
+        answer
+    }
+
+    /// Calls each of `pairs` once, `concurrency` at a time.
+    pub async fn sweep(&self, pairs: &[usize], concurrency: usize) {
+        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let mut calls = JoinSet::new();
+        for &pair in pairs {
+            let (agents, permits) = (self.clone(), Arc::clone(&permits));
+            calls.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                agents.call(pair).await
+            });
+        }
+        while calls.join_next().await.is_some() {}
+    }
+
+    /// Every agent's number.
+    pub fn all(&self) -> Vec<usize> {
+        (0..self.len()).collect()
+    }
+
+    /// A cascade revoking `leaves` was posted at `started_at_ms`: its agents
+    /// are called at once and then as fast as the workers go until refused.
+    /// Returns the phase number.
+    pub fn revoke(&self, started_at_ms: f64, leaves: &BTreeSet<LeafKey>) -> usize {
+        let phase = self.refusals().revoke(started_at_ms, leaves);
+        let pairs: Vec<usize> = {
+            let refusals = self.refusals();
+            leaves.iter().filter_map(|leaf| refusals.index_of(leaf)).collect()
+        };
+        let now_us = self.shared.epoch.elapsed().as_micros() as u64;
+        let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        for pair in pairs {
+            schedule.hot[pair] = true;
+            schedule.push(now_us, pair);
+        }
+        phase
+    }
+
+    /// Waits until every agent of `phase` was refused, or `deadline`.
+    /// Returns how many were not.
+    pub async fn wait_refused(&self, phase: usize, deadline: Instant) -> usize {
+        loop {
+            let left = self.refusals().unrefused_of(phase).len();
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Agents no cascade so far revokes.
+    pub fn unaffected(&self) -> Vec<usize> {
+        self.refusals().unaffected()
+    }
+
+    /// Starts `workers` probe tasks; they run until [`stop`](Self::stop).
+    pub fn start_probing(&self, workers: usize) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let agents = self.clone();
+            tasks.spawn(async move { agents.probe_forever().await });
+        }
+        tasks
+    }
+
+    /// Stops the probe workers.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+
+    async fn probe_forever(&self) {
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let now_us = self.shared.epoch.elapsed().as_micros() as u64;
+            let next = {
+                let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
+                match schedule.pop() {
+                    Some((due, pair)) if due > now_us => {
+                        schedule.push(due, pair);
+                        Err(Duration::from_micros((due - now_us).min(2_000)))
+                    }
+                    Some((_, pair)) => Ok(pair),
+                    None => Err(Duration::from_millis(5)),
+                }
+            };
+            let pair = match next {
+                Ok(pair) => pair,
+                Err(wait) => {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            self.call(pair).await;
+            let refused = self.refusals().is_refused(pair);
+            let now_us = self.shared.epoch.elapsed().as_micros() as u64;
+            let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
+            if refused {
+                schedule.hot[pair] = false;
+            }
+            let every = if schedule.hot[pair] { HOT_EVERY } else { self.shared.cold_every };
+            schedule.push(now_us + every.as_micros() as u64, pair);
+        }
+    }
+
+    /// What the agents saw, judged against when each RP acknowledged each
+    /// pair's SET.
+    pub fn outcome(&self, acknowledged_at: impl Fn(&LeafKey) -> Option<f64>) -> RefusalOutcome {
+        self.refusals().outcome(acknowledged_at)
+    }
+
+    /// Every refused agent's refusal latency (ms).
+    pub fn latencies(&self) -> Vec<f64> {
+        self.refusals().latencies()
+    }
+}
+
+/// A 401 of the guard (RFC 6750 `invalid_token`, "session revoked"), not
+/// the RP's own authentication.
+fn is_revocation(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("error=\"invalid_token\"") && v.contains("session revoked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use caep_receiver::guard::bearer_jwt;
+    use caep_schemas::jose::Algorithm;
+
+    use super::*;
+
+    #[test]
+    fn the_layer_reads_the_session_its_actors_and_user_from_a_minted_token() {
+        let key = SigningKey::generate(Algorithm::Es256).expect("key");
+        let actors = ["parent".to_owned(), "root".to_owned()];
+        let claims = TokenClaims {
+            issuer: "https://idp",
+            audience: "https://rp",
+            session: "child",
+            email: "a@x",
+            actors: &actors,
+        };
+        let token = mint(&key, &claims).expect("token");
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("authorization", format!("Bearer {token}").parse().expect("header"));
+        let agent = bearer_jwt("sid")(&headers).expect("an agent");
+        assert_eq!(agent.sessions, ["child", "parent", "root"]);
+        assert_eq!(agent.users.len(), 2, "iss/sub and email");
+    }
+}
