@@ -6,10 +6,16 @@
 //!
 //! During a cascade the agents keep calling. The drill is the measuring
 //! instrument here, not the system under test, so it spends its requests
-//! where the measurement is: agents of the cascade in progress that were not
-//! refused yet are called as fast as the probe workers go (each at most
-//! every [`HOT_EVERY`]); every other agent is called in a slow rotation, and
-//! swept once after each cascade, to catch false refusals.
+//! where the measurement is:
+//! - an agent whose RP just acknowledged its SET calls that RP at once
+//!   (ahead of every other call): the strictest test that the RP refuses
+//!   from the acknowledgement on, and the bound on its refusal latency;
+//! - agents of the cascade in progress that were not refused yet are called
+//!   as fast as the probe workers go (each at most every [`HOT_EVERY`]): they
+//!   catch refusals that come before the agent's own SET (an actor in its
+//!   `act` chain revoked, or its user disabled);
+//! - every other agent is called in a slow rotation, and swept once after
+//!   each cascade, to catch false refusals.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -32,6 +38,46 @@ pub const HOT_EVERY: Duration = Duration::from_millis(2);
 const COLD_RATE: f64 = 500.0;
 /// Lifetime of the agents' access tokens.
 const TOKEN_LIFETIME_SECS: i64 = 3600;
+
+/// A runtime of its own for agent traffic (the agents' calls and the RPs'
+/// services), so that calls do not queue behind the thousands of SETs the
+/// drill's receivers take in the same process: deployed, each RP is a
+/// process of its own.
+pub struct TrafficRuntime(Option<tokio::runtime::Runtime>);
+
+impl TrafficRuntime {
+    /// Two worker threads.
+    ///
+    /// # Errors
+    ///
+    /// When the runtime cannot be built.
+    pub fn new() -> anyhow::Result<TrafficRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("agent-traffic")
+            .enable_all()
+            .build()
+            .context("the agents' runtime")?;
+        Ok(TrafficRuntime(Some(runtime)))
+    }
+
+    /// Where to spawn agent traffic.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for TrafficRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would block; let it wind down.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
 
 /// One agent's access token for one RP.
 pub struct TokenClaims<'a> {
@@ -87,9 +133,13 @@ pub struct Target {
     pub authorization: String,
 }
 
+/// When each agent is called next: agents of the cascade in progress
+/// ("hot") before every other, so a backlog of the slow rotation never
+/// delays a measurement.
 struct Schedule {
-    /// (due in µs on the drill's clock, pair, generation).
-    queue: BinaryHeap<Reverse<(u64, usize, u32)>>,
+    /// (due in µs on the drill's clock, pair, generation), per class.
+    hot_queue: BinaryHeap<Reverse<(u64, usize, u32)>>,
+    cold_queue: BinaryHeap<Reverse<(u64, usize, u32)>>,
     generation: Vec<u32>,
     hot: Vec<bool>,
 }
@@ -97,23 +147,44 @@ struct Schedule {
 impl Schedule {
     fn push(&mut self, due_us: u64, pair: usize) {
         self.generation[pair] = self.generation[pair].wrapping_add(1);
-        self.queue.push(Reverse((due_us, pair, self.generation[pair])));
+        let entry = Reverse((due_us, pair, self.generation[pair]));
+        if self.hot[pair] { self.hot_queue.push(entry) } else { self.cold_queue.push(entry) }
     }
 
-    /// The earliest live entry.
-    fn pop(&mut self) -> Option<(u64, usize)> {
-        while let Some(Reverse((due, pair, generation))) = self.queue.pop() {
-            if self.generation[pair] == generation {
+    /// The earliest live entry of a queue, left in place.
+    fn head(queue: &mut BinaryHeap<Reverse<(u64, usize, u32)>>, generation: &[u32]) -> Option<(u64, usize)> {
+        while let Some(&Reverse((due, pair, g))) = queue.peek() {
+            if generation[pair] == g {
                 return Some((due, pair));
             }
+            queue.pop();
         }
         None
+    }
+
+    /// The agent to call now (taken off the schedule), or how long to wait.
+    fn next(&mut self, now_us: u64) -> Result<usize, Duration> {
+        let hot = Self::head(&mut self.hot_queue, &self.generation);
+        let cold = Self::head(&mut self.cold_queue, &self.generation);
+        let take = |queue: &mut BinaryHeap<Reverse<(u64, usize, u32)>>, pair| {
+            queue.pop();
+            Ok(pair)
+        };
+        match (hot, cold) {
+            (Some((due, pair)), _) if due <= now_us => take(&mut self.hot_queue, pair),
+            (_, Some((due, pair))) if due <= now_us => take(&mut self.cold_queue, pair),
+            (hot, cold) => {
+                let due = [hot, cold].into_iter().flatten().map(|(due, _)| due).min();
+                Err(due.map_or(Duration::from_millis(5), |due| Duration::from_micros((due - now_us).min(2_000))))
+            }
+        }
     }
 }
 
 struct Shared {
     targets: Vec<Target>,
     client: reqwest::Client,
+    runtime: tokio::runtime::Handle,
     epoch: Instant,
     refusals: Mutex<Refusals>,
     schedule: Mutex<Schedule>,
@@ -128,20 +199,22 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Agents for `targets`, on the drill's clock `epoch`.
-    pub fn new(targets: Vec<Target>, epoch: Instant, client: reqwest::Client) -> Agents {
+    /// Agents for `targets`, on the drill's clock `epoch`, calling from `runtime`.
+    pub fn new(targets: Vec<Target>, epoch: Instant, runtime: tokio::runtime::Handle) -> Agents {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(16).build().unwrap_or_default();
         let n = targets.len();
         let refusals = Refusals::new(targets.iter().map(|t| t.pair.clone()).collect());
         let cold_every = Duration::from_secs_f64((n as f64 / COLD_RATE).max(0.02));
-        let mut schedule = Schedule { queue: BinaryHeap::new(), generation: vec![0; n], hot: vec![false; n] };
-        // Spread the first rotation over one period.
-        let period_us = cold_every.as_micros() as u64;
-        for pair in 0..n {
-            schedule.push(period_us * pair as u64 / n.max(1) as u64, pair);
-        }
+        let schedule = Schedule {
+            hot_queue: BinaryHeap::new(),
+            cold_queue: BinaryHeap::new(),
+            generation: vec![0; n],
+            hot: vec![false; n],
+        };
         let shared = Shared {
             targets,
             client,
+            runtime,
             epoch,
             refusals: Mutex::new(refusals),
             schedule: Mutex::new(schedule),
@@ -194,7 +267,7 @@ impl Agents {
             }
         };
         let done = self.now_ms();
-        tracing::debug!(pair, sent, done, ?answer, "agent call");
+        tracing::debug!(pair, receiver = target.pair.receiver, sent, done, ?answer, "agent call");
         self.refusals().record(pair, sent, done, answer);
         answer
     }
@@ -205,10 +278,14 @@ impl Agents {
         let mut calls = JoinSet::new();
         for &pair in pairs {
             let (agents, permits) = (self.clone(), Arc::clone(&permits));
-            calls.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                agents.call(pair).await
-            });
+            let runtime = self.shared.runtime.clone();
+            calls.spawn_on(
+                async move {
+                    let _permit = permits.acquire_owned().await;
+                    agents.call(pair).await
+                },
+                &runtime,
+            );
         }
         while calls.join_next().await.is_some() {}
     }
@@ -236,6 +313,18 @@ impl Agents {
         phase
     }
 
+    /// The RP of `pair` acknowledged its SET: the agent calls it next,
+    /// ahead of every other call.
+    pub fn acknowledged(&self, pair: &LeafKey) {
+        let Some(index) = self.refusals().index_of(pair) else { return };
+        if self.refusals().is_refused(index) {
+            return;
+        }
+        let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        schedule.hot[index] = true;
+        schedule.push(0, index);
+    }
+
     /// Waits until every agent of `phase` was refused, or `deadline`.
     /// Returns how many were not.
     pub async fn wait_refused(&self, phase: usize, deadline: Instant) -> usize {
@@ -254,11 +343,23 @@ impl Agents {
     }
 
     /// Starts `workers` probe tasks; they run until [`stop`](Self::stop).
+    /// The slow rotation starts now, spread over one period.
     pub fn start_probing(&self, workers: usize) -> JoinSet<()> {
+        {
+            let n = self.len().max(1) as u64;
+            let now_us = self.shared.epoch.elapsed().as_micros() as u64;
+            let period_us = self.shared.cold_every.as_micros() as u64;
+            let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
+            for pair in 0..self.len() {
+                if !schedule.hot[pair] {
+                    schedule.push(now_us + period_us * pair as u64 / n, pair);
+                }
+            }
+        }
         let mut tasks = JoinSet::new();
         for _ in 0..workers.max(1) {
             let agents = self.clone();
-            tasks.spawn(async move { agents.probe_forever().await });
+            tasks.spawn_on(async move { agents.probe_forever().await }, &self.shared.runtime);
         }
         tasks
     }
@@ -271,17 +372,7 @@ impl Agents {
     async fn probe_forever(&self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
             let now_us = self.shared.epoch.elapsed().as_micros() as u64;
-            let next = {
-                let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
-                match schedule.pop() {
-                    Some((due, pair)) if due > now_us => {
-                        schedule.push(due, pair);
-                        Err(Duration::from_micros((due - now_us).min(2_000)))
-                    }
-                    Some((_, pair)) => Ok(pair),
-                    None => Err(Duration::from_millis(5)),
-                }
-            };
+            let next = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner()).next(now_us);
             let pair = match next {
                 Ok(pair) => pair,
                 Err(wait) => {
@@ -294,6 +385,7 @@ impl Agents {
             let now_us = self.shared.epoch.elapsed().as_micros() as u64;
             let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
             if refused {
+                // Refused: back to the slow rotation, which still catches a later accept.
                 schedule.hot[pair] = false;
             }
             let every = if schedule.hot[pair] { HOT_EVERY } else { self.shared.cold_every };
@@ -329,6 +421,26 @@ mod tests {
     use caep_schemas::jose::Algorithm;
 
     use super::*;
+
+    #[test]
+    fn hot_agents_go_first_even_behind_an_overdue_rotation() {
+        let mut schedule = Schedule {
+            hot_queue: BinaryHeap::new(),
+            cold_queue: BinaryHeap::new(),
+            generation: vec![0; 3],
+            hot: vec![false, false, true],
+        };
+        schedule.push(10, 0);
+        schedule.push(20, 1);
+        schedule.push(500, 2);
+        assert_eq!(schedule.next(5), Err(Duration::from_micros(5)), "nothing due yet");
+        assert_eq!(schedule.next(1000), Ok(2), "the hot agent first");
+        assert_eq!(schedule.next(1000), Ok(0));
+        schedule.push(2000, 0);
+        // Rescheduling replaces the earlier entry.
+        assert_eq!(schedule.next(1000), Ok(1));
+        assert!(schedule.next(1000).is_err(), "agent 0 is due at 2000 only");
+    }
 
     #[test]
     fn the_layer_reads_the_session_its_actors_and_user_from_a_minted_token() {

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::accounting::{Accounting, Outcome, Percentiles};
-use crate::agents::Agents;
+use crate::agents::{Agents, TrafficRuntime};
 use crate::cluster::KafkaCluster;
 use crate::forest::{Forest, ForestParams, LeafKey, expected_leaves, user_email};
 use crate::guards::Guarding;
@@ -495,6 +495,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     admin.post("/admin/issuers", json!({"issuer": idp.issuer, "jwks": idp.jwks().to_json()})).await?;
 
     // The relying parties.
+    let traffic = TrafficRuntime::new()?;
     let accounting = Arc::new(Mutex::new(Accounting::new()));
     let plan = ReceiverPlan {
         admin: &admin,
@@ -508,6 +509,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         guard_bin: config.guard_bin.as_deref(),
         idp: &idp,
         blind_receiver: config.blind_receiver,
+        traffic: traffic.handle(),
     };
     let mut receivers = start_receivers(&plan, forest.receivers, &bar).await?;
 
@@ -521,7 +523,11 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         None
     } else {
         bar.set_message("agents' first calls");
-        let agents = agents_of(&forest, &receivers.list, &idp, run, epoch, client.clone())?;
+        let agents = agents_of(&forest, &receivers.list, &idp, run, epoch, traffic.handle())?;
+        for receiver in &receivers.list {
+            let agents = agents.clone();
+            receiver.ctx.on_record(Arc::new(move |leaf| agents.acknowledged(leaf)));
+        }
         agents.sweep(&agents.all(), config.concurrency).await;
         bar.set_message("waiting for the guards' touches");
         wait_touched(&admin, &forest, &receivers.list, Instant::now() + config.timeout).await?;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -16,6 +16,7 @@ use caep_schemas::set::SecurityEventToken;
 use serde_json::Value;
 
 use crate::accounting::{Accounting, Delivery};
+use crate::forest::LeafKey;
 
 /// One receiver's faults and its view of the accounting.
 pub struct ReceiverCtx {
@@ -27,7 +28,12 @@ pub struct ReceiverCtx {
     slow: Duration,
     down: AtomicBool,
     drop_remaining: Mutex<usize>,
+    /// Told of each leaf recorded (receiver, session): the agents call at once.
+    on_record: OnceLock<RecordHook>,
 }
+
+/// What is told of each leaf a receiver recorded.
+pub type RecordHook = Arc<dyn Fn(&LeafKey) + Send + Sync>;
 
 /// The faults one receiver injects.
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,7 +58,13 @@ impl ReceiverCtx {
             slow: faults.slow,
             down: AtomicBool::new(false),
             drop_remaining: Mutex::new(faults.drop_deliveries),
+            on_record: OnceLock::new(),
         }
+    }
+
+    /// Tells `hook` of every leaf recorded from now on (once set, it stays).
+    pub fn on_record(&self, hook: RecordHook) {
+        let _ = self.on_record.set(hook);
     }
 
     /// Takes the receiver down (every SET fails) or back up.
@@ -98,7 +110,11 @@ impl ReceiverCtx {
             txn: event.txn().map(str::to_owned),
             received_at_ms: self.epoch.elapsed().as_secs_f64() * 1000.0,
         };
+        let leaf = LeafKey { receiver: self.receiver, session: delivery.session.clone() };
         self.accounting.lock().map_err(|_| HandlerError::new("poisoned"))?.record(delivery);
+        if let Some(hook) = self.on_record.get() {
+            hook(&leaf);
+        }
         Ok(())
     }
 
@@ -159,18 +175,29 @@ pub struct LoopbackServer {
     /// Where it listens.
     pub addr: SocketAddr,
     router: axum::Router,
+    /// The runtime it serves on.
+    runtime: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl LoopbackServer {
-    /// Serves `router` on a free loopback port.
+    /// Serves `router` on a free loopback port, on the current runtime.
     ///
     /// # Errors
     ///
     /// When no port can be bound.
     pub async fn start(router: axum::Router) -> anyhow::Result<LoopbackServer> {
+        LoopbackServer::start_on(router, tokio::runtime::Handle::current()).await
+    }
+
+    /// Serves `router` on a free loopback port, on `runtime`.
+    ///
+    /// # Errors
+    ///
+    /// When no port can be bound.
+    pub async fn start_on(router: axum::Router, runtime: tokio::runtime::Handle) -> anyhow::Result<LoopbackServer> {
         let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut server = LoopbackServer { addr, router, stop: None };
+        let mut server = LoopbackServer { addr, router, runtime, stop: None };
         server.listen().await?;
         Ok(server)
     }
@@ -181,21 +208,19 @@ impl LoopbackServer {
     ///
     /// When the port stays taken for 10 s.
     pub async fn listen(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(self.addr).await {
-                Ok(listener) => break listener,
-                Err(error) if Instant::now() < deadline => {
-                    tracing::debug!(%error, addr = %self.addr, "rebinding");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(error) => return Err(error).context("binding a loopback server"),
-            }
-        };
-        self.addr = listener.local_addr()?;
+        let (addr, router) = (self.addr, self.router.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let router = self.router.clone();
-        tokio::spawn(async move {
+        let (bound, listening) = tokio::sync::oneshot::channel();
+        // Bound inside the task: a listener belongs to the runtime that made it.
+        self.runtime.spawn(async move {
+            let listener = match bind(addr).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    let _ = bound.send(Err(error));
+                    return;
+                }
+            };
+            let _ = bound.send(listener.local_addr().map_err(anyhow::Error::from));
             let shutdown = async move {
                 let _ = stopped.await;
             };
@@ -203,6 +228,7 @@ impl LoopbackServer {
                 tracing::warn!(%error, "loopback server stopped");
             }
         });
+        self.addr = listening.await.context("the server task ended")??;
         self.stop = Some(stop);
         Ok(())
     }
@@ -211,6 +237,21 @@ impl LoopbackServer {
     pub fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+    }
+}
+
+/// Binds `addr`, retrying for 10 s while the port is still taken.
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, %addr, "rebinding");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => return Err(error).context("binding a loopback server"),
         }
     }
 }

@@ -181,6 +181,8 @@ pub struct ReceiverPlan<'a> {
     pub idp: &'a Idp,
     /// Self-test: receiver 0's layer is not fed its SETs.
     pub blind_receiver: bool,
+    /// Where the RPs' services run (see [`crate::agents::TrafficRuntime`]).
+    pub traffic: tokio::runtime::Handle,
 }
 
 /// The relying parties, and the poll loops that feed some of them.
@@ -317,7 +319,7 @@ async fn start_one(
         Some(revocations) => {
             let layer =
                 EnforceLayer::new(Arc::clone(revocations)).reporting_touches(Arc::clone(&sdk), &stream.stream_id);
-            Some(LoopbackServer::start(layer_app(authentication, layer)).await?)
+            Some(LoopbackServer::start_on(layer_app(authentication, layer), plan.traffic.clone()).await?)
         }
         None => None,
     };
@@ -351,8 +353,8 @@ async fn start_sidecar_rp(
     let push_url = format!("http://{}/", push.addr);
     let spec = SidecarSpec { bin, hub: &plan.admin.url, audience: &audience, token, push_url: &push_url, port };
     let sidecar = Sidecar::start(&spec).await?;
-    let app =
-        LoopbackServer::start(front_app(authentication, sidecar.check_url.clone(), plan.admin.client.clone())).await?;
+    let front = front_app(authentication, sidecar.check_url.clone(), reqwest::Client::new());
+    let app = LoopbackServer::start_on(front, plan.traffic.clone()).await?;
     Ok(DrillReceiver {
         sdk: None,
         stream_id: sidecar.stream_id.clone(),
@@ -465,7 +467,7 @@ pub fn agents_of(
     idp: &Idp,
     run: &str,
     epoch: Instant,
-    client: reqwest::Client,
+    traffic: tokio::runtime::Handle,
 ) -> anyhow::Result<Agents> {
     let mut targets = Vec::with_capacity(forest.touch_count());
     for session in &forest.sessions {
@@ -490,7 +492,7 @@ pub fn agents_of(
             targets.push(Target { pair: LeafKey { receiver: r, session: session.id.clone() }, url, authorization });
         }
     }
-    Ok(Agents::new(targets, epoch, client))
+    Ok(Agents::new(targets, epoch, traffic))
 }
 
 /// Waits until the hub has recorded every touch of the forest (the guards
