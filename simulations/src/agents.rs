@@ -11,7 +11,8 @@
 //!   (ahead of every other call): the strictest test that the RP refuses
 //!   from the acknowledgement on, and the bound on its refusal latency;
 //! - agents of the cascade in progress that were not refused yet are called
-//!   as fast as the probe workers go (each at most every [`HOT_EVERY`]): they
+//!   as fast as the probe workers go (each at most every [`HOT_EVERY`], all
+//!   together at most [`BLIND_RATE`] calls per second): they
 //!   catch refusals that come before the agent's own SET (an actor in its
 //!   `act` chain revoked, or its user disabled);
 //! - every other agent is called in a slow rotation, and swept once after
@@ -36,6 +37,9 @@ use crate::refusals::{Answer, RefusalOutcome, Refusals};
 pub const HOT_EVERY: Duration = Duration::from_millis(2);
 /// Calls per second of the slow rotation over all other agents.
 const COLD_RATE: f64 = 500.0;
+/// Calls per second, at most, of all the workers together, not counting the
+/// calls right after an acknowledgement: the drill must not starve the hub.
+const BLIND_RATE: f64 = 4_000.0;
 /// Lifetime of the agents' access tokens.
 const TOKEN_LIFETIME_SECS: i64 = 3600;
 
@@ -163,16 +167,17 @@ impl Schedule {
     }
 
     /// The agent to call now (taken off the schedule), or how long to wait.
-    fn next(&mut self, now_us: u64) -> Result<usize, Duration> {
+    /// An entry due at 0 is a call right after an acknowledgement.
+    fn next(&mut self, now_us: u64) -> Result<(usize, bool), Duration> {
         let hot = Self::head(&mut self.hot_queue, &self.generation);
         let cold = Self::head(&mut self.cold_queue, &self.generation);
-        let take = |queue: &mut BinaryHeap<Reverse<(u64, usize, u32)>>, pair| {
+        let take = |queue: &mut BinaryHeap<Reverse<(u64, usize, u32)>>, pair, due| {
             queue.pop();
-            Ok(pair)
+            Ok((pair, due == 0))
         };
         match (hot, cold) {
-            (Some((due, pair)), _) if due <= now_us => take(&mut self.hot_queue, pair),
-            (_, Some((due, pair))) if due <= now_us => take(&mut self.cold_queue, pair),
+            (Some((due, pair)), _) if due <= now_us => take(&mut self.hot_queue, pair, due),
+            (_, Some((due, pair))) if due <= now_us => take(&mut self.cold_queue, pair, due),
             (hot, cold) => {
                 let due = [hot, cold].into_iter().flatten().map(|(due, _)| due).min();
                 Err(due.map_or(Duration::from_millis(5), |due| Duration::from_micros((due - now_us).min(2_000))))
@@ -357,9 +362,11 @@ impl Agents {
             }
         }
         let mut tasks = JoinSet::new();
-        for _ in 0..workers.max(1) {
+        let workers = workers.max(1);
+        let pace = Duration::from_secs_f64(workers as f64 / BLIND_RATE);
+        for _ in 0..workers {
             let agents = self.clone();
-            tasks.spawn_on(async move { agents.probe_forever().await }, &self.shared.runtime);
+            tasks.spawn_on(async move { agents.probe_forever(pace).await }, &self.shared.runtime);
         }
         tasks
     }
@@ -369,12 +376,19 @@ impl Agents {
         self.shared.stop.store(true, Ordering::SeqCst);
     }
 
-    async fn probe_forever(&self) {
+    /// One worker: calls what is due, at most one blind call per `pace`.
+    async fn probe_forever(&self, pace: Duration) {
+        let mut last_blind = Instant::now();
         while !self.shared.stop.load(Ordering::SeqCst) {
             let now_us = self.shared.epoch.elapsed().as_micros() as u64;
             let next = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner()).next(now_us);
             let pair = match next {
-                Ok(pair) => pair,
+                Ok((pair, true)) => pair,
+                Ok((pair, false)) => {
+                    tokio::time::sleep_until((last_blind + pace).into()).await;
+                    last_blind = Instant::now();
+                    pair
+                }
                 Err(wait) => {
                     tokio::time::sleep(wait).await;
                     continue;
@@ -434,11 +448,14 @@ mod tests {
         schedule.push(20, 1);
         schedule.push(500, 2);
         assert_eq!(schedule.next(5), Err(Duration::from_micros(5)), "nothing due yet");
-        assert_eq!(schedule.next(1000), Ok(2), "the hot agent first");
-        assert_eq!(schedule.next(1000), Ok(0));
+        assert_eq!(schedule.next(1000), Ok((2, false)), "the hot agent first");
+        assert_eq!(schedule.next(1000), Ok((0, false)));
         schedule.push(2000, 0);
         // Rescheduling replaces the earlier entry.
-        assert_eq!(schedule.next(1000), Ok(1));
+        assert_eq!(schedule.next(1000), Ok((1, false)));
+        schedule.hot[1] = true;
+        schedule.push(0, 1);
+        assert_eq!(schedule.next(1000), Ok((1, true)), "a call right after an acknowledgement");
         assert!(schedule.next(1000).is_err(), "agent 0 is due at 2000 only");
     }
 
