@@ -1,6 +1,8 @@
 //! The enforcement layer's cost: one check against a store holding 100,000
-//! revoked sessions, and a hello-world axum service with and without the
-//! layer (in process, so the ratio is the layer's share of the work).
+//! revoked sessions (for a token seen before, as agents reuse their access
+//! tokens, and for one not seen lately), and a hello-world axum service with
+//! and without the layer (in process, so the ratio is the layer's share of
+//! the work).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -45,6 +47,19 @@ fn check(c: &mut Criterion) {
     });
     c.bench_function("layer check, 100k revoked, agent refused", |b| {
         b.iter(|| assert!(layer.check(black_box(&refused)).is_some()))
+    });
+    // Every check a token the layer has not seen lately (twice its memory
+    // of tokens, in turn): the cost of an agent's first request.
+    let fresh: Vec<HeaderMap> = (0..8_192)
+        .map(|n| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, bearer(&format!("agent-{n}")));
+            headers
+        })
+        .collect();
+    let mut next = fresh.iter().cycle();
+    c.bench_function("layer check, 100k revoked, a token not seen lately", |b| {
+        b.iter(|| assert!(layer.check(black_box(next.next().expect("cycle"))).is_none()))
     });
 }
 

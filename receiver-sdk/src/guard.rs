@@ -30,9 +30,9 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::{Ready, ready};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,22 +69,71 @@ const MAX_ACTORS: usize = 16;
 pub fn bearer_jwt(claim: &str) -> Extract {
     let claim = claim.to_owned();
     Arc::new(move |headers: &HeaderMap| {
-        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, token) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") || token.len() > MAX_TOKEN {
-            return None;
-        }
-        let payload = jwt_payload(token.trim())?;
-        claims::agent_in(&payload, &claim)
+        let payload = bearer_payload_b64(headers.get(header::AUTHORIZATION)?.as_bytes())?;
+        read_agent(payload, &claim)
     })
 }
 
-/// The decoded payload of a compact JWS.
-fn jwt_payload(token: &str) -> Option<Vec<u8>> {
+/// Payloads up to this size are decoded on the stack (no allocation).
+const STACK_PAYLOAD: usize = 2048;
+
+/// The agent a base64url JWT payload names.
+fn read_agent(payload_b64: &[u8], claim: &str) -> Option<Agent> {
     use base64::Engine;
-    let mut parts = token.split('.');
-    let (_, payload) = (parts.next()?, parts.next()?);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()
+    let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let read = |payload: &[u8]| claims::read(payload, claim).map(claims::Claims::into_agent);
+    let mut stack = [0u8; STACK_PAYLOAD];
+    match engine.decode_slice(payload_b64, &mut stack) {
+        Ok(len) => read(&stack[..len]),
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => read(&engine.decode(payload_b64).ok()?),
+        Err(base64::DecodeSliceError::DecodeError(_)) => None,
+    }
+}
+
+/// The base64url payload segment of a `Bearer <header>.<payload>.<sig>`
+/// value, read as bytes (a header value need not be text).
+fn bearer_payload_b64(value: &[u8]) -> Option<&[u8]> {
+    let space = memchr::memchr(b' ', value)?;
+    let (scheme, token) = (&value[..space], value[space + 1..].trim_ascii());
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.len() > MAX_TOKEN {
+        return None;
+    }
+    let payload = &token[memchr::memchr(b'.', token)? + 1..];
+    let payload = &payload[..memchr::memchr(b'.', payload)?];
+    let unpadded = payload.iter().rposition(|&b| b != b'=').map_or(0, |last| last + 1);
+    Some(&payload[..unpadded])
+}
+
+/// Agents read from recent bearer tokens, keyed by the token's payload
+/// segment (the agent depends on nothing else): agents reuse an access
+/// token for its lifetime, so most checks skip decoding and parsing. At
+/// most [`CACHED_AGENTS`] entries of payloads up to [`STACK_PAYLOAD`] bytes;
+/// full, it starts over (a client sending ever new tokens only costs itself
+/// the parsing it would cost anyway).
+#[derive(Default)]
+struct AgentCache {
+    agents: RwLock<HashMap<Box<[u8]>, Arc<Agent>, foldhash::fast::RandomState>>,
+}
+
+/// Agents the layer remembers, at most.
+const CACHED_AGENTS: usize = 4_096;
+
+impl AgentCache {
+    /// The agent of `payload_b64`, read once.
+    fn agent(&self, payload_b64: &[u8], claim: &str) -> Option<Arc<Agent>> {
+        if let Some(agent) = self.agents.read().unwrap_or_else(|p| p.into_inner()).get(payload_b64) {
+            return Some(Arc::clone(agent));
+        }
+        let agent = Arc::new(read_agent(payload_b64, claim)?);
+        if payload_b64.len() <= STACK_PAYLOAD {
+            let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+            if agents.len() >= CACHED_AGENTS {
+                agents.clear();
+            }
+            agents.insert(payload_b64.into(), Arc::clone(&agent));
+        }
+        Some(agent)
+    }
 }
 
 /// Reads only the claims the layer needs from a JWT payload, without
@@ -98,19 +147,40 @@ mod claims {
     use super::{Agent, MAX_ACTORS};
     use crate::revocations::{email_key, iss_sub_key};
 
-    /// The agent a payload names; `None` when it is not a JSON object.
-    pub(super) fn agent_in(payload: &[u8], claim: &str) -> Option<Agent> {
+    /// The claims the layer reads, borrowed from the payload where no
+    /// escape forces a copy.
+    pub(super) struct Claims<'a> {
+        /// The agent's session first, then its actors' (nearest first).
+        pub(super) sessions: Vec<Cow<'a, str>>,
+        iss: Option<Cow<'a, str>>,
+        sub: Option<Cow<'a, str>>,
+        email: Option<Cow<'a, str>>,
+    }
+
+    impl Claims<'_> {
+        /// Keys of the users the token names (see [`crate::revocations::user_key`]).
+        pub(super) fn user_keys(&self) -> Vec<String> {
+            let mut keys = Vec::new();
+            if let (Some(iss), Some(sub)) = (&self.iss, &self.sub) {
+                keys.push(iss_sub_key(iss, sub));
+            }
+            if let Some(email) = &self.email {
+                keys.push(email_key(email));
+            }
+            keys
+        }
+
+        pub(super) fn into_agent(self) -> Agent {
+            let users = self.user_keys();
+            Agent { sessions: self.sessions.into_iter().map(Cow::into_owned).collect(), users }
+        }
+    }
+
+    /// The claims of a payload; `None` when it is not a JSON object.
+    pub(super) fn read<'a>(payload: &'a [u8], claim: &str) -> Option<Claims<'a>> {
         let mut deserializer = serde_json::Deserializer::from_slice(payload);
         let level = Level { claim, depth: 0 }.deserialize(&mut deserializer).ok()?;
-        let mut agent = Agent::default();
-        if let (Some(iss), Some(sub)) = (&level.iss, &level.sub) {
-            agent.users.push(iss_sub_key(iss, sub));
-        }
-        if let Some(email) = &level.email {
-            agent.users.push(email_key(email));
-        }
-        agent.sessions = level.sessions;
-        Some(agent)
+        Some(Claims { sessions: level.sessions, iss: level.iss, sub: level.sub, email: level.email })
     }
 
     /// One level of the `act` chain.
@@ -121,30 +191,30 @@ mod claims {
 
     /// What one level (and the actors under it) names.
     #[derive(Default)]
-    struct Found {
+    struct Found<'de> {
         /// This level's session first, then its actors'.
-        sessions: Vec<String>,
-        iss: Option<String>,
-        sub: Option<String>,
-        email: Option<String>,
+        sessions: Vec<Cow<'de, str>>,
+        iss: Option<Cow<'de, str>>,
+        sub: Option<Cow<'de, str>>,
+        email: Option<Cow<'de, str>>,
     }
 
     impl<'de> DeserializeSeed<'de> for Level<'_> {
-        type Value = Found;
+        type Value = Found<'de>;
 
-        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Found, D::Error> {
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Found<'de>, D::Error> {
             deserializer.deserialize_map(self)
         }
     }
 
     impl<'de> Visitor<'de> for Level<'_> {
-        type Value = Found;
+        type Value = Found<'de>;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("JWT claims (an object)")
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found<'de>, A::Error> {
             let mut found = Found::default();
             let (mut own, mut actors) = (None, Vec::new());
             while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
@@ -153,12 +223,12 @@ mod claims {
                     continue;
                 };
                 if key == self.claim {
-                    own = map.next_value::<Text<'de>>()?.0.filter(|s| !s.is_empty()).map(Cow::into_owned);
+                    own = map.next_value::<Text<'de>>()?.0.filter(|s| !s.is_empty());
                 } else if key == "act" && self.depth < MAX_ACTORS {
                     let nested = Level { claim: self.claim, depth: self.depth + 1 };
                     actors = map.next_value_seed(Actor(nested))?;
                 } else if self.depth == 0 && matches!(&*key, "iss" | "sub" | "email") {
-                    let value = map.next_value::<Text<'de>>()?.0.map(Cow::into_owned);
+                    let value = map.next_value::<Text<'de>>()?.0;
                     match &*key {
                         "iss" => found.iss = value,
                         "sub" => found.sub = value,
@@ -168,8 +238,11 @@ mod claims {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
-            found.sessions.extend(own);
-            found.sessions.extend(actors);
+            // One vector for the whole chain: the actors', with this level's first.
+            found.sessions = actors;
+            if let Some(own) = own {
+                found.sessions.insert(0, own);
+            }
             Ok(found)
         }
     }
@@ -178,50 +251,50 @@ mod claims {
     struct Actor<'c>(Level<'c>);
 
     impl<'de> DeserializeSeed<'de> for Actor<'_> {
-        type Value = Vec<String>;
+        type Value = Vec<Cow<'de, str>>;
 
-        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<String>, D::Error> {
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Cow<'de, str>>, D::Error> {
             deserializer.deserialize_any(self)
         }
     }
 
     impl<'de> Visitor<'de> for Actor<'_> {
-        type Value = Vec<String>;
+        type Value = Vec<Cow<'de, str>>;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("an actor")
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Vec<String>, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Vec<Cow<'de, str>>, A::Error> {
             Ok(self.0.visit_map(map)?.sessions)
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Cow<'de, str>>, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             Ok(Vec::new())
         }
 
-        fn visit_str<E>(self, _: &str) -> Result<Vec<String>, E> {
+        fn visit_str<E>(self, _: &str) -> Result<Vec<Cow<'de, str>>, E> {
             Ok(Vec::new())
         }
 
-        fn visit_bool<E>(self, _: bool) -> Result<Vec<String>, E> {
+        fn visit_bool<E>(self, _: bool) -> Result<Vec<Cow<'de, str>>, E> {
             Ok(Vec::new())
         }
 
-        fn visit_i64<E>(self, _: i64) -> Result<Vec<String>, E> {
+        fn visit_i64<E>(self, _: i64) -> Result<Vec<Cow<'de, str>>, E> {
             Ok(Vec::new())
         }
 
-        fn visit_u64<E>(self, _: u64) -> Result<Vec<String>, E> {
+        fn visit_u64<E>(self, _: u64) -> Result<Vec<Cow<'de, str>>, E> {
             Ok(Vec::new())
         }
 
-        fn visit_f64<E>(self, _: f64) -> Result<Vec<String>, E> {
+        fn visit_f64<E>(self, _: f64) -> Result<Vec<Cow<'de, str>>, E> {
             Ok(Vec::new())
         }
 
-        fn visit_unit<E>(self) -> Result<Vec<String>, E> {
+        fn visit_unit<E>(self) -> Result<Vec<Cow<'de, str>>, E> {
             Ok(Vec::new())
         }
     }
@@ -390,21 +463,38 @@ async fn report(
 #[derive(Clone)]
 pub struct EnforceLayer {
     revocations: Arc<Revocations>,
-    extract: Extract,
+    source: Source,
     touches: Option<TouchReporter>,
+}
+
+/// Where the layer reads who a request speaks for.
+#[derive(Clone)]
+enum Source {
+    /// The bearer JWT, its agent session under this claim: what
+    /// [`bearer_jwt`] reads, remembered per token.
+    Bearer(Arc<str>, Arc<AgentCache>),
+    /// The RP's own extractor.
+    Custom(Extract),
 }
 
 impl EnforceLayer {
     /// Enforces `revocations` on requests whose bearer JWT names an agent
     /// session by `sid` (see [`bearer_jwt`]).
     pub fn new(revocations: Arc<Revocations>) -> Self {
-        EnforceLayer { revocations, extract: bearer_jwt("sid"), touches: None }
+        EnforceLayer { revocations, source: Source::Bearer(Arc::from("sid"), Arc::default()), touches: None }
+    }
+
+    /// Reads the agent session from this claim of the bearer JWT (and of
+    /// each actor in its `act` chain) instead of `sid`.
+    pub fn session_claim(mut self, claim: &str) -> Self {
+        self.source = Source::Bearer(Arc::from(claim), Arc::default());
+        self
     }
 
     /// Reads agents with `extract` instead (a header, a claim of a token the
     /// RP verified, ...).
     pub fn extracting(mut self, extract: Extract) -> Self {
-        self.extract = extract;
+        self.source = Source::Custom(extract);
         self
     }
 
@@ -436,12 +526,23 @@ impl EnforceLayer {
     }
 
     fn decide(&self, headers: &HeaderMap) -> Decision {
-        let Some(mut agent) = (self.extract)(headers) else { return Decision::Pass(None) };
-        if let Some(revoked) = self.revocations.first_revoked(&agent.sessions, &agent.users) {
-            return Decision::Refuse(revoked);
+        let agent = match &self.source {
+            Source::Bearer(claim, cache) => headers
+                .get(header::AUTHORIZATION)
+                .and_then(|value| bearer_payload_b64(value.as_bytes()))
+                .and_then(|payload| cache.agent(payload, claim)),
+            Source::Custom(extract) => extract(headers).map(Arc::new),
+        };
+        let Some(agent) = agent else { return Decision::Pass(None) };
+        match self.revocations.first_revoked(&agent.sessions, &agent.users) {
+            Some(revoked) => Decision::Refuse(revoked),
+            None => Decision::Pass(self.to_report(agent.sessions.first().map(String::as_str))),
         }
-        let own = if agent.sessions.is_empty() { None } else { Some(agent.sessions.swap_remove(0)) };
-        Decision::Pass(own.filter(|_| self.touches.is_some()))
+    }
+
+    /// The agent's own session, when touches are reported.
+    fn to_report(&self, session: Option<&str>) -> Option<String> {
+        session.filter(|_| self.touches.is_some()).map(str::to_owned)
     }
 }
 
@@ -583,5 +684,63 @@ mod tests {
         // every check parse megabytes).
         let padding = "x".repeat(MAX_TOKEN);
         assert!(extract(&headers(&format!("Bearer h.{payload}.{padding}"))).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_layer_decides_as_its_extractor_reads() {
+        let store = Revocations::in_memory(Duration::from_secs(60));
+        store.revoke_session("s-parent").await.expect("revoke");
+        let bearer = |claims: &str| {
+            let payload = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims);
+            let mut headers = HeaderMap::new();
+            let value = HeaderValue::from_str(&format!("Bearer h.{payload}.s")).expect("header");
+            headers.insert(header::AUTHORIZATION, value);
+            headers
+        };
+        let fast = EnforceLayer::new(Arc::clone(&store));
+        let extracted = EnforceLayer::new(Arc::clone(&store)).extracting(bearer_jwt("sid"));
+        let cases = [
+            r#"{"sid": "s-agent"}"#,
+            r#"{"sid": "s-agent", "act": {"sid": "s-parent"}}"#,
+            // An escape makes the reader copy the string: same answer.
+            r#"{"sid": "s-\u0070arent"}"#,
+            r#"{"iss": "https://idp", "sub": "u1", "sid": "s-other"}"#,
+            r#"{"email": "Ada@X", "sid": "s-other"}"#,
+        ];
+        let decide = |layer: &EnforceLayer| cases.iter().map(|c| layer.check(&bearer(c))).collect::<Vec<_>>();
+        assert_eq!(
+            decide(&fast),
+            [None, Some(Revoked::Session("s-parent".into())), Some(Revoked::Session("s-parent".into())), None, None]
+        );
+        assert_eq!(decide(&fast), decide(&extracted));
+        // Users are looked up once any is revoked.
+        store.revoke_user(&email_key("ada@x")).await.expect("revoke user");
+        store.revoke_user(&iss_sub_key("https://idp", "u1")).await.expect("revoke user");
+        assert_eq!(decide(&fast)[3], Some(Revoked::User(iss_sub_key("https://idp", "u1"))));
+        assert_eq!(decide(&fast)[4], Some(Revoked::User(email_key("ada@x"))));
+        assert_eq!(decide(&fast), decide(&extracted));
+        let by_claim = EnforceLayer::new(store).session_claim("session_id");
+        assert!(by_claim.check(&bearer(r#"{"session_id": "s-parent"}"#)).is_some());
+    }
+
+    #[test]
+    fn the_memory_of_tokens_is_bounded() {
+        let cache = AgentCache::default();
+        for n in 0..CACHED_AGENTS + 10 {
+            let payload = base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                format!(r#"{{"sid":"s{n}"}}"#),
+            );
+            let agent = cache.agent(payload.as_bytes(), "sid").expect("an agent");
+            assert_eq!(agent.sessions, [format!("s{n}")]);
+        }
+        assert!(cache.agents.read().expect("lock").len() <= CACHED_AGENTS);
+        let huge = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            format!(r#"{{"sid":"s","x":"{}"}}"#, "y".repeat(STACK_PAYLOAD)),
+        );
+        assert!(cache.agent(huge.as_bytes(), "sid").is_some(), "a large payload is read");
+        assert!(!cache.agents.read().expect("lock").contains_key(huge.as_bytes()), "but not remembered");
+        assert!(cache.agent(b"!!!", "sid").is_none());
     }
 }

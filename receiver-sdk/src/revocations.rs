@@ -14,7 +14,6 @@
 //!
 //! Checks read an in-memory map: well under a microsecond each.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -43,6 +42,10 @@ const SESSIONS: TableDefinition<&str, i64> = TableDefinition::new("revoked_sessi
 /// user key → revoked until.
 const USERS: TableDefinition<&str, i64> = TableDefinition::new("revoked_users");
 
+/// Key → revoked until (ms since the epoch). Hashed with foldhash: every
+/// request looks keys up, and only verified SETs insert them.
+type Expiries = std::collections::HashMap<String, i64, foldhash::fast::RandomState>;
+
 /// What a request was refused for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Revoked {
@@ -55,8 +58,8 @@ pub enum Revoked {
 /// Revoked sessions and users, in memory and optionally in a redb file.
 pub struct Revocations {
     ttl_ms: i64,
-    sessions: RwLock<HashMap<String, i64>>,
-    users: RwLock<HashMap<String, i64>>,
+    sessions: RwLock<Expiries>,
+    users: RwLock<Expiries>,
     file: Option<Arc<Database>>,
     /// When expired entries were last forgotten: each revocation recorded
     /// prunes too, at most every tenth of the TTL, so the store stays
@@ -116,14 +119,14 @@ impl Revocations {
     pub fn open(path: &Path, revocation_ttl: Duration) -> Result<Arc<Self>, ReceiverError> {
         let db = Database::create(path).map_err(storage)?;
         let now = now_ms();
-        let load = |table: TableDefinition<&str, i64>| -> Result<HashMap<String, i64>, ReceiverError> {
+        let load = |table: TableDefinition<&str, i64>| -> Result<Expiries, ReceiverError> {
             let read = db.begin_read().map_err(storage)?;
             let table = match read.open_table(table) {
                 Ok(table) => table,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Expiries::default()),
                 Err(error) => return Err(storage(error)),
             };
-            let mut loaded = HashMap::new();
+            let mut loaded = Expiries::default();
             for row in table.iter().map_err(storage)? {
                 let (key, until) = row.map_err(storage)?;
                 if until.value() > now {
@@ -156,12 +159,12 @@ impl Revocations {
     /// one clock read and one lock per kind, for the per-request check.
     pub fn first_revoked(&self, sessions: &[String], users: &[String]) -> Option<Revoked> {
         let now = now_ms();
-        let first = |map: &RwLock<HashMap<String, i64>>, keys: &[String]| {
+        let first = |map: &RwLock<Expiries>, keys: &[String]| {
             let map = map.read().unwrap_or_else(|p| p.into_inner());
             if map.is_empty() {
                 return None;
             }
-            keys.iter().find(|key| map.get(key.as_str()).is_some_and(|until| *until > now)).cloned()
+            keys.iter().find(|key| live_in(&map, key, now)).cloned()
         };
         if let Some(session) = first(&self.sessions, sessions) {
             return Some(Revoked::Session(session));
@@ -171,7 +174,7 @@ impl Revocations {
 
     /// How many sessions and users are remembered.
     pub fn len(&self) -> (usize, usize) {
-        let count = |map: &RwLock<HashMap<String, i64>>| map.read().unwrap_or_else(|p| p.into_inner()).len();
+        let count = |map: &RwLock<Expiries>| map.read().unwrap_or_else(|p| p.into_inner()).len();
         (count(&self.sessions), count(&self.users))
     }
 
@@ -300,7 +303,7 @@ impl Revocations {
 
     async fn remember(
         &self,
-        map: &RwLock<HashMap<String, i64>>,
+        map: &RwLock<Expiries>,
         table: TableDefinition<'static, &'static str, i64>,
         key: &str,
     ) -> Result<(), ReceiverError> {
@@ -347,8 +350,12 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn live(map: &RwLock<HashMap<String, i64>>, key: &str) -> bool {
-    map.read().unwrap_or_else(|p| p.into_inner()).get(key).is_some_and(|until| *until > now_ms())
+fn live(map: &RwLock<Expiries>, key: &str) -> bool {
+    live_in(&map.read().unwrap_or_else(|p| p.into_inner()), key, now_ms())
+}
+
+fn live_in(map: &Expiries, key: &str, now: i64) -> bool {
+    map.get(key).is_some_and(|until| *until > now)
 }
 
 /// A handler that applies each SET to a [`Revocations`] store first (when

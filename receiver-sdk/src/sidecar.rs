@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::client::Receiver;
 use crate::error::ReceiverError;
 use crate::event::ReceivedEvent;
-use crate::guard::{EnforceLayer, bearer_jwt, refusal};
+use crate::guard::{EnforceLayer, refusal};
 use crate::handler::HandlerError;
 use crate::revocations::{ENFORCED_EVENTS, Revocations};
 use crate::streams::StreamRequest;
@@ -124,7 +124,7 @@ pub async fn start(config: GuardConfig) -> Result<Guard, ReceiverError> {
         GuardDelivery::Push { .. } => router = router.nest("/push", receiver.push_router(None, counting)),
     }
     let layer = EnforceLayer::new(Arc::clone(&revocations))
-        .extracting(bearer_jwt(&config.session_claim))
+        .session_claim(&config.session_claim)
         .reporting_touches(Arc::clone(&receiver), &stream.stream_id);
     let state = Arc::new(GuardState { layer, revocations, counters });
     let router = Router::new()
