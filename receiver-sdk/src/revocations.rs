@@ -156,15 +156,19 @@ impl Revocations {
     }
 
     /// The first of `sessions`, then of `users` (keys), that is revoked now:
-    /// one clock read and one lock per kind, for the per-request check.
+    /// one lock per kind and at most one clock read, for the per-request
+    /// check.
     pub fn first_revoked(&self, sessions: &[String], users: &[String]) -> Option<Revoked> {
-        let now = now_ms();
+        // The clock is read only when a key is found: most requests find none.
+        let now = std::cell::OnceCell::new();
         let first = |map: &RwLock<Expiries>, keys: &[String]| {
             let map = map.read().unwrap_or_else(|p| p.into_inner());
             if map.is_empty() {
                 return None;
             }
-            keys.iter().find(|key| live_in(&map, key, now)).cloned()
+            keys.iter()
+                .find(|key| map.get(key.as_str()).is_some_and(|until| *until > *now.get_or_init(now_ms)))
+                .cloned()
         };
         if let Some(session) = first(&self.sessions, sessions) {
             return Some(Revoked::Session(session));
@@ -351,11 +355,7 @@ fn ttl_ms(ttl: Duration) -> i64 {
 }
 
 fn live(map: &RwLock<Expiries>, key: &str) -> bool {
-    live_in(&map.read().unwrap_or_else(|p| p.into_inner()), key, now_ms())
-}
-
-fn live_in(map: &Expiries, key: &str, now: i64) -> bool {
-    map.get(key).is_some_and(|until| *until > now)
+    map.read().unwrap_or_else(|p| p.into_inner()).get(key).is_some_and(|until| *until > now_ms())
 }
 
 /// A handler that applies each SET to a [`Revocations`] store first (when
