@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::{Ready, ready};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -392,7 +392,9 @@ pub fn agent_of(claims: &Value, claim: &str) -> Agent {
 #[derive(Clone)]
 pub struct TouchReporter {
     queue: mpsc::Sender<String>,
-    reported: Arc<Mutex<HashSet<String>>>,
+    /// Read on every request, written once per new session: a read lock
+    /// never makes concurrent requests wait on each other.
+    reported: Arc<RwLock<HashSet<String>>>,
 }
 
 /// Sessions remembered as reported, at most.
@@ -406,14 +408,17 @@ impl TouchReporter {
     /// Starts reporting to `stream_id` through `receiver` (spawns a task).
     pub fn start(receiver: Arc<Receiver>, stream_id: &str) -> TouchReporter {
         let (queue, pending) = mpsc::channel(QUEUE);
-        let reported = Arc::new(Mutex::new(HashSet::new()));
+        let reported = Arc::new(RwLock::new(HashSet::new()));
         tokio::spawn(report(receiver, stream_id.to_owned(), pending, Arc::clone(&reported)));
         TouchReporter { queue, reported }
     }
 
     /// Reports `session` unless it was already.
     pub fn seen(&self, session: &str) {
-        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        if self.reported.read().unwrap_or_else(|p| p.into_inner()).contains(session) {
+            return;
+        }
+        let mut reported = self.reported.write().unwrap_or_else(|p| p.into_inner());
         if reported.contains(session) {
             return;
         }
@@ -430,7 +435,7 @@ async fn report(
     receiver: Arc<Receiver>,
     stream_id: String,
     mut pending: mpsc::Receiver<String>,
-    reported: Arc<Mutex<HashSet<String>>>,
+    reported: Arc<RwLock<HashSet<String>>>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     while let Some(session) = pending.recv().await {
@@ -453,7 +458,7 @@ async fn report(
             }
             // Given up: a later request of the session reports it again.
             tracing::warn!(session, "touch not reported to the transmitter");
-            reported.lock().unwrap_or_else(|p| p.into_inner()).remove(&session);
+            reported.write().unwrap_or_else(|p| p.into_inner()).remove(&session);
             drop(permit);
         });
     }
