@@ -21,13 +21,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let url = args.next().ok_or(usage)?;
     let rate: f64 = args.next().ok_or(usage)?.parse()?;
     let seconds: f64 = args.next().ok_or(usage)?.parse()?;
-    let connections: usize = args.next().ok_or(usage)?.parse()?;
+    let connections = args.next().ok_or(usage)?.parse::<usize>()?.max(1);
     let authorization = args.next();
-    let per_connection = (rate * seconds) as usize / connections.max(1);
+    let per_connection = (rate * seconds) as usize / connections;
     let interval = Duration::from_secs_f64(connections as f64 / rate);
     let start = Instant::now() + Duration::from_millis(200);
     let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..connections.max(1) {
+    for worker in 0..connections {
         let (url, authorization) = (url.clone(), authorization.clone());
         // Connections start staggered over one interval.
         let offset = interval.mul_f64(worker as f64 / connections as f64);

@@ -99,7 +99,9 @@ fn bearer_payload_b64(value: &[u8]) -> Option<&[u8]> {
         return None;
     }
     let payload = &token[memchr::memchr(b'.', token)? + 1..];
-    let payload = &payload[..memchr::memchr(b'.', payload)?];
+    // The payload runs to the next dot, or to the end of a token cut short
+    // (which the RP's authentication will refuse; the layer still reads it).
+    let payload = &payload[..memchr::memchr(b'.', payload).unwrap_or(payload.len())];
     let unpadded = payload.iter().rposition(|&b| b != b'=').map_or(0, |last| last + 1);
     Some(&payload[..unpadded])
 }
@@ -107,12 +109,15 @@ fn bearer_payload_b64(value: &[u8]) -> Option<&[u8]> {
 /// Agents read from recent bearer tokens, keyed by the token's payload
 /// segment (the agent depends on nothing else): agents reuse an access
 /// token for its lifetime, so most checks skip decoding and parsing. At
-/// most [`CACHED_AGENTS`] entries of payloads up to [`STACK_PAYLOAD`] bytes;
-/// full, it starts over (a client sending ever new tokens only costs itself
-/// the parsing it would cost anyway).
+/// most [`CACHED_AGENTS`] entries, of payload segments up to
+/// [`STACK_PAYLOAD`] base64 characters; full, it starts over. The keys come
+/// from unauthenticated headers, so the map hashes with the standard
+/// library's keyed SipHash. A client sending ever new tokens makes the
+/// layer read them all, and others' tokens again after each start-over:
+/// at worst every check costs what it costs without the cache.
 #[derive(Default)]
 struct AgentCache {
-    agents: RwLock<HashMap<Box<[u8]>, Arc<Agent>, foldhash::fast::RandomState>>,
+    agents: RwLock<HashMap<Box<[u8]>, Arc<Agent>>>,
 }
 
 /// Agents the layer remembers, at most.
@@ -222,18 +227,22 @@ mod claims {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 };
-                if key == self.claim {
-                    own = map.next_value::<Text<'de>>()?.0.filter(|s| !s.is_empty());
-                } else if key == "act" && self.depth < MAX_ACTORS {
-                    let nested = Level { claim: self.claim, depth: self.depth + 1 };
-                    actors = map.next_value_seed(Actor(nested))?;
-                } else if self.depth == 0 && matches!(&*key, "iss" | "sub" | "email") {
+                let user_claim = self.depth == 0 && matches!(&*key, "iss" | "sub" | "email");
+                if key == self.claim || user_claim {
+                    // The session claim may be a user claim too (`sub`): read once, used for both.
                     let value = map.next_value::<Text<'de>>()?.0;
+                    if key == self.claim {
+                        own = value.clone().filter(|s| !s.is_empty());
+                    }
                     match &*key {
+                        _ if !user_claim => {}
                         "iss" => found.iss = value,
                         "sub" => found.sub = value,
                         _ => found.email = value,
                     }
+                } else if key == "act" && self.depth < MAX_ACTORS {
+                    let nested = Level { claim: self.claim, depth: self.depth + 1 };
+                    actors = map.next_value_seed(Actor(nested))?;
                 } else {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -724,6 +733,18 @@ mod tests {
         assert_eq!(decide(&fast)[3], Some(Revoked::User(iss_sub_key("https://idp", "u1"))));
         assert_eq!(decide(&fast)[4], Some(Revoked::User(email_key("ada@x"))));
         assert_eq!(decide(&fast), decide(&extracted));
+        // A token cut short (no signature segment) is still read.
+        let payload =
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"sid":"s-parent"}"#);
+        let mut short = HeaderMap::new();
+        short.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer h.{payload}")).expect("header"));
+        assert!(fast.check(&short).is_some());
+        // A session claim that is also a user claim serves both.
+        let by_sub = EnforceLayer::new(Arc::clone(&store)).session_claim("sub");
+        assert_eq!(
+            by_sub.check(&bearer(r#"{"iss": "https://idp", "sub": "u1"}"#)),
+            Some(Revoked::User(iss_sub_key("https://idp", "u1")))
+        );
         let by_claim = EnforceLayer::new(store).session_claim("session_id");
         assert!(by_claim.check(&bearer(r#"{"session_id": "s-parent"}"#)).is_some());
     }

@@ -318,13 +318,19 @@ impl Agents {
         phase
     }
 
-    /// The RP of `pair` acknowledged its SET: the agent calls it next,
-    /// ahead of every other call.
-    pub fn acknowledged(&self, pair: &LeafKey) {
-        let Some(index) = self.refusals().index_of(pair) else { return };
-        if self.refusals().is_refused(index) {
-            return;
-        }
+    /// The RP of `pair` acknowledged its SET at `at_ms`: accepted calls
+    /// sent after it are stale, and the agent calls it next, ahead of every
+    /// other call.
+    pub fn acknowledged(&self, pair: &LeafKey, at_ms: f64) {
+        let index = {
+            let mut refusals = self.refusals();
+            let Some(index) = refusals.index_of(pair) else { return };
+            refusals.acknowledged(index, at_ms);
+            if refusals.is_refused(index) {
+                return;
+            }
+            index
+        };
         let mut schedule = self.shared.schedule.lock().unwrap_or_else(|p| p.into_inner());
         schedule.hot[index] = true;
         schedule.push(0, index);
@@ -407,10 +413,9 @@ impl Agents {
         }
     }
 
-    /// What the agents saw, judged against when each RP acknowledged each
-    /// pair's SET.
-    pub fn outcome(&self, acknowledged_at: impl Fn(&LeafKey) -> Option<f64>) -> RefusalOutcome {
-        self.refusals().outcome(acknowledged_at)
+    /// What the agents saw.
+    pub fn outcome(&self) -> RefusalOutcome {
+        self.refusals().outcome()
     }
 
     /// Every refused agent's refusal latency (ms).

@@ -526,7 +526,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         let agents = agents_of(&forest, &receivers.list, &idp, run, epoch, traffic.handle())?;
         for receiver in &receivers.list {
             let agents = agents.clone();
-            receiver.ctx.on_record(Arc::new(move |leaf| agents.acknowledged(leaf)));
+            receiver.ctx.on_record(Arc::new(move |leaf, at_ms| agents.acknowledged(leaf, at_ms)));
         }
         agents.sweep(&agents.all(), config.concurrency).await;
         bar.set_message("waiting for the guards' touches");
@@ -634,7 +634,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     receivers.shutdown().await;
 
     let accounting = accounting.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
-    let refusal = agents.as_ref().map(|agents| agents.outcome(|leaf| accounting.first_delivery(leaf)));
+    let refusal = agents.as_ref().map(Agents::outcome);
     for ((phase, delivery), i) in phase_reports.iter_mut().zip(accounting.phase_latencies()).zip(0..) {
         phase.delivery_ms = delivery;
         phase.refusal_ms = refusal.as_ref().and_then(|r| r.phases.get(i)).map(|p| p.latency_ms);

@@ -32,8 +32,8 @@ pub struct ReceiverCtx {
     on_record: OnceLock<RecordHook>,
 }
 
-/// What is told of each leaf a receiver recorded.
-pub type RecordHook = Arc<dyn Fn(&LeafKey) + Send + Sync>;
+/// What is told of each leaf a receiver recorded, and when (ms on the drill's clock).
+pub type RecordHook = Arc<dyn Fn(&LeafKey, f64) + Send + Sync>;
 
 /// The faults one receiver injects.
 #[derive(Debug, Clone, Copy, Default)]
@@ -110,10 +110,11 @@ impl ReceiverCtx {
             txn: event.txn().map(str::to_owned),
             received_at_ms: self.epoch.elapsed().as_secs_f64() * 1000.0,
         };
-        let leaf = LeafKey { receiver: self.receiver, session: delivery.session.clone() };
+        let (leaf, at_ms) =
+            (LeafKey { receiver: self.receiver, session: delivery.session.clone() }, delivery.received_at_ms);
         self.accounting.lock().map_err(|_| HandlerError::new("poisoned"))?.record(delivery);
         if let Some(hook) = self.on_record.get() {
-            hook(&leaf);
+            hook(&leaf, at_ms);
         }
         Ok(())
     }

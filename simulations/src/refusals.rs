@@ -7,12 +7,14 @@
 //!   the agent's first 401 at that RP.
 //! - **Stale accept**: a request *sent after* the RP acknowledged the pair's
 //!   SET (its handler completed, or its guard answered the push 2xx) that
-//!   the RP accepted. The RP records a revocation before it acknowledges, so
-//!   there must be none.
+//!   the RP accepted, judged as each answer or acknowledgement arrives. The
+//!   RP records a revocation before it acknowledges, so there must be none.
 //! - **False refusal**: a 401 for a pair that no cascade started before the
 //!   request was sent revokes.
 //! - **Never refused**: a pair whose cascade ran, yet no 401 was seen by the
 //!   end of the drill.
+//! - **Failed**: any other answer (a 500, a 403, the RP's own 401): the
+//!   RPs' services stay up under every fault, so there must be none.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,17 +34,20 @@ pub enum Answer {
     Failed,
 }
 
-/// Accepted requests remembered per pair after its cascade started (to
-/// judge them against the acknowledgement time at the end).
-const MAX_LATE_ACCEPTS: usize = 1_000;
+/// Accepted requests remembered per pair while its acknowledgement is not
+/// known yet (the latest are kept: only they can have been sent after it).
+const MAX_UNJUDGED: usize = 1_000;
 
 #[derive(Debug, Clone, Default)]
 struct PairState {
     /// The phase whose cascade revokes this pair.
     revoked_in: Option<usize>,
     first_refused_at_ms: Option<f64>,
-    /// Send times of accepted requests sent after the pair's cascade started.
-    late_accepts: Vec<f64>,
+    /// When its RP acknowledged its SET.
+    acknowledged_at_ms: Option<f64>,
+    /// Send times of accepted requests sent after the pair's cascade
+    /// started, recorded before the acknowledgement was known.
+    unjudged_accepts: std::collections::VecDeque<f64>,
 }
 
 /// One refused pair, for the report's samples.
@@ -95,9 +100,11 @@ pub struct RefusalOutcome {
 }
 
 impl RefusalOutcome {
-    /// No stale accept, no false refusal, every revoked agent refused.
+    /// No stale accept, no false refusal, every revoked agent refused, and
+    /// every other call answered (the RPs' services stay up under every
+    /// fault: a 500, 403 or the RP's own 401 is a failure too).
     pub fn is_sound(&self) -> bool {
-        self.stale_accepts == 0 && self.false_refusals == 0 && self.never_refused == 0
+        self.stale_accepts == 0 && self.false_refusals == 0 && self.never_refused == 0 && self.failed == 0
     }
 }
 
@@ -114,6 +121,8 @@ pub struct Refusals {
     failed: u64,
     false_refusals: usize,
     false_sample: Vec<Incident>,
+    stale_accepts: usize,
+    stale_sample: Vec<Incident>,
 }
 
 impl Refusals {
@@ -169,6 +178,31 @@ impl Refusals {
         (0..self.pairs.len()).filter(|&i| self.state[i].revoked_in.is_none()).collect()
     }
 
+    /// `pair`'s RP acknowledged its SET at `at_ms` (the first time counts):
+    /// accepted requests sent after it are stale.
+    pub fn acknowledged(&mut self, pair: usize, at_ms: f64) {
+        let Some(state) = self.state.get_mut(pair) else { return };
+        if state.acknowledged_at_ms.is_some() {
+            return;
+        }
+        state.acknowledged_at_ms = Some(at_ms);
+        let stale: Vec<f64> = state.unjudged_accepts.drain(..).filter(|&sent| sent > at_ms).collect();
+        for sent in stale {
+            self.stale(pair, sent);
+        }
+    }
+
+    fn stale(&mut self, pair: usize, sent_at_ms: f64) {
+        self.stale_accepts += 1;
+        // The sample names each pair once, at its first stale accept.
+        let leaf = &self.pairs[pair];
+        if self.stale_sample.len() < 10
+            && !self.stale_sample.iter().any(|i| i.receiver == leaf.receiver && i.session == leaf.session)
+        {
+            self.stale_sample.push(Incident { receiver: leaf.receiver, session: leaf.session.clone(), sent_at_ms });
+        }
+    }
+
     /// One request of `pair`, sent at `sent_at_ms`, answered at `done_at_ms`.
     pub fn record(&mut self, pair: usize, sent_at_ms: f64, done_at_ms: f64, answer: Answer) {
         if pair >= self.pairs.len() {
@@ -180,8 +214,16 @@ impl Refusals {
         match answer {
             Answer::Accepted => {
                 self.accepted += 1;
-                if revoked && state.late_accepts.len() < MAX_LATE_ACCEPTS {
-                    state.late_accepts.push(sent_at_ms);
+                match state.acknowledged_at_ms {
+                    Some(acked) if sent_at_ms > acked => self.stale(pair, sent_at_ms),
+                    Some(_) => {}
+                    None if revoked => {
+                        if state.unjudged_accepts.len() == MAX_UNJUDGED {
+                            state.unjudged_accepts.pop_front();
+                        }
+                        state.unjudged_accepts.push_back(sent_at_ms);
+                    }
+                    None => {}
                 }
             }
             Answer::Refused => {
@@ -201,9 +243,8 @@ impl Refusals {
         }
     }
 
-    /// The outcome, judging accepted requests against `acknowledged_at`: when
-    /// each pair's RP acknowledged its SET (ms on the drill's clock).
-    pub fn outcome(&self, acknowledged_at: impl Fn(&LeafKey) -> Option<f64>) -> RefusalOutcome {
+    /// The outcome so far.
+    pub fn outcome(&self) -> RefusalOutcome {
         let mut outcome = RefusalOutcome {
             requests: self.requests,
             accepted: self.accepted,
@@ -211,11 +252,13 @@ impl Refusals {
             failed: self.failed,
             false_refusals: self.false_refusals,
             false_sample: self.false_sample.clone(),
+            stale_accepts: self.stale_accepts,
+            stale_sample: self.stale_sample.clone(),
             ..RefusalOutcome::default()
         };
         let mut all = Vec::new();
         let mut per_phase: Vec<(usize, Vec<f64>)> = vec![(0, Vec::new()); self.phase_started_ms.len()];
-        for (i, state) in self.state.iter().enumerate() {
+        for state in &self.state {
             let Some(phase) = state.revoked_in else { continue };
             per_phase[phase].0 += 1;
             match state.first_refused_at_ms {
@@ -225,21 +268,6 @@ impl Refusals {
                     all.push(latency);
                 }
                 None => outcome.never_refused += 1,
-            }
-            if let Some(acked) = acknowledged_at(&self.pairs[i]) {
-                let stale: Vec<f64> = state.late_accepts.iter().copied().filter(|&sent| sent > acked).collect();
-                outcome.stale_accepts += stale.len();
-                // The sample names each pair once, at its first stale accept.
-                if let Some(&first) = stale.first()
-                    && outcome.stale_sample.len() < 10
-                {
-                    let leaf = &self.pairs[i];
-                    outcome.stale_sample.push(Incident {
-                        receiver: leaf.receiver,
-                        session: leaf.session.clone(),
-                        sent_at_ms: first,
-                    });
-                }
             }
         }
         outcome.latency_ms = Percentiles::of(&all);
@@ -286,7 +314,8 @@ mod tests {
         refusals.record(0, 120.0, 130.0, Answer::Refused);
         refusals.record(0, 140.0, 150.0, Answer::Refused);
         refusals.record(1, 140.0, 150.0, Answer::Accepted);
-        let outcome = refusals.outcome(|_| Some(115.0));
+        refusals.acknowledged(0, 115.0);
+        let outcome = refusals.outcome();
         assert!(outcome.is_sound(), "{outcome:?}");
         assert_eq!(outcome.latency_ms.max, 30.0, "first 401 at 130, posted at 100");
         assert_eq!((outcome.requests, outcome.accepted, outcome.refused), (5, 3, 2));
@@ -298,10 +327,17 @@ mod tests {
     fn an_accept_sent_after_the_acknowledgement_is_stale() {
         let mut refusals = two_pairs();
         refusals.record(0, 110.0, 112.0, Answer::Accepted);
+        // Answered before the acknowledgement was known: judged when it is.
         refusals.record(0, 116.0, 118.0, Answer::Accepted);
-        refusals.record(0, 120.0, 130.0, Answer::Refused);
-        let outcome = refusals.outcome(|pair| (pair.session == "a").then_some(115.0));
-        assert_eq!(outcome.stale_accepts, 1, "sent at 116, acknowledged at 115: {outcome:?}");
+        refusals.acknowledged(0, 115.0);
+        // Answered after: judged at once, however many came before.
+        for n in 0..2_000 {
+            refusals.record(0, 120.0 + f64::from(n), 121.0 + f64::from(n), Answer::Accepted);
+        }
+        refusals.record(0, 5_000.0, 5_001.0, Answer::Refused);
+        let outcome = refusals.outcome();
+        assert_eq!(outcome.stale_accepts, 2_001, "every accept sent after 115: {outcome:?}");
+        assert_eq!(outcome.stale_sample.len(), 1, "one sample per pair");
         assert_eq!(outcome.stale_sample[0].sent_at_ms, 116.0);
         assert!(!outcome.is_sound());
     }
@@ -312,7 +348,7 @@ mod tests {
         refusals.record(1, 120.0, 121.0, Answer::Refused);
         // Sent before its cascade was posted: also false.
         refusals.record(0, 50.0, 101.0, Answer::Refused);
-        let outcome = refusals.outcome(|_| None);
+        let outcome = refusals.outcome();
         assert_eq!(outcome.false_refusals, 2, "{outcome:?}");
         assert_eq!(outcome.never_refused, 1, "a's only 401 came before its cascade");
         assert!(!outcome.is_sound());
@@ -322,8 +358,9 @@ mod tests {
     fn a_revoked_pair_never_refused_is_reported() {
         let mut refusals = two_pairs();
         refusals.record(0, 110.0, 112.0, Answer::Failed);
-        let outcome = refusals.outcome(|_| None);
+        let outcome = refusals.outcome();
         assert_eq!((outcome.never_refused, outcome.failed), (1, 1));
+        assert!(!outcome.is_sound());
         assert_eq!(refusals.unrefused_of(0), vec![0]);
         assert_eq!(refusals.unaffected(), vec![1]);
     }
@@ -335,7 +372,7 @@ mod tests {
         assert_eq!(refusals.revoke(1000.0, &all), 1);
         refusals.record(0, 120.0, 130.0, Answer::Refused);
         refusals.record(1, 1001.0, 1010.0, Answer::Refused);
-        let outcome = refusals.outcome(|_| None);
+        let outcome = refusals.outcome();
         assert!(outcome.is_sound(), "{outcome:?}");
         assert_eq!(outcome.phases[0].latency_ms.max, 30.0);
         assert_eq!(outcome.phases[1].latency_ms.max, 10.0);

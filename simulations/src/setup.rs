@@ -267,6 +267,10 @@ async fn start_one(
         },
     ));
     let guard = plan.guarding.for_receiver(index, is_push);
+    anyhow::ensure!(
+        !(index == 0 && plan.blind_receiver && guard != Some(RpGuard::Layer)),
+        "--self-test-blind needs receiver 0 on the layer"
+    );
     let authentication = Authentication::new(plan.idp.jwks(), &plan.idp.issuer, &audience);
     if guard == Some(RpGuard::Sidecar) {
         return start_sidecar_rp(plan, ctx, audience, &token, authentication).await;
