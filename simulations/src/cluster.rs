@@ -152,6 +152,16 @@ impl KafkaCluster {
         self.hubs.iter().filter(|h| h.is_running()).count()
     }
 
+    /// The process ids of the instances (`None` for one killed).
+    pub fn hub_pids(&self) -> Vec<Option<u32>> {
+        self.hubs.iter().map(SpawnedHub::pid).collect()
+    }
+
+    /// The process id of the drill's own broker, if it runs one.
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.broker.as_ref().and_then(TansuBroker::pid)
+    }
+
     /// Whether the drill owns the broker (and can restart it).
     pub fn owns_broker(&self) -> bool {
         self.broker.is_some()

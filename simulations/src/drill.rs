@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::accounting::{Accounting, Outcome, Percentiles};
 use crate::agents::{Agents, TrafficRuntime};
 use crate::cluster::KafkaCluster;
+use crate::cpu::{CpuSpent, Reading};
 use crate::forest::{Forest, ForestParams, LeafKey, expected_leaves, user_email};
 use crate::guards::Guarding;
 use crate::hub::SpawnedHub;
@@ -213,6 +214,11 @@ pub struct DrillReport {
     /// With guards: every refused agent's refusal latency, for the plot.
     #[serde(skip)]
     pub refusal_latencies: Vec<f64>,
+    /// CPU of the processes the drill started while sessions were
+    /// established and touched (per operation: per establish or touch).
+    pub cpu_setup: CpuSpent,
+    /// The same over the revocations (per operation: per delivered leaf).
+    pub cpu_revocations: CpuSpent,
 }
 
 impl DrillReport {
@@ -266,6 +272,7 @@ impl DrillReport {
             "guarding": self.guarding,
             "guards": {"layer": self.guards.0, "sidecar": self.guards.1},
             "refusal": self.refusal,
+            "cpu": {"setup": self.cpu_setup, "revocations": self.cpu_revocations},
             "lost_sample": o.lost_sample,
             "unexpected_sample": o.unexpected_sample,
         })
@@ -514,6 +521,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     let mut receivers = start_receivers(&plan, forest.receivers, &bar).await?;
 
     // The forest, and its touches: reported by the guards as the agents make their first calls.
+    let cpu_before_setup = read_cpu(&target);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     establish(&idp, &forest, run, &permits, &bar).await?;
     let agents = if config.guarding == Guarding::None {
@@ -534,6 +542,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         Some(agents)
     };
     let setup_ms = now_ms();
+    let cpu_after_setup = read_cpu(&target);
     let mut probers = agents.as_ref().map(|agents| agents.start_probing(config.probers));
 
     // Revocations.
@@ -621,6 +630,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
             refusal_ms: None,
         });
     }
+    let cpu_after_revocations = read_cpu(&target);
     // Let stragglers (unexpected or duplicate deliveries) arrive.
     bar.set_message("settling");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -640,6 +650,9 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         phase.refusal_ms = refusal.as_ref().and_then(|r| r.phases.get(i)).map(|p| p.latency_ms);
     }
     let outcome = accounting.outcome();
+    let cpu_setup =
+        CpuSpent::between(&cpu_before_setup, &cpu_after_setup, forest.sessions.len() + forest.touch_count());
+    let cpu_revocations = CpuSpent::between(&cpu_after_setup, &cpu_after_revocations, outcome.delivered_leaves);
     let revocation_ms = latencies_span(&phase_reports);
     let sets_per_second =
         if revocation_ms > 0.0 { outcome.delivered_leaves as f64 / (revocation_ms / 1000.0) } else { 0.0 };
@@ -666,7 +679,18 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         guards: receivers.guards(),
         refusal_latencies: agents.as_ref().map(Agents::latencies).unwrap_or_default(),
         refusal,
+        cpu_setup,
+        cpu_revocations,
     })
+}
+
+/// The CPU the processes the drill started have used so far.
+fn read_cpu(target: &HubTarget<'_>) -> Reading {
+    match (target.spawned.as_deref(), target.cluster.as_deref()) {
+        (Some(hub), _) => Reading::take(&[hub.pid()], None),
+        (None, Some(cluster)) => Reading::take(&cluster.hub_pids(), cluster.broker_pid()),
+        (None, None) => Reading::take(&[], None),
+    }
 }
 
 /// Total wall time of the revocation phases.

@@ -460,6 +460,22 @@ fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
             ("never refused", r.never_refused.to_string()),
         ]);
     }
+    let cpu = |spent: &caep_simulations::cpu::CpuSpent, per: &str| match (spent.hub_total_s, spent.hub_per_op_us) {
+        (Some(total), Some(per_op)) => {
+            let instances = if spent.hubs_s.len() > 1 {
+                let each: Vec<String> =
+                    spent.hubs_s.iter().map(|s| s.map_or("-".into(), |s| format!("{s:.2}"))).collect();
+                format!(" ({} s per instance)", each.join(" / "))
+            } else {
+                String::new()
+            };
+            let broker = spent.broker_s.map_or_else(String::new, |s| format!("; broker {s:.2} s"));
+            format!("{total:.2} s, {per_op:.0} µs per {per}{instances}{broker}")
+        }
+        _ => "- (a hub not started by the drill, or restarted)".to_owned(),
+    };
+    rows.push(("hub CPU, setup", cpu(&report.cpu_setup, "establish or touch")));
+    rows.push(("hub CPU, revocations", cpu(&report.cpu_revocations, "leaf")));
     rows.push(("verdict", if report.passed() { "EXACT".to_owned() } else { "FAILED".to_owned() }));
     for (name, value) in rows {
         println!("  {name:<22} {value}");

@@ -89,6 +89,11 @@ impl TansuBroker {
         Ok(broker)
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `127.0.0.1:port`, for `CAEP_HUB_KAFKA_BROKERS`.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -78,6 +78,10 @@ fn small_drill_is_exact_across_every_scenario() {
     }
     assert!(report["latency_ms"]["p99"].as_f64().is_some_and(|p99| p99 > 0.0));
     assert!(report["cascade_ms"].as_f64().is_some(), "the hub's cascade report was read");
+    for stretch in ["setup", "revocations"] {
+        let per_op = report["cpu"][stretch]["hub_per_op_us"].as_f64();
+        assert!(per_op.is_some_and(|us| us > 0.0), "the hub's CPU per operation, read from /proc: {report}");
+    }
     assert_enforced(&report);
     assert_eq!(code, 0);
 }
@@ -98,6 +102,7 @@ fn faults_and_a_hub_sigkill_lose_nothing() {
         "800",
     ]);
     assert_eq!(report["faults"]["hub_kills"], 1, "the hub was killed and restarted: {report}");
+    assert!(report["cpu"]["revocations"]["hub_total_s"].is_null(), "no CPU across a restart: {report}");
     assert_eq!(report["faults"]["flaky_receivers"], 1, "{report}");
     assert_eq!(report["faults"]["down_receivers"], 1, "{report}");
     assert_eq!(count(&report, "lost_leaves"), 0, "{report}");

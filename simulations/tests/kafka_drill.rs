@@ -60,6 +60,13 @@ fn a_kafka_drill_across_an_instance_sigkill_loses_nothing() {
     assert_eq!(count(&report, "unexpected_leaves"), 0, "{context}");
     assert_eq!(count(&report, "wrong_txn"), 0, "{context}");
     assert_eq!(count(&report, "delivered_leaves"), expected, "{context}");
+    // Each instance's CPU and the broker's, read from /proc (the killed
+    // instance is not measured across its death).
+    let setup = &report["cpu"]["setup"];
+    assert_eq!(setup["hubs_s"].as_array().map(Vec::len), Some(2), "{context}");
+    assert!(setup["hub_per_op_us"].as_f64().is_some_and(|us| us > 0.0), "{context}");
+    assert!(setup["broker_s"].as_f64().is_some_and(|s| s > 0.0), "{context}");
+    assert!(report["cpu"]["revocations"]["hubs_s"][1].is_null(), "the killed instance: {context}");
     // The guards reported the touches through the balancer, and enforced.
     assert_eq!(count(&report["refusal"], "stale_accepts"), 0, "{context}");
     assert_eq!(count(&report["refusal"], "false_refusals"), 0, "{context}");
