@@ -755,7 +755,48 @@ async fn events_sharing_one_idp_txn_keep_their_own_type(hub: Hub) {
 
 // ---------------------------------------------------------------- both backends
 
+// ---------------------------------------------------------------- batch touches
+
+/// The add-many extension touches every session it names, as one add-subject
+/// each would; another receiver's stream is 404 and a bad batch adds nothing.
+async fn a_batch_of_touches_counts_as_each_touch(hub: Hub) {
+    let idp = Idp::register(&hub, IDP).await;
+    let alice = email("alice@example.com");
+    for (id, parent) in [("B", None), ("B1", Some("B")), ("B2", Some("B")), ("C", None)] {
+        idp.establish(&hub, id, &alice, parent).await;
+    }
+    let rp = Relying::new(&hub, "batcher", true, &[SESSION_REVOKED], false).await;
+    let other = Relying::new(&hub, "other", false, &[SESSION_REVOKED], false).await;
+    let many = hub.metadata["add_subjects_endpoint"].as_str().expect("the extension is advertised").to_owned();
+    let subjects = |ids: &[&str]| -> Vec<Value> {
+        ids.iter().map(|id| json!({"format": "complex", "session": {"format": "opaque", "id": id}})).collect()
+    };
+    let body = json!({"stream_id": rp.stream_id, "subjects": subjects(&["B1", "B2", "C"])});
+    hub.post(&many, &rp.rp.token, body).await.expect(200);
+    let stolen = json!({"stream_id": rp.stream_id, "subjects": subjects(&["B"])});
+    assert_eq!(hub.post(&many, &other.rp.token, stolen).await.status, 404, "another receiver's stream");
+    let bad = json!({"stream_id": rp.stream_id, "subjects": [subjects(&["B"])[0].clone(), {"format": "x-bogus"}]});
+    assert_eq!(hub.post(&many, &rp.rp.token, bad).await.status, 400);
+    for id in ["B1", "B2", "C"] {
+        let touched = session_view(&hub, id).await["touches"].as_array().map(Vec::len);
+        assert_eq!(touched, Some(1), "{id} touched once");
+    }
+    assert_eq!(
+        session_view(&hub, "B").await["touches"].as_array().map(Vec::len),
+        Some(0),
+        "the refused batch added nothing"
+    );
+
+    let revoke = idp.set(session_of("B", &alice), SESSION_REVOKED, json!({}));
+    idp.send(&hub, &revoke.with_txn("txn-B")).await;
+    let sets = rp.settle(&hub, 2).await;
+    let revoked: BTreeSet<String> = sets.iter().map(session_id).collect();
+    assert_eq!(revoked, ids(&["B1", "B2"]), "the batch's touches under B, and not C");
+    other.settle(&hub, 0).await;
+}
+
 on_every_backend!(
+    a_batch_of_touches_counts_as_each_touch,
     revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams,
     revoking_a_user_revokes_all_and_only_that_users_sessions,
     sessions_born_or_touched_after_a_revocation_are_revoked_at_once,

@@ -43,6 +43,7 @@ pub fn router(transmitter: Arc<Transmitter>) -> Router {
         )
         .route(paths::STATUS, get(read_status).post(update_status))
         .route(paths::ADD_SUBJECT, post(add_subject))
+        .route(paths::ADD_SUBJECTS, post(add_subjects))
         .route(paths::REMOVE_SUBJECT, post(remove_subject))
         .route(paths::VERIFY, post(verify))
         .route(paths::POLL, post(poll_stream))
@@ -258,6 +259,19 @@ async fn add_subject(
     let request = streams::parse_subject_request(&body)?;
     let record = active_stream(&transmitter, &receiver, &request.stream_id).await?;
     transmitter.add_subject(&record, request.subject).await?;
+    Ok(StatusCode::OK)
+}
+
+/// The add-many extension: every subject added, or the first refusal.
+async fn add_subjects(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+) -> Result<StatusCode, SsfError> {
+    require_manage(&receiver)?;
+    let request = streams::parse_subjects_request(&body)?;
+    let record = active_stream(&transmitter, &receiver, &request.stream_id).await?;
+    transmitter.add_subjects(&record, request.subjects).await?;
     Ok(StatusCode::OK)
 }
 

@@ -16,11 +16,21 @@ pub mod paths {
     pub const STREAMS: &str = "/ssf/streams";
     pub const STATUS: &str = "/ssf/status";
     pub const ADD_SUBJECT: &str = "/ssf/subjects/add";
+    /// Extension: many subjects added in one call (see [`super::ADD_SUBJECTS_MEMBER`]).
+    pub const ADD_SUBJECTS: &str = "/ssf/subjects/add-many";
     pub const REMOVE_SUBJECT: &str = "/ssf/subjects/remove";
     pub const VERIFY: &str = "/ssf/verify";
     /// Per-stream RFC 8936 poll endpoint; `{stream_id}` is URL-safe by construction.
     pub const POLL: &str = "/ssf/poll/{stream_id}";
 }
+
+/// The metadata member advertising the batch form of add-subject, an
+/// extension of this transmitter (SSF 1.0 §7.1 lets metadata carry more
+/// members): `POST {"stream_id", "subjects": [subject, ...]}`, at most
+/// [`crate::streams::MAX_SUBJECTS_PER_CALL`] subjects, each as add-subject
+/// would take it. Relying parties that see many new agent sessions report
+/// them with one request per batch.
+pub const ADD_SUBJECTS_MEMBER: &str = "add_subjects_endpoint";
 
 /// The hub's metadata for `issuer` (no trailing slash expected; one is
 /// tolerated). Every endpoint is an absolute URL under the issuer.
@@ -40,7 +50,7 @@ pub fn for_issuer(issuer: &str) -> TransmitterMetadata {
         critical_subject_members: Vec::new(),
         authorization_schemes: vec![AuthorizationScheme { spec_urn: OAUTH_SPEC_URN.into() }],
         default_subjects: Some(DefaultSubjects::None),
-        extra: serde_json::Map::new(),
+        extra: serde_json::Map::from_iter([(ADD_SUBJECTS_MEMBER.to_owned(), url(paths::ADD_SUBJECTS).into())]),
     }
 }
 
@@ -64,6 +74,7 @@ mod tests {
         assert!(json.get("critical_subject_members").is_none(), "empty arrays are omitted");
         assert_eq!(json["authorization_schemes"][0]["spec_urn"], OAUTH_SPEC_URN);
         assert_eq!(json["default_subjects"], "NONE");
+        assert_eq!(json[ADD_SUBJECTS_MEMBER], "https://hub.example.com/tenant-a/ssf/subjects/add-many");
     }
 
     #[test]

@@ -451,6 +451,15 @@ impl Transmitter {
         self.record(change, |_| SsfError::NotFound).await
     }
 
+    /// Adds each of `subjects` as [`add_subject`](Self::add_subject) does,
+    /// concurrently, so that their writes share the store's grouped commits;
+    /// the first refusal is the answer (adding is idempotent: the caller
+    /// retries the whole batch).
+    pub async fn add_subjects(&self, record: &StreamRecord, subjects: Vec<SubjectId>) -> Result<(), SsfError> {
+        let adds = subjects.into_iter().map(|subject| self.add_subject(record, subject));
+        futures_util::future::join_all(adds).await.into_iter().collect()
+    }
+
     /// Removes a subject from a stream (idempotent).
     pub async fn remove_subject(&self, stream_id: &str, subject: SubjectId) -> Result<(), SsfError> {
         let change = ControlChange::SubjectRemoved { stream_id: stream_id.to_owned(), subject };

@@ -587,20 +587,56 @@ pub fn parse_subject_request(body: &[u8]) -> Result<SubjectRequest, SsfError> {
     let stream_id = required_stream_id(&object)?;
     let subject = match object.remove("subject") {
         None | Some(Value::Null) => return Err(SsfError::BadRequest("`subject` is required".into())),
-        Some(value @ Value::Object(_)) => {
-            SubjectId::from_value(value).map_err(|error| SsfError::BadRequest(format!("invalid `subject`: {error}")))?
-        }
-        Some(_) => return Err(SsfError::BadRequest("`subject` must be a subject identifier object".into())),
+        Some(value) => subject_of(value, "subject")?,
     };
-    if let Some(format) = unknown_format(&subject) {
-        return Err(SsfError::BadRequest(format!("unsupported subject format {}", quoted(format))));
-    }
     let verified = match object.remove("verified") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(verified)) => Some(verified),
         Some(_) => return Err(SsfError::BadRequest("`verified` must be a boolean".into())),
     };
     Ok(SubjectRequest { stream_id, subject, verified })
+}
+
+/// Subjects one add-many call may carry, at most.
+pub const MAX_SUBJECTS_PER_CALL: usize = 100;
+
+/// A request of the add-many extension (see
+/// [`crate::metadata::ADD_SUBJECTS_MEMBER`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubjectsRequest {
+    /// The stream.
+    pub stream_id: String,
+    /// The subjects, each in a format the hub knows.
+    pub subjects: Vec<SubjectId>,
+}
+
+/// Parses an add-many body: `stream_id` and 1 to
+/// [`MAX_SUBJECTS_PER_CALL`] `subjects`, each as add-subject takes one.
+pub fn parse_subjects_request(body: &[u8]) -> Result<SubjectsRequest, SsfError> {
+    let mut object = parse_object(body)?;
+    let stream_id = required_stream_id(&object)?;
+    let values = match object.remove("subjects") {
+        Some(Value::Array(values)) if !values.is_empty() => values,
+        _ => return Err(SsfError::BadRequest("`subjects` must be a non-empty array of subject identifiers".into())),
+    };
+    if values.len() > MAX_SUBJECTS_PER_CALL {
+        return Err(SsfError::BadRequest(format!("at most {MAX_SUBJECTS_PER_CALL} `subjects` per call")));
+    }
+    let subjects = values.into_iter().map(|value| subject_of(value, "subjects[]")).collect::<Result<_, _>>()?;
+    Ok(SubjectsRequest { stream_id, subjects })
+}
+
+/// One subject identifier of a request body, in a format the hub knows.
+fn subject_of(value: Value, member: &str) -> Result<SubjectId, SsfError> {
+    let subject = match value {
+        value @ Value::Object(_) => SubjectId::from_value(value)
+            .map_err(|error| SsfError::BadRequest(format!("invalid `{member}`: {error}")))?,
+        _ => return Err(SsfError::BadRequest(format!("`{member}` must be a subject identifier object"))),
+    };
+    if let Some(format) = unknown_format(&subject) {
+        return Err(SsfError::BadRequest(format!("unsupported subject format {}", quoted(format))));
+    }
+    Ok(subject)
 }
 
 /// The first format the hub does not model, searching nested subjects: such
@@ -1368,6 +1404,28 @@ mod tests {
         assert_eq!(request.subject, SubjectId::email("example.user@example.com"));
         assert_eq!(request.verified, Some(true));
         assert_eq!(serde_json::to_value(&request).expect("serializes"), body);
+    }
+
+    #[test]
+    fn add_many_takes_one_to_a_hundred_known_subjects() {
+        let session = |n: usize| json!({"format": "complex", "session": {"format": "opaque", "id": format!("s{n}")}});
+        let body = json!({"stream_id": SPEC_ID, "subjects": [session(1), session(2)]});
+        let request = parse_subjects_request(body.to_string().as_bytes()).expect("valid");
+        assert_eq!(request.subjects.len(), 2);
+        assert_eq!(request.stream_id, SPEC_ID);
+        let refused = [
+            json!({"stream_id": SPEC_ID}),
+            json!({"stream_id": SPEC_ID, "subjects": []}),
+            json!({"stream_id": SPEC_ID, "subjects": session(1)}),
+            json!({"stream_id": SPEC_ID, "subjects": [session(1), "s2"]}),
+            json!({"stream_id": SPEC_ID, "subjects": [{"format": "x-unknown", "id": "s"}]}),
+            json!({"stream_id": SPEC_ID, "subjects": (0..=MAX_SUBJECTS_PER_CALL).map(session).collect::<Vec<_>>()}),
+            json!({"subjects": [session(1)]}),
+        ];
+        for body in refused {
+            let error = parse_subjects_request(body.to_string().as_bytes()).expect_err("refused");
+            assert!(matches!(error, SsfError::BadRequest(_)), "{body}: {error:?}");
+        }
     }
 
     #[test]
