@@ -35,6 +35,8 @@ pub const WELL_KNOWN_PATH: &str = "/.well-known/ssf-configuration";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest management response accepted (a list of streams included).
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+/// Sessions per add-many call (the hub's bound).
+const MAX_SUBJECTS_PER_CALL: usize = 100;
 /// Tries of a touch the transmitter answers 429 or 503.
 const TOUCH_ATTEMPTS: u32 = 5;
 /// The longest a touch waits before trying again.
@@ -482,6 +484,53 @@ impl Receiver {
         }
         tracing::debug!(%stream_id, %session_id, "touch reported");
         Ok(())
+    }
+
+    /// Reports many agent sessions at once, as [`touch`](Self::touch) does
+    /// each: in one request per 100 through the transmitter's add-many
+    /// extension (`add_subjects_endpoint`, served by caep-hub) when it
+    /// advertises one on the add-subject endpoint's origin, else one touch
+    /// per session.
+    ///
+    /// # Errors
+    ///
+    /// As [`touch`](Self::touch); the whole batch may be retried (touches
+    /// are idempotent).
+    pub async fn touch_many(&self, stream_id: &str, session_ids: &[String]) -> Result<(), ReceiverError> {
+        let Some(url) = self.add_subjects_endpoint() else {
+            for session_id in session_ids {
+                self.touch(stream_id, session_id).await?;
+            }
+            return Ok(());
+        };
+        for chunk in session_ids.chunks(MAX_SUBJECTS_PER_CALL) {
+            let subjects: Vec<Value> =
+                chunk.iter().map(|id| SubjectId::session_of(SubjectId::opaque(id.as_str()), None).to_value()).collect();
+            let body = json!({"stream_id": stream_id, "subjects": subjects});
+            for attempt in 1.. {
+                match self.call_empty(Method::POST, &url, Some(body.clone())).await {
+                    Err(ReceiverError::Status { status: 429 | 503, retry_after, .. }) if attempt < TOUCH_ATTEMPTS => {
+                        let wait = retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_TOUCH_WAIT);
+                        tracing::debug!(%stream_id, sessions = chunk.len(), attempt, ?wait, "touches deferred by the transmitter");
+                        tokio::time::sleep(wait).await;
+                    }
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
+            }
+            tracing::debug!(%stream_id, sessions = chunk.len(), "touches reported");
+        }
+        Ok(())
+    }
+
+    /// The add-many extension's URL, when advertised on the same origin as
+    /// the add-subject endpoint (the receiver's token goes to no other host).
+    fn add_subjects_endpoint(&self) -> Option<String> {
+        let many = Url::parse(self.metadata.extra.get("add_subjects_endpoint")?.as_str()?).ok()?;
+        let one = Url::parse(self.metadata.add_subject_endpoint.as_deref()?).ok()?;
+        (many.origin() == one.origin()).then(|| many.into())
     }
 
     /// Asks the transmitter for a verification SET echoing `state`. Nothing

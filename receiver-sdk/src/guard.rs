@@ -393,7 +393,9 @@ pub fn agent_of(claims: &Value, claim: &str) -> Agent {
 }
 
 /// Reports each agent session's first request to the transmitter as a
-/// touch, in the background: the request never waits for it. A session is
+/// touch, in the background: the request never waits for it. Sessions
+/// waiting together go in one request (up to 100, through the hub's add-many
+/// extension; one touch each where a transmitter has none). A session is
 /// reported once (the memory of reported sessions is bounded: past it, a
 /// session may be reported again, which the hub takes as the same touch);
 /// a full queue drops the report and lets a later request of the session
@@ -412,6 +414,8 @@ const MAX_REPORTED: usize = 100_000;
 const QUEUE: usize = 10_000;
 /// Reports in flight to the hub at once.
 const IN_FLIGHT: usize = 8;
+/// Sessions in one report, at most (the hub's add-many bound).
+const BATCH: usize = 100;
 
 impl TouchReporter {
     /// Starts reporting to `stream_id` through `receiver` (spawns a task).
@@ -447,27 +451,35 @@ async fn report(
     reported: Arc<RwLock<HashSet<String>>>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    while let Some(session) = pending.recv().await {
+    let mut batch = Vec::with_capacity(BATCH);
+    // Whatever waits when a report can go out goes with it, in one request
+    // (the hub's add-many): many new sessions cost few requests, and a lone
+    // session goes at once.
+    while pending.recv_many(&mut batch, BATCH).await > 0 {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let sessions = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
         let (receiver, stream_id, reported) = (Arc::clone(&receiver), stream_id.clone(), Arc::clone(&reported));
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             for attempt in 1..=8 {
-                match receiver.touch(&stream_id, &session).await {
+                match receiver.touch_many(&stream_id, &sessions).await {
                     Ok(()) => {
                         drop(permit);
                         return;
                     }
                     Err(error) => {
-                        tracing::debug!(%error, attempt, "touch report failed; retrying");
+                        tracing::debug!(%error, attempt, sessions = sessions.len(), "touch report failed; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(30));
                     }
                 }
             }
-            // Given up: a later request of the session reports it again.
-            tracing::warn!(session, "touch not reported to the transmitter");
-            reported.write().unwrap_or_else(|p| p.into_inner()).remove(&session);
+            // Given up: a later request of each session reports it again.
+            tracing::warn!(sessions = sessions.len(), "touches not reported to the transmitter");
+            let mut reported = reported.write().unwrap_or_else(|p| p.into_inner());
+            for session in &sessions {
+                reported.remove(session);
+            }
             drop(permit);
         });
     }

@@ -11,7 +11,7 @@ use axum::routing::get;
 use caep_receiver::{Receiver, ReceiverError, Signal, StreamRequest};
 use caep_schemas::event::{StreamStatus, event_type};
 use caep_schemas::subject::SubjectId;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{Recorder, TestHub, WAIT, serve};
 
 const AUDIENCE: &str = "https://rp.example.com";
@@ -176,4 +176,49 @@ async fn touches_deferred_by_the_rate_limit_are_retried_after_retry_after() {
         matches!(direct, Err(ReceiverError::Status { status: 429, retry_after: Some(_), .. })),
         "a plain add_subject reports the 429: {direct:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sessions_are_touched_in_batches_through_the_add_many_extension() {
+    use caep_schemas::event::{Event, SessionEstablished};
+    use caep_schemas::jose::{Algorithm, Jwks, SigningKey};
+    use caep_schemas::set::SecurityEventToken;
+
+    let hub = TestHub::start().await;
+    let idp = "https://idp.batch.example";
+    let key = SigningKey::generate(Algorithm::Es256).expect("key");
+    let jwks = Jwks::from_keys([&key]).to_json();
+    let (status, body) = hub.admin(reqwest::Method::POST, "/admin/issuers", json!({"issuer": idp, "jwks": jwks})).await;
+    assert!(status < 300, "issuer: {body}");
+    let ids: Vec<String> = (0..150).map(|n| format!("batch-agent-{n}")).collect();
+    for id in &ids {
+        let subject = SubjectId::session_of(SubjectId::opaque(id.as_str()), None);
+        let established = Event::SessionEstablished(SessionEstablished::default());
+        let set = SecurityEventToken::new(idp, hub.issuer.as_str(), subject, established).sign(&key).expect("sign");
+        let response = hub
+            .http
+            .post(format!("{}/ingest", hub.issuer))
+            .header("content-type", "application/secevent+jwt")
+            .body(set)
+            .send()
+            .await
+            .expect("ingest");
+        assert_eq!(response.status(), 202);
+    }
+    let token = hub.new_receiver("batch-rp", AUDIENCE).await;
+    let receiver = Receiver::discover(&hub.issuer, AUDIENCE, token).await.expect("discover");
+    assert!(
+        receiver.metadata().extra.get("add_subjects_endpoint").is_some(),
+        "the hub advertises its add-many extension"
+    );
+    let stream = receiver.create_stream(&StreamRequest::poll().all_events()).await.expect("create");
+    // 150 sessions: two requests (100 + 50).
+    receiver.touch_many(&stream.stream_id, &ids).await.expect("touch many");
+    for id in [&ids[0], &ids[99], &ids[100], &ids[149]] {
+        let (status, view) = hub.admin(reqwest::Method::GET, &format!("/admin/sessions/{id}"), Value::Null).await;
+        assert_eq!(status, 200, "{view}");
+        let touches = view["touches"].as_array().expect("touches");
+        assert_eq!(touches.len(), 1, "{id} touched: {view}");
+        assert_eq!(touches[0]["stream_id"], stream.stream_id.as_str());
+    }
 }
