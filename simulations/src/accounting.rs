@@ -199,12 +199,6 @@ impl Accounting {
         outcome
     }
 
-    /// When `leaf` was first delivered (its RP acknowledged it), in ms on the
-    /// drill's clock.
-    pub fn first_delivery(&self, leaf: &LeafKey) -> Option<f64> {
-        self.seen.get(leaf).map(|seen| seen.first_at_ms)
-    }
-
     /// Leaf-latency percentiles of each cascade, in the order expected.
     pub fn phase_latencies(&self) -> Vec<Percentiles> {
         let mut per_phase = vec![Vec::new(); self.phases.len()];
@@ -335,7 +329,6 @@ mod tests {
         assert_eq!(outcome.latency_ms.max, 7.0);
         let phases = accounting.phase_latencies();
         assert_eq!((phases[0].max, phases[1].max), (5.0, 7.0));
-        assert_eq!(accounting.first_delivery(&leaf(0, "b")), Some(1007.0));
     }
 
     #[test]
