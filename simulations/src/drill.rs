@@ -279,6 +279,9 @@ impl DrillReport {
     }
 }
 
+/// The longest wait for the guards' touches to reach the hub, at least.
+const SETUP_WAIT: Duration = Duration::from_secs(60);
+
 /// The IdP issuer of a run.
 fn idp_issuer(run: &str) -> String {
     format!("https://idp.drill.example/{run}")
@@ -538,7 +541,8 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         }
         agents.sweep(&agents.all(), config.concurrency).await;
         bar.set_message("waiting for the guards' touches");
-        wait_touched(&admin, &forest, &receivers.list, Instant::now() + config.timeout).await?;
+        // Setup, not a revocation: --timeout-secs (the wait for leaves) does not bound it.
+        wait_touched(&admin, &forest, &receivers.list, Instant::now() + config.timeout.max(SETUP_WAIT)).await?;
         Some(agents)
     };
     let setup_ms = now_ms();

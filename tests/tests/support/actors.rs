@@ -115,7 +115,7 @@ pub async fn ingest_as(hub: &Hub, body: &str, content_type: Option<&str>) -> Rep
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
     }
-    let response = request.send().await.expect("ingest request");
+    let response = super::send_uploading(request, body.len() > super::OVERSIZED).await.expect("ingest request");
     let status = response.status();
     let headers = response.headers().clone();
     let text = response.text().await.expect("ingest response body");

@@ -346,18 +346,20 @@ impl Hub {
         format!("{}?stream_id={stream_id}", self.endpoint("status_endpoint"))
     }
 
-    /// Sends a request with an optional bearer token.
+    /// Sends a request with an optional bearer token (an oversized raw body
+    /// is sent again when the hub cut its upload short: see [`send_uploading`]).
     pub async fn send(&self, method: reqwest::Method, url: &str, token: Option<&str>, body: Body<'_>) -> Reply {
         let mut request = self.http.request(method, url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
+        let oversized = matches!(body, Body::Raw(text) if text.len() > OVERSIZED);
         request = match body {
             Body::None => request,
             Body::Json(value) => request.json(&value),
             Body::Raw(text) => request.header("content-type", "application/json").body(text.to_owned()),
         };
-        let response = request.send().await.unwrap_or_else(|e| panic!("request to {url}: {e}"));
+        let response = send_uploading(request, oversized).await.unwrap_or_else(|e| panic!("request to {url}: {e}"));
         let status = response.status();
         let headers = response.headers().clone();
         let text = response.text().await.expect("response body");
@@ -665,4 +667,30 @@ pub fn assert_push_request(request: &Recorded, authorization: Option<&str>) {
     assert_eq!(request.header("accept"), Some("application/json"));
     assert_eq!(request.header("authorization"), authorization);
     assert_eq!(request.body.split('.').count(), 3, "a compact JWS: {}", request.body);
+}
+
+/// Bodies past this size may be refused before the hub reads them all.
+pub const OVERSIZED: usize = 64 * 1024;
+
+/// Sends `request`; an `oversized` one is tried up to 3 times. The hub
+/// answers an oversized body (413) without reading the rest of it, and
+/// HTTP/1.1 gives the server no way to stop a client mid-upload (no
+/// `Expect: 100-continue` here): when the connection closes while the client
+/// is still writing, the client sees a reset instead of the 413. A hub that
+/// died fails every try.
+pub async fn send_uploading(request: reqwest::RequestBuilder, oversized: bool) -> reqwest::Result<reqwest::Response> {
+    let tries = if oversized { 3 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let Some(attempt) = request.try_clone() else { return request.send().await };
+        match attempt.send().await {
+            Ok(response) => return Ok(response),
+            Err(error) if error.is_request() || error.is_body() || error.is_connect() => last = Some(error),
+            Err(error) => return Err(error),
+        }
+    }
+    match last {
+        Some(error) => Err(error),
+        None => request.send().await,
+    }
 }
