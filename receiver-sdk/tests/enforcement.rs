@@ -31,15 +31,7 @@ const AUDIENCE: &str = "https://mcp.example.com";
 
 async fn ingest(hub: &TestHub, key: &SigningKey, sub_id: SubjectId, event: Event) {
     let set = SecurityEventToken::new(IDP, hub.issuer.as_str(), sub_id, event);
-    let response = hub
-        .http
-        .post(format!("{}/ingest", hub.issuer))
-        .header("content-type", "application/secevent+jwt")
-        .body(set.sign(key).expect("sign"))
-        .send()
-        .await
-        .expect("ingest");
-    assert_eq!(response.status().as_u16(), 202, "{}", response.text().await.unwrap_or_default());
+    hub.ingest(set.sign(key).expect("sign")).await;
 }
 
 fn session(id: &str, user: &str) -> SubjectId {

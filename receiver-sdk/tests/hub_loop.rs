@@ -194,16 +194,8 @@ async fn many_sessions_are_touched_in_batches_through_the_add_many_extension() {
     for id in &ids {
         let subject = SubjectId::session_of(SubjectId::opaque(id.as_str()), None);
         let established = Event::SessionEstablished(SessionEstablished::default());
-        let set = SecurityEventToken::new(idp, hub.issuer.as_str(), subject, established).sign(&key).expect("sign");
-        let response = hub
-            .http
-            .post(format!("{}/ingest", hub.issuer))
-            .header("content-type", "application/secevent+jwt")
-            .body(set)
-            .send()
-            .await
-            .expect("ingest");
-        assert_eq!(response.status(), 202);
+        hub.ingest(SecurityEventToken::new(idp, hub.issuer.as_str(), subject, established).sign(&key).expect("sign"))
+            .await;
     }
     let token = hub.new_receiver("batch-rp", AUDIENCE).await;
     let receiver = Receiver::discover(&hub.issuer, AUDIENCE, token).await.expect("discover");

@@ -30,16 +30,7 @@ async fn ingest(hub: &TestHub, key: &SigningKey, session: &str, event: Event, tx
         event,
     )
     .with_txn(txn);
-    let response = hub
-        .http
-        .post(format!("{}/ingest", hub.issuer))
-        .header("content-type", "application/secevent+jwt")
-        .body(set.sign(key).expect("sign"))
-        .send()
-        .await
-        .expect("ingest");
-    let status = response.status().as_u16();
-    assert_eq!(status, 202, "ingest answered {status}: {}", response.text().await.unwrap_or_default());
+    hub.ingest(set.sign(key).expect("sign")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

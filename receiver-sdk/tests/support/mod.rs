@@ -67,6 +67,20 @@ impl TestHub {
         (status, body)
     }
 
+    /// Posts a signed IdP SET to `/ingest`; the hub must take it (202).
+    pub async fn ingest(&self, signed_set: String) {
+        let response = self
+            .http
+            .post(format!("{}/ingest", self.issuer))
+            .header("content-type", "application/secevent+jwt")
+            .body(signed_set)
+            .send()
+            .await
+            .expect("ingest");
+        let status = response.status().as_u16();
+        assert_eq!(status, 202, "ingest answered {status}: {}", response.text().await.unwrap_or_default());
+    }
+
     /// Registers a receiver with `audience`; returns its bearer token.
     pub async fn new_receiver(&self, name: &str, audience: &str) -> String {
         let (status, body) =
