@@ -60,6 +60,7 @@ async fn metadata_advertises_absolute_endpoints_under_the_issuer(base: HubOption
         "status_endpoint",
         "add_subject_endpoint",
         "remove_subject_endpoint",
+        "add_subjects_endpoint",
         "verification_endpoint",
     ] {
         let url = hub.endpoint(name);
@@ -264,6 +265,12 @@ fn operations(hub: &Hub, stream_id: &str, poll_url: &str) -> Vec<(&'static str, 
             Method::POST,
             hub.endpoint("add_subject_endpoint"),
             Some(json!({"stream_id": stream_id, "subject": subject})),
+        ),
+        (
+            "add many subjects",
+            Method::POST,
+            hub.endpoint("add_subjects_endpoint"),
+            Some(json!({"stream_id": stream_id, "subjects": [subject]})),
         ),
         (
             "remove subject",
