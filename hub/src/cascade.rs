@@ -497,7 +497,10 @@ pub struct CascadeReport {
     pub max_ms: Option<u64>,
     /// From the IdP event's ingest to the last leaf's acknowledgement.
     pub cascade_ms: Option<u64>,
-    pub leaves: Vec<LeafReport>,
+    /// Every leaf; left out of a summary (`?leaves=false`), which a 10,000-leaf
+    /// cascade's watcher can poll cheaply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaves: Option<Vec<LeafReport>>,
 }
 
 /// One leaf in a report.
@@ -512,8 +515,9 @@ pub struct LeafReport {
     pub err: Option<String>,
 }
 
-/// Builds the report of the cascade with key `id` from a read snapshot.
-pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, StoreError> {
+/// Builds the report of the cascade with key `id` from a read snapshot,
+/// listing its leaves when `with_leaves`.
+pub fn report(txn: &ReadTransaction, id: &str, with_leaves: bool) -> Result<Option<CascadeReport>, StoreError> {
     let cascades = match txn.open_table(CASCADES) {
         Ok(table) => table,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -548,17 +552,19 @@ pub fn report(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeReport>, 
         p99_ms: percentile(&latencies, 99),
         max_ms: latencies.last().copied(),
         cascade_ms: record.completed_at_ms.map(|done| done.saturating_sub(record.started_at_ms)),
-        leaves: leaves
-            .into_iter()
-            .map(|leaf| LeafReport {
-                latency_ms: leaf.latency_ms(),
-                stream_id: leaf.stream_id,
-                session_id: crate::scope::local_id(&leaf.session_id).to_owned(),
-                jti: leaf.jti,
-                status: leaf.status,
-                err: leaf.err,
-            })
-            .collect(),
+        leaves: with_leaves.then(|| {
+            leaves
+                .into_iter()
+                .map(|leaf| LeafReport {
+                    latency_ms: leaf.latency_ms(),
+                    stream_id: leaf.stream_id,
+                    session_id: crate::scope::local_id(&leaf.session_id).to_owned(),
+                    jti: leaf.jti,
+                    status: leaf.status,
+                    err: leaf.err,
+                })
+                .collect()
+        }),
     }))
 }
 
@@ -671,12 +677,12 @@ mod tests {
         let applied = store.write(Commit::Lazy, move |txn| apply_outcomes(txn, &second)).await.expect("apply");
         assert_eq!(applied.completed, [("t1".to_owned(), 20)]);
 
-        let report = store.read(|txn| report(txn, "t1")).expect("read").expect("exists");
+        let report = store.read(|txn| report(txn, "t1", true)).expect("read").expect("exists");
         assert_eq!((report.total, report.delivered, report.failed, report.pending), (2, 1, 1, 0));
         assert!(report.complete);
         assert_eq!((report.p50_ms, report.max_ms, report.cascade_ms), (Some(4), Some(4), Some(20)));
         assert_eq!(
-            report.leaves.iter().find(|l| l.jti == "b").and_then(|l| l.err.clone()).as_deref(),
+            report.leaves.iter().flatten().find(|l| l.jti == "b").and_then(|l| l.err.clone()).as_deref(),
             Some("invalid_key")
         );
     }
@@ -714,8 +720,8 @@ mod tests {
             })
             .await
             .expect("prune");
-        assert!(store.read(|txn| report(txn, "done")).expect("read").is_none());
-        assert!(store.read(|txn| report(txn, "open")).expect("read").is_some());
+        assert!(store.read(|txn| report(txn, "done", false)).expect("read").is_none());
+        assert!(store.read(|txn| report(txn, "open", false)).expect("read").is_some());
     }
 
     #[tokio::test]

@@ -128,14 +128,28 @@ fn the_one<T>(mut found: Vec<(String, T)>, what: &str) -> Result<T, SsfError> {
     }
 }
 
+/// `GET /admin/cascades/{txn}`: `?issuer=` picks the IdP when several used
+/// the `txn`; `?leaves=false` leaves the leaves out (a summary).
+#[derive(Deserialize)]
+struct CascadeQuery {
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default = "listed")]
+    leaves: bool,
+}
+
+fn listed() -> bool {
+    true
+}
+
 async fn cascade_report(
     State(hub): Shared,
     Path(txn): Path<String>,
-    Query(query): Query<IssuerQuery>,
-) -> Result<Json<Value>, SsfError> {
-    let reports = hub.reports(&txn, query.issuer.as_deref()).map_err(|e| SsfError::Storage(e.to_string()))?;
-    let report = the_one(reports.into_iter().map(|report| (report.issuer.clone(), report)).collect(), "txn")?;
-    Ok(Json(serde_json::to_value(report).unwrap_or_default()))
+    Query(query): Query<CascadeQuery>,
+) -> Result<Json<crate::cascade::CascadeReport>, SsfError> {
+    let reports =
+        hub.reports(&txn, query.issuer.as_deref(), query.leaves).map_err(|e| SsfError::Storage(e.to_string()))?;
+    Ok(Json(the_one(reports.into_iter().map(|report| (report.issuer.clone(), report)).collect(), "txn")?))
 }
 
 async fn session_view(

@@ -274,7 +274,12 @@ impl Hub {
 
     /// The reports of the cascades with wire `txn`: `issuer`'s, or (when
     /// `None`) every trusted IdP's that exists.
-    pub fn reports(&self, txn: &str, issuer: Option<&str>) -> Result<Vec<cascade::CascadeReport>, StoreError> {
+    pub fn reports(
+        &self,
+        txn: &str,
+        issuer: Option<&str>,
+        with_leaves: bool,
+    ) -> Result<Vec<cascade::CascadeReport>, StoreError> {
         let issuers = match issuer {
             Some(issuer) => vec![issuer.to_owned()],
             None => self.issuers.names(),
@@ -282,7 +287,7 @@ impl Hub {
         self.store.read(|read| {
             let mut found = Vec::new();
             for issuer in &issuers {
-                found.extend(cascade::report(read, &cascade::key(issuer, txn))?);
+                found.extend(cascade::report(read, &cascade::key(issuer, txn), with_leaves)?);
             }
             Ok(found)
         })
@@ -447,7 +452,9 @@ impl Dispatcher {
             })
             .collect();
         let streams: BTreeSet<String> = signed.iter().map(|set| set.stream_id.clone()).collect();
+        let count = signed.len() as u64;
         self.sink.hand_over(&self.store, record, leaves, signed).await?;
+        metrics::counter!("caep_leaves_signed_total").increment(count);
         self.transmitter.wake(&streams);
         if !dropped.is_empty() {
             self.store.write(Commit::Lazy, move |txn| cascade::apply_outcomes(txn, &dropped).map(drop)).await?;

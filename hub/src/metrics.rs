@@ -37,6 +37,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 fn describe() {
     use metrics::{Unit, counter, describe_counter, describe_histogram};
     describe_counter!("caep_sets_emitted_total", "SETs signed and durably put in the outbox");
+    describe_counter!("caep_leaves_signed_total", "cascade leaves this instance signed and handed over for delivery");
+    describe_counter!(
+        "caep_kafka_broker_requests_total",
+        "requests this instance's Kafka clients sent to brokers, by type (librdkafka statistics)"
+    );
     describe_counter!("caep_deliveries_total", "SETs that left the outbox, by method and outcome");
     describe_counter!("caep_push_attempts_total", "push POSTs, by outcome (delivered, rejected, retry)");
     describe_counter!("caep_poll_sets_served_total", "poll responses that carried SETs");
@@ -52,6 +57,7 @@ fn describe() {
     describe_counter!("caep_streams_paused_inactive_total", "streams paused for receiver inactivity");
     describe_histogram!("caep_prune_seconds", Unit::Seconds, "one pruning pass");
     counter!("caep_sets_emitted_total").absolute(0);
+    counter!("caep_leaves_signed_total").absolute(0);
     for method in ["push", "poll"] {
         for outcome in ["delivered", "failed"] {
             counter!("caep_deliveries_total", "method" => method, "outcome" => outcome).absolute(0);

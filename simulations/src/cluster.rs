@@ -152,6 +152,11 @@ impl KafkaCluster {
         self.hubs.iter().filter(|h| h.is_running()).count()
     }
 
+    /// Each instance's own URL and admin token.
+    pub fn instance_endpoints(&self) -> Vec<(String, String)> {
+        self.hubs.iter().map(|hub| (hub.url(), hub.admin_token().to_owned())).collect()
+    }
+
     /// The process ids of the instances (`None` for one killed).
     pub fn hub_pids(&self) -> Vec<Option<u32>> {
         self.hubs.iter().map(SpawnedHub::pid).collect()

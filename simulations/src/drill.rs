@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::accounting::{Accounting, Outcome, Percentiles};
 use crate::agents::{Agents, TrafficRuntime};
 use crate::cluster::KafkaCluster;
+use crate::counters::{Counters, CountersSpent};
 use crate::cpu::{CpuSpent, Reading};
 use crate::forest::{Forest, ForestParams, LeafKey, expected_leaves, user_email};
 use crate::guards::Guarding;
@@ -219,6 +220,10 @@ pub struct DrillReport {
     pub cpu_setup: CpuSpent,
     /// The same over the revocations (per operation: per delivered leaf).
     pub cpu_revocations: CpuSpent,
+    /// Broker requests and signed leaves while sessions were established and touched.
+    pub counters_setup: CountersSpent,
+    /// The same over the revocations.
+    pub counters_revocations: CountersSpent,
 }
 
 impl DrillReport {
@@ -524,6 +529,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     let mut receivers = start_receivers(&plan, forest.receivers, &bar).await?;
 
     // The forest, and its touches: reported by the guards as the agents make their first calls.
+    let counters_before_setup = read_counters(&target).await;
     let cpu_before_setup = read_cpu(&target);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     establish(&idp, &forest, run, &permits, &bar).await?;
@@ -547,6 +553,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     };
     let setup_ms = now_ms();
     let cpu_after_setup = read_cpu(&target);
+    let counters_after_setup = read_counters(&target).await;
     let mut probers = agents.as_ref().map(|agents| agents.start_probing(config.probers));
 
     // Revocations.
@@ -635,6 +642,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         });
     }
     let cpu_after_revocations = read_cpu(&target);
+    let counters_after_revocations = read_counters(&target).await;
     // Let stragglers (unexpected or duplicate deliveries) arrive.
     bar.set_message("settling");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -657,6 +665,13 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     let cpu_setup =
         CpuSpent::between(&cpu_before_setup, &cpu_after_setup, forest.sessions.len() + forest.touch_count());
     let cpu_revocations = CpuSpent::between(&cpu_after_setup, &cpu_after_revocations, outcome.delivered_leaves);
+    let counters_setup = CountersSpent::between(
+        &counters_before_setup,
+        &counters_after_setup,
+        forest.sessions.len() + forest.touch_count(),
+    );
+    let counters_revocations =
+        CountersSpent::between(&counters_after_setup, &counters_after_revocations, outcome.delivered_leaves);
     let revocation_ms = latencies_span(&phase_reports);
     let sets_per_second =
         if revocation_ms > 0.0 { outcome.delivered_leaves as f64 / (revocation_ms / 1000.0) } else { 0.0 };
@@ -685,6 +700,8 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         refusal,
         cpu_setup,
         cpu_revocations,
+        counters_setup,
+        counters_revocations,
     })
 }
 
@@ -695,6 +712,21 @@ fn read_cpu(target: &HubTarget<'_>) -> Reading {
         (None, Some(cluster)) => Reading::take(&cluster.hub_pids(), cluster.broker_pid()),
         (None, None) => Reading::take(&[], None),
     }
+}
+
+/// The counters of the hubs the drill started. In Kafka mode the reading
+/// first waits for the instances' broker-request counts to catch up.
+async fn read_counters(target: &HubTarget<'_>) -> Counters {
+    let endpoints = match (target.spawned.as_deref(), target.cluster.as_deref()) {
+        (Some(hub), _) => vec![(hub.url(), hub.admin_token().to_owned())],
+        (None, Some(cluster)) => {
+            tokio::time::sleep(crate::counters::STATS_LAG).await;
+            cluster.instance_endpoints()
+        }
+        (None, None) => return Counters::default(),
+    };
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap_or_default();
+    Counters::read(&client, &endpoints).await
 }
 
 /// Total wall time of the revocation phases.

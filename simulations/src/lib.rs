@@ -9,6 +9,7 @@ pub mod accounting;
 pub mod agents;
 pub mod balancer;
 pub mod cluster;
+pub mod counters;
 pub mod cpu;
 pub mod drill;
 pub mod forest;

@@ -476,6 +476,21 @@ fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
     };
     rows.push(("hub CPU, setup", cpu(&report.cpu_setup, "establish or touch")));
     rows.push(("hub CPU, revocations", cpu(&report.cpu_revocations, "leaf")));
+    let ops = report.sessions + report.touches;
+    let broker = |spent: &caep_simulations::counters::CountersSpent, ops: usize, per: &str| {
+        spent.broker_requests_per_op.map(|per_op| format!("{per_op:.2} per {per} ({})", spent.top_requests(ops, 4)))
+    };
+    if let Some(row) = broker(&report.counters_setup, ops, "establish or touch") {
+        rows.push(("broker requests, setup", row));
+    }
+    if let Some(row) = broker(&report.counters_revocations, report.outcome.delivered_leaves, "leaf") {
+        rows.push(("broker requests, revocations", row));
+    }
+    let signed = &report.counters_revocations.leaves_signed;
+    if signed.len() > 1 {
+        let each: Vec<String> = signed.iter().map(|n| n.map_or("-".into(), |n| n.to_string())).collect();
+        rows.push(("leaves signed per instance", each.join(" / ")));
+    }
     rows.push(("verdict", if report.passed() { "EXACT".to_owned() } else { "FAILED".to_owned() }));
     for (name, value) in rows {
         println!("  {name:<22} {value}");

@@ -53,16 +53,26 @@ impl Default for PushPolicy {
 /// Where and how a stream's SETs are pushed, and whether they may be.
 #[derive(Clone)]
 pub struct PushRoute {
-    pub endpoint_url: String,
+    /// The endpoint, parsed once per route rather than once per SET
+    /// (`Err`: why it does not parse, reported by every attempt).
+    endpoint: Result<reqwest::Url, String>,
     /// Sent verbatim as `Authorization` on every request. A secret.
-    pub authorization_header: Option<String>,
+    authorization_header: Option<String>,
     pub status: StreamStatus,
+}
+
+impl PushRoute {
+    /// A route to `endpoint_url`.
+    pub fn new(endpoint_url: &str, authorization_header: Option<String>, status: StreamStatus) -> Self {
+        let endpoint = reqwest::Url::parse(endpoint_url).map_err(|error| format!("endpoint URL: {error}"));
+        PushRoute { endpoint, authorization_header, status }
+    }
 }
 
 impl std::fmt::Debug for PushRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushRoute")
-            .field("endpoint_url", &self.endpoint_url)
+            .field("endpoint", &self.endpoint.as_ref().map(reqwest::Url::as_str))
             .field("authorization_header", &self.authorization_header.as_ref().map(|_| "<redacted>"))
             .field("status", &self.status)
             .finish()
@@ -147,18 +157,14 @@ impl Pusher {
     /// same SSRF guard: an announcement to a stream already disabled (whose
     /// queue drops everything). True when the receiver accepted it.
     pub(crate) async fn send_direct(&self, endpoint_url: &str, authorization: Option<String>, token: &str) -> bool {
-        let route = PushRoute {
-            endpoint_url: endpoint_url.to_owned(),
-            authorization_header: authorization,
-            status: StreamStatus::Enabled,
-        };
+        let route = PushRoute::new(endpoint_url, authorization, StreamStatus::Enabled);
         matches!(self.send_once(&route, token).await, Attempt::Delivered)
     }
 
     async fn send_once(&self, route: &PushRoute, token: &str) -> Attempt {
-        let url = match reqwest::Url::parse(&route.endpoint_url) {
-            Ok(url) => url,
-            Err(error) => return Attempt::Retry { reason: format!("endpoint URL: {error}"), retry_after: None },
+        let url = match &route.endpoint {
+            Ok(url) => url.clone(),
+            Err(reason) => return Attempt::Retry { reason: reason.clone(), retry_after: None },
         };
         if let Err(refused) = self.guard.check_request_url(&url) {
             return Attempt::Retry { reason: refused.to_string(), retry_after: None };

@@ -475,11 +475,7 @@ impl Transmitter {
     pub(crate) fn route(&self, record: &StreamRecord) {
         match &record.config.delivery {
             Delivery::Push { endpoint_url, authorization_header } if record.status != StreamStatus::Disabled => {
-                let route = PushRoute {
-                    endpoint_url: endpoint_url.clone(),
-                    authorization_header: authorization_header.clone(),
-                    status: record.status,
-                };
+                let route = PushRoute::new(endpoint_url, authorization_header.clone(), record.status);
                 self.pusher.route(&record.config.stream_id, route);
             }
             _ => self.pusher.stop(&record.config.stream_id),

@@ -102,7 +102,11 @@ impl KafkaSettings {
     /// Settings every client shares.
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers).set("client.id", "caep-hub").set("broker.address.ttl", "1000");
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", "caep-hub")
+            .set("broker.address.ttl", "1000")
+            .set("statistics.interval.ms", super::stats::STATS_INTERVAL_MS);
         config
     }
 
@@ -204,6 +208,10 @@ impl ClientContext for LogContext {
 
     fn error(&self, error: RdKafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        super::stats::record(statistics);
     }
 }
 
@@ -595,6 +603,10 @@ impl ClientContext for GroupContext {
 
     fn error(&self, error: RdKafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        super::stats::record(statistics);
     }
 }
 

@@ -12,6 +12,7 @@ pub mod partitions;
 pub mod records;
 pub mod retry;
 pub mod shared;
+pub mod stats;
 
 use std::net::SocketAddr;
 use std::path::Path;
