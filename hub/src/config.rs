@@ -50,6 +50,15 @@ pub struct HubConfig {
     pub kafka_partitions: i32,
     /// `CAEP_HUB_KAFKA_REPLICATION`: replication factor of new topics (3 in production).
     pub kafka_replication: i32,
+    /// `CAEP_HUB_KAFKA_FETCH_WAIT_MS`: longest a fetch waits at the broker for
+    /// new records. Apache Kafka answers as soon as records arrive, so only
+    /// idle fetches wait it out; brokers that always wait it out (Tansu) add
+    /// it to every hop, and answer more often the shorter it is.
+    pub kafka_fetch_wait_ms: u32,
+    /// `CAEP_HUB_KAFKA_SESSION_TIMEOUT_MS`: consumer-group session timeout,
+    /// after which a dead instance's partitions move (within the broker's
+    /// `group.min.session.timeout.ms`, 6,000 on Apache Kafka by default).
+    pub kafka_session_timeout_ms: u32,
     /// `CAEP_HUB_ADVERTISED_URL`: this instance's base URL for the others
     /// (polls are forwarded to a stream's owner); `http://` + the bound address when unset.
     pub advertised_url: Option<String>,
@@ -110,6 +119,8 @@ impl Default for HubConfig {
             kafka_group: "caep-hub".into(),
             kafka_partitions: 12,
             kafka_replication: 1,
+            kafka_fetch_wait_ms: 10,
+            kafka_session_timeout_ms: 6000,
             advertised_url: None,
             metrics_listen: None,
             secret_key: None,
@@ -209,7 +220,8 @@ impl HubConfig {
             group_id: self.kafka_group.clone(),
             partitions: self.kafka_partitions,
             replication_factor: self.kafka_replication,
-            session_timeout_ms: 6000,
+            session_timeout_ms: self.kafka_session_timeout_ms,
+            fetch_wait_ms: self.kafka_fetch_wait_ms,
         })
     }
 

@@ -173,6 +173,11 @@ impl Hub {
         }
     }
 
+    /// Whether other instances may write (Kafka mode).
+    pub fn is_clustered(&self) -> bool {
+        self.barrier.get().is_some()
+    }
+
     /// Waits for writes made at other instances, when there are others.
     pub async fn catch_up(&self) {
         if let Some(barrier) = self.barrier.get() {

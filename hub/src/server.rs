@@ -191,14 +191,52 @@ async fn catch_up(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> 
 /// replica knows: a stranger's request costs no broker round trip. The
 /// handler authenticates again after the catch-up (the receiver may have
 /// been removed at another instance meanwhile).
+///
+/// Touches (add-subject) are answered from this replica first and catch up
+/// only on a miss (404: a stream created at another instance an instant
+/// ago): they are the hot path, one per agent session and RP, and a touch
+/// taken a replication lag early only adds an edge to the graph.
 async fn catch_up_for_receivers(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
     let token = bearer(&request);
-    if let Some(token) = token
-        && matches!(hub.transmitter().receivers().authenticate(token), Ok(Some(_)))
-    {
-        hub.catch_up().await;
+    let known = token.is_some_and(|token| matches!(hub.transmitter().receivers().authenticate(token), Ok(Some(_))));
+    if !known {
+        return next.run(request).await;
     }
+    if hub.is_clustered() && is_touch(&request) {
+        return touch_then_catch_up_on_miss(&hub, request, next).await;
+    }
+    hub.catch_up().await;
     next.run(request).await
+}
+
+fn is_touch(request: &Request) -> bool {
+    let path = request.uri().path();
+    request.method() == axum::http::Method::POST
+        && (path == caep_transmitter::metadata::paths::ADD_SUBJECT
+            || path == caep_transmitter::metadata::paths::ADD_SUBJECTS)
+}
+
+/// Runs a touch against this replica; on a 404 catches up and runs it again
+/// (adding a subject is idempotent).
+async fn touch_then_catch_up_on_miss(hub: &Hub, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, http::MAX_BODY).await else {
+        return SsfError::PayloadTooLarge.into_response();
+    };
+    let again = |parts: &axum::http::request::Parts| {
+        let mut request = Request::new(axum::body::Body::from(body.clone()));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.version_mut() = parts.version;
+        *request.headers_mut() = parts.headers.clone();
+        request
+    };
+    let first = next.clone().run(again(&parts)).await;
+    if first.status() != StatusCode::NOT_FOUND {
+        return first;
+    }
+    hub.catch_up().await;
+    next.run(again(&parts)).await
 }
 
 /// The token of an `Authorization: Bearer` header (scheme case-insensitive).

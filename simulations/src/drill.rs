@@ -203,6 +203,10 @@ pub struct DrillReport {
     pub touches: usize,
     /// Setup (receivers, establish, touch) in ms.
     pub setup_ms: f64,
+    /// Of which establishing the sessions, in ms.
+    pub establish_ms: f64,
+    /// And then touching them (reported by the drill or by the guards), in ms.
+    pub touch_ms: f64,
     /// Every delivered leaf's latency, for the plot.
     #[serde(skip)]
     pub latencies: Vec<f64>,
@@ -273,11 +277,14 @@ impl DrillReport {
             "poll_receivers": self.poll_receivers,
             "touches": self.touches,
             "setup_ms": self.setup_ms,
+            "establish_ms": self.establish_ms,
+            "touch_ms": self.touch_ms,
             "phases": self.phases,
             "guarding": self.guarding,
             "guards": {"layer": self.guards.0, "sidecar": self.guards.1},
             "refusal": self.refusal,
             "cpu": {"setup": self.cpu_setup, "revocations": self.cpu_revocations},
+            "counters": {"setup": self.counters_setup, "revocations": self.counters_revocations},
             "lost_sample": o.lost_sample,
             "unexpected_sample": o.unexpected_sample,
         })
@@ -532,7 +539,9 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
     let counters_before_setup = read_counters(&target).await;
     let cpu_before_setup = read_cpu(&target);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let establish_started = now_ms();
     establish(&idp, &forest, run, &permits, &bar).await?;
+    let establish_ms = now_ms() - establish_started;
     let agents = if config.guarding == Guarding::None {
         let list = Arc::new(std::mem::take(&mut receivers.list));
         touch_directly(&list, &forest, &permits, &bar).await?;
@@ -552,6 +561,7 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         Some(agents)
     };
     let setup_ms = now_ms();
+    let touch_ms = setup_ms - establish_started - establish_ms;
     let cpu_after_setup = read_cpu(&target);
     let counters_after_setup = read_counters(&target).await;
     let mut probers = agents.as_ref().map(|agents| agents.start_probing(config.probers));
@@ -693,6 +703,8 @@ pub async fn run(config: &DrillConfig, mut target: HubTarget<'_>) -> anyhow::Res
         poll_receivers: receivers.poll_n(),
         touches: forest.touch_count(),
         setup_ms,
+        establish_ms,
+        touch_ms,
         latencies: accounting.latencies(),
         guarding: config.guarding,
         guards: receivers.guards(),

@@ -371,12 +371,14 @@ fn print_summary(report: &DrillReport, url: &str, kafka: Option<&str>) {
         _ => println!("caep-drill against {url}"),
     }
     println!(
-        "  forest: {} sessions, {} receivers ({} poll), {} touches; setup {:.1} s",
+        "  forest: {} sessions, {} receivers ({} poll), {} touches; setup {:.1} s (establishing {:.1} s, touching {:.1} s)",
         report.sessions,
         report.receivers,
         report.poll_receivers,
         report.touches,
-        report.setup_ms / 1000.0
+        report.setup_ms / 1000.0,
+        report.establish_ms / 1000.0,
+        report.touch_ms / 1000.0
     );
     if report.faults.any() {
         let f = &report.faults;
@@ -533,6 +535,7 @@ async fn bench(args: &Args, url: &str, admin_token: &str, hub: &mut Hub) -> anyh
         args.poll_share * 100.0
     );
     let (mut cascade, mut p50, mut p99, mut rate) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut costs = BenchCosts::default();
     let mut exact = true;
     for run in 0..runs {
         let mut config = args.config(run_id(&format!("b{run}")));
@@ -555,6 +558,7 @@ async fn bench(args: &Args, url: &str, admin_token: &str, hub: &mut Hub) -> anyh
             o.latency_ms.p99,
             report.sets_per_second
         );
+        costs.add(&report);
         cascade.push(c);
         p50.push(o.latency_ms.p50);
         p99.push(o.latency_ms.p99);
@@ -567,7 +571,57 @@ async fn bench(args: &Args, url: &str, admin_token: &str, hub: &mut Hub) -> anyh
         median(p99),
         median(rate)
     );
+    costs.print(runs);
     Ok(exact)
+}
+
+/// What each bench run cost: setup rate, CPU and broker requests.
+#[derive(Default)]
+struct BenchCosts {
+    setup_ops_per_s: Vec<f64>,
+    setup_cpu_us: Vec<f64>,
+    leaf_cpu_us: Vec<f64>,
+    setup_broker_cpu_s: Vec<f64>,
+    revocation_broker_cpu_s: Vec<f64>,
+    setup_requests: Vec<f64>,
+    leaf_requests: Vec<f64>,
+}
+
+impl BenchCosts {
+    fn add(&mut self, report: &drill::DrillReport) {
+        let ops = (report.sessions + report.touches) as f64;
+        let setup_s = (report.establish_ms + report.touch_ms) / 1000.0;
+        if setup_s > 0.0 {
+            self.setup_ops_per_s.push(ops / setup_s);
+        }
+        self.setup_cpu_us.extend(report.cpu_setup.hub_per_op_us);
+        self.leaf_cpu_us.extend(report.cpu_revocations.hub_per_op_us);
+        self.setup_broker_cpu_s.extend(report.cpu_setup.broker_s);
+        self.revocation_broker_cpu_s.extend(report.cpu_revocations.broker_s);
+        self.setup_requests.extend(report.counters_setup.broker_requests_per_op);
+        self.leaf_requests.extend(report.counters_revocations.broker_requests_per_op);
+    }
+
+    fn print(self, runs: usize) {
+        let m = |values: Vec<f64>, digits: usize| {
+            if values.is_empty() { "-".to_owned() } else { format!("{:.digits$}", median(values)) }
+        };
+        println!(
+            "median of {runs}: setup {} establish-or-touch/s; hub CPU {} µs per establish or touch, {} µs per leaf",
+            m(self.setup_ops_per_s, 0),
+            m(self.setup_cpu_us, 0),
+            m(self.leaf_cpu_us, 0)
+        );
+        if !self.setup_requests.is_empty() || !self.setup_broker_cpu_s.is_empty() {
+            println!(
+                "median of {runs}: broker requests {} per establish or touch, {} per leaf; broker CPU {} s in setup, {} s in revocations",
+                m(self.setup_requests, 2),
+                m(self.leaf_requests, 2),
+                m(self.setup_broker_cpu_s, 2),
+                m(self.revocation_broker_cpu_s, 2)
+            );
+        }
+    }
 }
 
 /// `--soak`: a constant workload against one hub; JSON lines, a summary

@@ -308,6 +308,31 @@ async fn strangers_are_refused_before_any_work(hub: Hub) {
     }
 }
 
+/// Touches are the hot path (one per agent session and RP): in Kafka mode a
+/// touch on a stream this instance knows is answered from its replica,
+/// without waiting for the shared log; only a miss (a stream it does not
+/// know, perhaps created at another instance an instant ago) waits, then
+/// answers from the caught-up replica. The same answers on both backends.
+async fn touches_wait_for_the_shared_log_only_on_a_miss(hub: Hub) {
+    let rp = hub.receiver("toucher").await;
+    let stream_id = hub.push_stream(&rp, "http://127.0.0.1:9/events", None).await;
+    let touch = |stream_id: &str, session: &str| json!({"stream_id": stream_id, "subject": {"format": "complex", "session": {"format": "opaque", "id": session}}});
+    let before = read_barriers(&hub).await;
+    for i in 0..5 {
+        hub.post(&hub.endpoint("add_subject_endpoint"), &rp.token, touch(&stream_id, &format!("s{i}")))
+            .await
+            .expect(200);
+    }
+    let many = json!({"stream_id": stream_id, "subjects": [touch(&stream_id, "m1")["subject"], touch(&stream_id, "m2")["subject"]]});
+    hub.post(&hub.endpoint("add_subjects_endpoint"), &rp.token, many).await.expect(200);
+    assert_eq!(read_barriers(&hub).await, before, "a touch on a known stream waited for the shared log");
+
+    hub.post(&hub.endpoint("add_subject_endpoint"), &rp.token, touch("no-such-stream", "s0")).await.expect(404);
+    if let Some(before) = before {
+        assert_eq!(read_barriers(&hub).await, Some(before + 1), "a miss waits for the shared log once");
+    }
+}
+
 // ---------------------------------------------------------------- secrets at rest
 
 /// Every file under `dir`, recursively.
@@ -570,6 +595,7 @@ on_every_backend!(
     a_receiver_hears_nothing_of_an_idp_it_is_not_bound_to,
     an_untrusted_idp_is_refused_and_its_cascades_complete,
     strangers_are_refused_before_any_work,
+    touches_wait_for_the_shared_log_only_on_a_miss,
     push_credentials_are_sealed_at_rest_and_in_the_log,
     oversized_and_deeply_nested_bodies_are_refused_cleanly,
     jwks_uris_must_be_https_public_and_not_redirect,

@@ -29,7 +29,7 @@ use crate::service::{EVENTS_SUPPORTED, Transmitter, store_error};
 use crate::streams::{self, Delivery, RequestKind, StatusBody};
 
 /// Largest management or poll request body accepted.
-const MAX_BODY: usize = 64 * 1024;
+pub const MAX_BODY: usize = 64 * 1024;
 
 type Shared = State<Arc<Transmitter>>;
 

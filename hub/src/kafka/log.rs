@@ -49,7 +49,10 @@ impl KafkaLog {
         proposed: Option<String>,
         issuer: Option<&str>,
     ) -> Result<RootEntry, IngestError> {
-        let entry = match self.known(session_id).await? {
+        // A miss here is not a barrier: a session another instance recorded
+        // an instant ago is found by the append below, whose record loses to
+        // the earlier one (the first record wins) and reads it back.
+        let entry = match self.shared.root_of(session_id)? {
             Some(entry) => entry,
             None => {
                 let root = proposed.unwrap_or_else(|| session_id.to_owned());
@@ -70,16 +73,6 @@ impl KafkaLog {
             return Err(rejected("invalid_request", format!("session `{session_id}` belongs to another issuer")));
         }
         Ok(entry)
-    }
-
-    /// The entry of a session any instance has recorded.
-    async fn known(&self, session_id: &str) -> Result<Option<RootEntry>, StoreError> {
-        if let Some(entry) = self.shared.root_of(session_id)? {
-            return Ok(Some(entry));
-        }
-        // Another instance may have just recorded it: catch up, look again.
-        self.shared.barrier().await;
-        self.shared.root_of(session_id)
     }
 
     fn partition(&self, root: &str) -> i32 {
