@@ -253,7 +253,13 @@ async fn start_one(
     let flaky = is_push && index < faults.flaky_receivers;
     let slow = is_push && !flaky && index < faults.flaky_receivers + faults.slow_receivers;
     let audience = format!("https://rp{index}.{run}.drill.example");
-    let body = serde_json::json!({"name": format!("drill {run} rp{index}"), "audience": audience});
+    // Bound to the drill's IdP: it hears of no other IdP's sessions, so an
+    // earlier drill's IdP still trusted by the hub adds no work to its touches.
+    let body = serde_json::json!({
+        "name": format!("drill {run} rp{index}"),
+        "audience": audience,
+        "issuers": [plan.idp.issuer],
+    });
     let created = plan.admin.post("/admin/receivers", body).await?;
     let token = created["token"].as_str().context("receiver token")?.to_owned();
     let ctx = Arc::new(ReceiverCtx::new(

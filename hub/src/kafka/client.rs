@@ -53,6 +53,10 @@ const QUEUE_FULL_TIMEOUT: Duration = Duration::from_secs(30);
 const MESSAGE_TIMEOUT_MS: &str = "30000";
 /// Producer batching delay: small, latency matters more than batch size.
 const LINGER_MS: &str = "5";
+/// The least rebalance timeout (`max.poll.interval.ms`), whatever the
+/// session timeout: a partition's catch-up may keep a loop from polling for
+/// a few seconds, and a member that misses it leaves the group.
+const MIN_REBALANCE_TIMEOUT_MS: u32 = 6_000;
 /// Group partition assignment strategy (see the module documentation).
 pub const ASSIGNMENT_STRATEGY: &str = "range";
 
@@ -705,7 +709,7 @@ impl GroupConsumer {
             // Also the rebalance timeout: how long a rebalance waits for a
             // member that does not rejoin (a killed instance). The default
             // (5 min) would stall failover; our loops poll continuously.
-            .set("max.poll.interval.ms", (settings.session_timeout_ms * 2).max(10_000).to_string())
+            .set("max.poll.interval.ms", (settings.session_timeout_ms * 2).max(MIN_REBALANCE_TIMEOUT_MS).to_string())
             .create_with_context(context)
             .map_err(|e| KafkaError::client("creating a group consumer", e))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
