@@ -192,51 +192,60 @@ async fn catch_up(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> 
 /// handler authenticates again after the catch-up (the receiver may have
 /// been removed at another instance meanwhile).
 ///
-/// Touches (add-subject) are answered from this replica first and catch up
-/// only on a miss (404: a stream created at another instance an instant
-/// ago): they are the hot path, one per agent session and RP, and a touch
-/// taken a replication lag early only adds an edge to the graph.
+/// A touch (add-subject, add-many) is the hot path, one per agent session
+/// and RP: it skips the catch-up when this replica can answer it alone (see
+/// [`answerable_locally`]).
 async fn catch_up_for_receivers(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
     let token = bearer(&request);
     let known = token.is_some_and(|token| matches!(hub.transmitter().receivers().authenticate(token), Ok(Some(_))));
     if !known {
         return next.run(request).await;
     }
-    if hub.is_clustered() && is_touch(&request) {
-        return touch_then_catch_up_on_miss(&hub, request, next).await;
+    if !(hub.is_clustered() && is_touch(&request)) {
+        hub.catch_up().await;
+        return next.run(request).await;
     }
-    hub.catch_up().await;
-    next.run(request).await
-}
-
-fn is_touch(request: &Request) -> bool {
-    let path = request.uri().path();
-    request.method() == axum::http::Method::POST
-        && (path == caep_transmitter::metadata::paths::ADD_SUBJECT
-            || path == caep_transmitter::metadata::paths::ADD_SUBJECTS)
-}
-
-/// Runs a touch against this replica; on a 404 catches up and runs it again
-/// (adding a subject is idempotent).
-async fn touch_then_catch_up_on_miss(hub: &Hub, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, http::MAX_BODY).await else {
+    if parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        > Some(http::MAX_BODY)
+    {
         return SsfError::PayloadTooLarge.into_response();
-    };
-    let again = |parts: &axum::http::request::Parts| {
-        let mut request = Request::new(axum::body::Body::from(body.clone()));
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = parts.uri.clone();
-        *request.version_mut() = parts.version;
-        *request.headers_mut() = parts.headers.clone();
-        request
-    };
-    let first = next.clone().run(again(&parts)).await;
-    if first.status() != StatusCode::NOT_FOUND {
-        return first;
     }
-    hub.catch_up().await;
-    next.run(again(&parts)).await
+    let body = match axum::body::to_bytes(body, http::MAX_BODY).await {
+        Ok(body) => body,
+        Err(_) => return SsfError::BadRequest("the request body could not be read whole".into()).into_response(),
+    };
+    if !answerable_locally(&hub, &body) {
+        hub.catch_up().await;
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(body))).await
+}
+
+/// Add-subject and add-many, under whatever path the issuer has.
+fn is_touch(request: &Request) -> bool {
+    use caep_transmitter::metadata::paths::{ADD_SUBJECT, ADD_SUBJECTS};
+    let path = request.uri().path();
+    request.method() == axum::http::Method::POST && (path.ends_with(ADD_SUBJECT) || path.ends_with(ADD_SUBJECTS))
+}
+
+/// Whether this replica can take a touch without catching up first: it
+/// knows the stream; the stream hears only from the IdPs it names (an
+/// unbound stream's touch is recorded under every trusted IdP, and one
+/// trusted at another instance an instant ago would be missed); and the
+/// touch will not stamp the stream's activity (a whole-record write that,
+/// from a replica a moment behind, would undo a change made elsewhere).
+/// A touch taken a replication lag early then only adds graph edges, which
+/// cascades check against the streams as they are when they run.
+fn answerable_locally(hub: &Hub, body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        stream_id: String,
+    }
+    let Ok(named) = serde_json::from_slice::<Named>(body) else { return false };
+    let transmitter = hub.transmitter();
+    transmitter.streams().get(&named.stream_id).is_some_and(|record| {
+        record.issuers.is_some() && !transmitter.activity_due(&record, caep_transmitter::outbox::now_ms())
+    })
 }
 
 /// The token of an `Authorization: Bearer` header (scheme case-insensitive).

@@ -751,7 +751,7 @@ async fn cascade_report(admin: &Admin, txn: &str) -> Option<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;
     while Instant::now() < deadline {
-        if let Some(report) = admin.get(&format!("/admin/cascades/{txn}")).await {
+        if let Some(report) = admin.get(&format!("/admin/cascades/{txn}?leaves=false")).await {
             if report["complete"] == true {
                 return Some(report);
             }

@@ -309,27 +309,45 @@ async fn strangers_are_refused_before_any_work(hub: Hub) {
 }
 
 /// Touches are the hot path (one per agent session and RP): in Kafka mode a
-/// touch on a stream this instance knows is answered from its replica,
-/// without waiting for the shared log; only a miss (a stream it does not
-/// know, perhaps created at another instance an instant ago) waits, then
-/// answers from the caught-up replica. The same answers on both backends.
-async fn touches_wait_for_the_shared_log_only_on_a_miss(hub: Hub) {
-    let rp = hub.receiver("toucher").await;
-    let stream_id = hub.push_stream(&rp, "http://127.0.0.1:9/events", None).await;
-    let touch = |stream_id: &str, session: &str| json!({"stream_id": stream_id, "subject": {"format": "complex", "session": {"format": "opaque", "id": session}}});
+/// touch on a stream this instance knows, bound to the IdPs it hears from,
+/// is answered from its replica without waiting for the shared log. A touch
+/// it cannot answer alone waits first: a stream it does not know (perhaps
+/// created at another instance an instant ago), or an unbound stream (whose
+/// touch is recorded under every trusted IdP, one of which may have been
+/// trusted elsewhere an instant ago). The same answers on both backends.
+async fn touches_wait_for_the_shared_log_only_when_the_replica_may_be_behind(hub: Hub) {
+    Idp::register(&hub, IDP_A).await;
+    let bound =
+        hub.receiver_with(json!({"name": "bound", "audience": "https://bound.example/", "issuers": [IDP_A]})).await;
+    let bound_stream = hub.push_stream(&bound, "http://127.0.0.1:9/events", None).await;
+    let unbound = hub.receiver("unbound").await;
+    let unbound_stream = hub.push_stream(&unbound, "http://127.0.0.1:9/events", None).await;
+    let subject = |session: &str| json!({"format": "complex", "session": {"format": "opaque", "id": session}});
+    let touch = |stream_id: &str, session: &str| json!({"stream_id": stream_id, "subject": subject(session)});
+    let add = hub.endpoint("add_subject_endpoint");
+
     let before = read_barriers(&hub).await;
     for i in 0..5 {
-        hub.post(&hub.endpoint("add_subject_endpoint"), &rp.token, touch(&stream_id, &format!("s{i}")))
-            .await
-            .expect(200);
+        hub.post(&add, &bound.token, touch(&bound_stream, &format!("s{i}"))).await.expect(200);
     }
-    let many = json!({"stream_id": stream_id, "subjects": [touch(&stream_id, "m1")["subject"], touch(&stream_id, "m2")["subject"]]});
-    hub.post(&hub.endpoint("add_subjects_endpoint"), &rp.token, many).await.expect(200);
-    assert_eq!(read_barriers(&hub).await, before, "a touch on a known stream waited for the shared log");
+    let many = json!({"stream_id": bound_stream, "subjects": [subject("m1"), subject("m2")]});
+    hub.post(&hub.endpoint("add_subjects_endpoint"), &bound.token, many).await.expect(200);
+    assert_eq!(read_barriers(&hub).await, before, "a touch on a known, bound stream waited for the shared log");
 
-    hub.post(&hub.endpoint("add_subject_endpoint"), &rp.token, touch("no-such-stream", "s0")).await.expect(404);
+    let before = read_barriers(&hub).await;
+    hub.post(&add, &bound.token, touch("no-such-stream", "s0")).await.expect(404);
+    assert_barriers_grew_by_one(&hub, before, "a touch on an unknown stream").await;
+    let before = read_barriers(&hub).await;
+    hub.post(&add, &unbound.token, touch(&unbound_stream, "s0")).await.expect(200);
+    assert_barriers_grew_by_one(&hub, before, "a touch on an unbound stream").await;
+    // Known and bound, but another receiver's: refused from local state.
+    hub.post(&add, &unbound.token, touch(&bound_stream, "s0")).await.expect(404);
+}
+
+/// In Kafka mode, `what` waited for the shared log exactly once since `before`.
+async fn assert_barriers_grew_by_one(hub: &Hub, before: Option<u64>, what: &str) {
     if let Some(before) = before {
-        assert_eq!(read_barriers(&hub).await, Some(before + 1), "a miss waits for the shared log once");
+        assert_eq!(read_barriers(hub).await, Some(before + 1), "{what} did not wait for the shared log once");
     }
 }
 
@@ -595,7 +613,7 @@ on_every_backend!(
     a_receiver_hears_nothing_of_an_idp_it_is_not_bound_to,
     an_untrusted_idp_is_refused_and_its_cascades_complete,
     strangers_are_refused_before_any_work,
-    touches_wait_for_the_shared_log_only_on_a_miss,
+    touches_wait_for_the_shared_log_only_when_the_replica_may_be_behind,
     push_credentials_are_sealed_at_rest_and_in_the_log,
     oversized_and_deeply_nested_bodies_are_refused_cleanly,
     jwks_uris_must_be_https_public_and_not_redirect,

@@ -107,14 +107,23 @@ impl Transmitter {
             && now.saturating_sub(record.last_active_ms()) > timeout_secs.saturating_mul(1000)
     }
 
+    /// Whether activity on the stream at `now` would be written (see
+    /// [`note_activity`](Self::note_activity)): a tenth of its inactivity
+    /// timeout has passed since the last stamp.
+    pub fn activity_due(&self, record: &StreamRecord, now: u64) -> bool {
+        record
+            .config
+            .inactivity_timeout
+            .is_some_and(|timeout_secs| now.saturating_sub(record.last_active_ms()) >= timeout_secs.saturating_mul(100))
+    }
+
     /// Records eligible receiver activity on a stream (SSF 1.0 §8.1.1: any
     /// management call naming it, and a poll of a poll stream), restarting
     /// its inactivity timeout. Written at most once per tenth of the
     /// timeout, so a busy poller costs no write per poll.
     pub async fn note_activity(&self, record: &StreamRecord) {
-        let Some(timeout_secs) = record.config.inactivity_timeout else { return };
         let now = now_ms();
-        if now.saturating_sub(record.last_active_ms()) < timeout_secs.saturating_mul(100) {
+        if !self.activity_due(record, now) {
             return;
         }
         let stamp = self.update_stream(&record.config.stream_id, |r| r.last_activity_ms = Some(now));

@@ -128,6 +128,19 @@ impl KafkaSettings {
                 self.replication_factor
             )));
         }
+        // librdkafka's ranges for fetch.wait.max.ms and session.timeout.ms.
+        if self.fetch_wait_ms > 300_000 {
+            return Err(KafkaError::InvalidSettings(format!(
+                "fetch wait must be at most 300000 ms, not {}",
+                self.fetch_wait_ms
+            )));
+        }
+        if !(1..=3_600_000).contains(&self.session_timeout_ms) {
+            return Err(KafkaError::InvalidSettings(format!(
+                "session timeout must be 1 to 3600000 ms, not {}",
+                self.session_timeout_ms
+            )));
+        }
         Ok(())
     }
 }
@@ -709,7 +722,10 @@ impl GroupConsumer {
             // Also the rebalance timeout: how long a rebalance waits for a
             // member that does not rejoin (a killed instance). The default
             // (5 min) would stall failover; our loops poll continuously.
-            .set("max.poll.interval.ms", (settings.session_timeout_ms * 2).max(MIN_REBALANCE_TIMEOUT_MS).to_string())
+            .set(
+                "max.poll.interval.ms",
+                settings.session_timeout_ms.saturating_mul(2).max(MIN_REBALANCE_TIMEOUT_MS).to_string(),
+            )
             .create_with_context(context)
             .map_err(|e| KafkaError::client("creating a group consumer", e))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -912,6 +928,14 @@ mod tests {
         s.brokers = "127.0.0.1:1".into();
         s.partitions = 0;
         assert!(matches!(TailReader::new(&s, "t", 0, 0), Err(KafkaError::InvalidSettings(_))));
+        s.partitions = 1;
+        s.fetch_wait_ms = 300_001;
+        assert!(matches!(Producer::new(&s), Err(KafkaError::InvalidSettings(_))));
+        s.fetch_wait_ms = 10;
+        s.session_timeout_ms = 0;
+        assert!(matches!(Producer::new(&s), Err(KafkaError::InvalidSettings(_))));
+        s.session_timeout_ms = 6000;
+        assert!(Producer::new(&s).is_ok(), "valid settings");
     }
 
     /// Produce with `send` and `send_all`, read back with a tail reader,
