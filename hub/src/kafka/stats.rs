@@ -33,10 +33,14 @@ struct BrokerReport {
     req: HashMap<String, u64>,
 }
 
+/// A client's last counts: (broker, request type) → requests since that
+/// broker connection started.
+type Baseline = HashMap<(String, String), u64>;
+
 #[derive(Default)]
 struct Counts {
-    /// Each client's last cumulative counts and when they arrived (report number).
-    clients: HashMap<String, (u64, BTreeMap<String, u64>)>,
+    /// Each client's baseline and when it last reported (report number).
+    clients: HashMap<String, (u64, Baseline)>,
     totals: BTreeMap<String, u64>,
     reports: u64,
 }
@@ -49,24 +53,25 @@ pub fn record(raw: &[u8]) {
         tracing::debug!("unreadable librdkafka statistics");
         return;
     };
-    let mut now: BTreeMap<String, u64> = BTreeMap::new();
-    for broker in report.brokers.values() {
-        for (request, count) in &broker.req {
-            *now.entry(request.clone()).or_default() += count;
-        }
-    }
     let mut guard = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
     let counts = guard.get_or_insert_with(Counts::default);
     counts.reports += 1;
     let reports = counts.reports;
-    let before = counts.clients.get(&report.name).map(|(_, before)| before.clone()).unwrap_or_default();
-    for (request, count) in &now {
-        let grew = count.saturating_sub(before.get(request).copied().unwrap_or(0));
-        if grew > 0 {
-            *counts.totals.entry(request.clone()).or_default() += grew;
+    let (at, baseline) = counts.clients.entry(report.name).or_default();
+    *at = reports;
+    // Per broker: a broker missing from one report keeps its baseline (no
+    // growth lost or counted twice), and one whose count went down was
+    // reconnected and counts from zero.
+    for (broker, stats) in report.brokers {
+        for (request, count) in stats.req {
+            let last = baseline.entry((broker.clone(), request.clone())).or_default();
+            let grew = if count >= *last { count - *last } else { count };
+            *last = count;
+            if grew > 0 {
+                *counts.totals.entry(request).or_default() += grew;
+            }
         }
     }
-    counts.clients.insert(report.name, (reports, now));
     if counts.clients.len() > MAX_CLIENTS
         && let Some(silent) = counts.clients.iter().min_by_key(|(_, (at, _))| *at).map(|(name, _)| name.clone())
     {
@@ -111,5 +116,25 @@ mod tests {
         assert!(get(&after, "Produce") >= get(&before, "Produce") + 16);
         assert!(get(&after, "Fetch") >= get(&before, "Fetch") + 130);
         assert!(get(&after, "Heartbeat") >= get(&before, "Heartbeat") + 2);
+    }
+
+    #[test]
+    fn a_broker_missing_from_a_report_or_reconnected_is_counted_once() {
+        let one = |broker: &str, produce: u64| {
+            serde_json::to_vec(&serde_json::json!({
+                "name": "stats-test-brokers",
+                "brokers": {broker: {"req": {"ProduceBrokerTest": produce}}},
+            }))
+            .unwrap_or_default()
+        };
+        let get = || totals().get("ProduceBrokerTest").copied().unwrap_or(0);
+        record(&one("b1", 10));
+        record(&one("b2", 5));
+        // b1 is back with the counts it had: nothing new.
+        record(&one("b1", 10));
+        assert_eq!(get(), 15);
+        // b1 reconnected: its count restarted from zero.
+        record(&one("b1", 3));
+        assert_eq!(get(), 18);
     }
 }
