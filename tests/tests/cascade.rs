@@ -112,6 +112,13 @@ async fn revoking_a_session_reaches_exactly_its_subtree_touches_and_all_streams(
     let report = complete_cascade(&hub, "txn-A", 8).await;
     let leaves = check_report(&report, "txn-A", 8);
     assert_eq!(leaves, got, "the report's leaves are not what the RPs received");
+    // The summary: the same figures without the leaves; a bad flag is refused.
+    let summary = hub.admin(Method::GET, "/admin/cascades/txn-A?leaves=false", Body::None).await.expect(200).json();
+    assert!(summary.get("leaves").is_none(), "{summary:#}");
+    for field in ["txn", "total", "delivered", "failed", "complete", "p50_ms", "p99_ms", "cascade_ms"] {
+        assert_eq!(summary[field], report[field], "{field}: {summary:#}");
+    }
+    hub.admin(Method::GET, "/admin/cascades/txn-A?leaves=maybe", Body::None).await.expect(400);
 
     // The graph: the subtree revoked by txn-A, the rest untouched.
     for id in ["A", "A1", "A2", "A1a"] {
