@@ -26,6 +26,9 @@ const COMPLETED: TableDefinition<(u64, &str), ()> = TableDefinition::new("cascad
 /// Pruned cascades whose leaves are still being removed (in bounded
 /// batches): key → the completion time; only leaves planned by then go.
 const PRUNING: TableDefinition<&str, u64> = TableDefinition::new("cascades_pruning");
+/// Cascades not yet complete, by key, with when they started: what the
+/// console lists as in progress without reading every kept cascade.
+const OPEN: TableDefinition<&str, u64> = TableDefinition::new("cascades_open");
 
 /// One event a cascade's leaves carry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,8 +147,12 @@ fn put_cascade(txn: &WriteTransaction, record: &CascadeRecord) -> Result<(), Sto
     } else {
         index.remove(record.key.as_str()).map_err(storage)?;
     }
+    let mut open = txn.open_table(OPEN).map_err(storage)?;
     if let Some(completed) = record.completed_at_ms {
         txn.open_table(COMPLETED).map_err(storage)?.insert((completed, record.key.as_str()), ()).map_err(storage)?;
+        open.remove(record.key.as_str()).map_err(storage)?;
+    } else {
+        open.insert(record.key.as_str(), record.started_at_ms).map_err(storage)?;
     }
     Ok(())
 }
@@ -247,6 +254,53 @@ fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<usize, 
         }
     }
     Ok(removed)
+}
+
+/// Cascades still in progress (up to `limit`, newest first) and how many
+/// there are, followed by the `limit` most recently completed.
+pub fn recent(txn: &ReadTransaction, limit: usize) -> Result<RecentCascades, StoreError> {
+    use redb::ReadableTableMetadata;
+    let mut recent = RecentCascades::default();
+    let cascades = match txn.open_table(CASCADES) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(recent),
+        Err(error) => return Err(storage(error)),
+    };
+    let read = |key: &str| -> Result<Option<CascadeRecord>, StoreError> {
+        cascades.get(key).map_err(storage)?.map(|row| decode(row.value())).transpose()
+    };
+    if let Ok(open) = txn.open_table(OPEN) {
+        recent.open_total = open.len().map_err(storage)?;
+        let mut started: Vec<(u64, String)> = Vec::new();
+        for row in open.iter().map_err(storage)? {
+            let (key, at) = row.map_err(storage)?;
+            started.push((at.value(), key.value().to_owned()));
+        }
+        started.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, key) in started.into_iter().take(limit) {
+            recent.open.extend(read(&key)?.filter(|record| record.completed_at_ms.is_none()));
+        }
+    }
+    if let Ok(completed) = txn.open_table(COMPLETED) {
+        for row in completed.iter().map_err(storage)?.rev() {
+            if recent.completed.len() >= limit {
+                break;
+            }
+            let (entry, _) = row.map_err(storage)?;
+            let (at, key) = entry.value();
+            // A stale entry: the cascade was reopened (a late touch) since.
+            recent.completed.extend(read(key)?.filter(|record| record.completed_at_ms == Some(at)));
+        }
+    }
+    Ok(recent)
+}
+
+/// What [`recent`] lists.
+#[derive(Debug, Default)]
+pub struct RecentCascades {
+    pub open: Vec<CascadeRecord>,
+    pub open_total: u64,
+    pub completed: Vec<CascadeRecord>,
 }
 
 /// How many cascade records are kept.
@@ -478,6 +532,25 @@ struct Settled {
     last_at: u64,
 }
 
+/// The cascade with key `id` and every one of its leaves, from a read snapshot.
+pub fn cascade_and_leaves(txn: &ReadTransaction, id: &str) -> Result<Option<(CascadeRecord, Vec<Leaf>)>, StoreError> {
+    let cascades = match txn.open_table(CASCADES) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(error) => return Err(storage(error)),
+    };
+    let Some(row) = cascades.get(id).map_err(storage)? else { return Ok(None) };
+    let record: CascadeRecord = decode(row.value())?;
+    let table = txn.open_table(LEAVES).map_err(storage)?;
+    let mut leaves = Vec::new();
+    let end = crate::graph::after(id);
+    for row in table.range((id, "")..(end.as_str(), "")).map_err(storage)? {
+        let (_, value) = row.map_err(storage)?;
+        leaves.push(decode::<Leaf>(value.value())?);
+    }
+    Ok(Some((record, leaves)))
+}
+
 /// The `GET /admin/cascades/{txn}` report.
 #[derive(Clone, Debug, Serialize)]
 pub struct CascadeReport {
@@ -518,20 +591,7 @@ pub struct LeafReport {
 /// Builds the report of the cascade with key `id` from a read snapshot,
 /// listing its leaves when `with_leaves`.
 pub fn report(txn: &ReadTransaction, id: &str, with_leaves: bool) -> Result<Option<CascadeReport>, StoreError> {
-    let cascades = match txn.open_table(CASCADES) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(error) => return Err(storage(error)),
-    };
-    let Some(row) = cascades.get(id).map_err(storage)? else { return Ok(None) };
-    let record: CascadeRecord = decode(row.value())?;
-    let table = txn.open_table(LEAVES).map_err(storage)?;
-    let mut leaves = Vec::new();
-    let end = crate::graph::after(id);
-    for row in table.range((id, "")..(end.as_str(), "")).map_err(storage)? {
-        let (_, value) = row.map_err(storage)?;
-        leaves.push(decode::<Leaf>(value.value())?);
-    }
+    let Some((record, leaves)) = cascade_and_leaves(txn, id)? else { return Ok(None) };
     let mut latencies: Vec<u64> = leaves.iter().filter_map(Leaf::latency_ms).collect();
     latencies.sort_unstable();
     let delivered = leaves.iter().filter(|l| l.status == LeafStatus::Delivered).count() as u64;

@@ -172,7 +172,7 @@ async fn session_view(
 }
 
 /// The view of the session `key`, merged across partitions (Kafka mode).
-async fn session_view_of(hub: &Hub, key: &str) -> Result<Option<Value>, SsfError> {
+pub(crate) async fn session_view_of(hub: &Hub, key: &str) -> Result<Option<Value>, SsfError> {
     // In Kafka mode a session's graph lives with its partition's owner.
     let Some(store) = hub.graph_store_of(key).await else { return Ok(None) };
     let storage = |e: StoreError| SsfError::Storage(e.to_string());

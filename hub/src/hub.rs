@@ -205,7 +205,9 @@ impl Hub {
     pub async fn ingest(self: &Arc<Self>, token: &str) -> Result<(), IngestError> {
         let received_at = now_ms();
         let set = self.verify(token).await?;
+        let issuer = set.iss.clone();
         let plan = self.log.append(set, received_at).await?;
+        self.issuers.note_event(&issuer, received_at);
         for (record, leaves) in plan.cascades {
             self.dispatch(record, leaves);
         }

@@ -73,6 +73,9 @@ pub struct Issuers {
     /// Serializes changes at this originator, so "is it new?" is answered
     /// against the state the change is applied to.
     changing: tokio::sync::Mutex<()>,
+    /// When each trusted IdP's last SET was accepted here (the console
+    /// shows it); one entry per trusted IdP, dropped when it is untrusted.
+    last_events: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 fn storage<E: std::fmt::Display>(error: E) -> StoreError {
@@ -101,6 +104,7 @@ impl Issuers {
             keys: RwLock::new(HashMap::new()),
             log,
             changing: tokio::sync::Mutex::new(()),
+            last_events: std::sync::Mutex::new(HashMap::new()),
         };
         for issuer in registry.list()? {
             match registry.cache_for(&issuer) {
@@ -206,6 +210,7 @@ impl Issuers {
 
     fn uninstall(&self, issuer: &str) {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).remove(issuer);
+        self.last_events.lock().unwrap_or_else(|p| p.into_inner()).remove(issuer);
     }
 
     /// Every trusted issuer, sorted: whom a receiver bound to "every
@@ -214,6 +219,20 @@ impl Issuers {
         let mut names: Vec<String> = self.keys.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// Notes that a verified SET of a trusted `issuer` was accepted at `at_ms`.
+    pub fn note_event(&self, issuer: &str, at_ms: u64) {
+        if self.keys.read().unwrap_or_else(|p| p.into_inner()).contains_key(issuer) {
+            let mut last = self.last_events.lock().unwrap_or_else(|p| p.into_inner());
+            let at = last.entry(issuer.to_owned()).or_default();
+            *at = (*at).max(at_ms);
+        }
+    }
+
+    /// When this instance last accepted a SET of `issuer`.
+    pub fn last_event(&self, issuer: &str) -> Option<u64> {
+        self.last_events.lock().unwrap_or_else(|p| p.into_inner()).get(issuer).copied()
     }
 
     /// The key cache of an issuer, if it is trusted.

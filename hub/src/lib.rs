@@ -6,6 +6,7 @@
 pub mod admin_token;
 pub mod cascade;
 pub mod config;
+mod console;
 pub mod effects;
 pub mod error;
 pub mod graph;

@@ -146,6 +146,7 @@ impl BoundHub {
 }
 
 fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
+    let admin_token = Arc::new(admin_token);
     let transmitter = Arc::clone(hub.transmitter());
     // Management reads see every write acknowledged at any instance, but
     // only authenticated callers make the hub wait for the shared log.
@@ -153,13 +154,14 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
         .merge(crate::http::admin_router(Arc::clone(&hub)))
         .route("/metrics", get(render_metrics).with_state(Arc::clone(&hub)))
         .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up))
-        .layer(middleware::from_fn_with_state(Arc::new(admin_token), require_admin));
+        .layer(middleware::from_fn_with_state(Arc::clone(&admin_token), require_admin));
     let receivers = http::router(transmitter.clone())
         .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up_for_receivers));
     let managed = admin.merge(receivers);
     Router::new()
         .route("/healthz", get(health).with_state(Arc::clone(&hub)))
         .merge(managed)
+        .merge(crate::console::router(Arc::clone(&hub), admin_token))
         .merge(crate::http::ingest_router(hub))
 }
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod control;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod limits;

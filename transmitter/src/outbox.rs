@@ -15,6 +15,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::health::StreamHealth;
 use crate::store::{Commit, Store, StoreError, decode, encode};
 
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
@@ -105,6 +106,7 @@ pub struct Outbox {
     store: Store,
     sink: Arc<dyn OutcomeSink>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    health: StreamHealth,
 }
 
 /// Milliseconds since the epoch, now.
@@ -119,12 +121,30 @@ fn storage<E: std::fmt::Display>(error: E) -> StoreError {
 impl Outbox {
     /// The outbox in `store`, reporting outcomes to `sink`.
     pub fn new(store: Store, sink: Arc<dyn OutcomeSink>) -> Self {
-        Outbox { store, sink, wakers: Mutex::new(HashMap::new()) }
+        Outbox { store, sink, wakers: Mutex::new(HashMap::new()), health: StreamHealth::default() }
     }
 
     /// The store this outbox lives in.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Delivery health of the streams delivered from here.
+    pub fn health(&self) -> &StreamHealth {
+        &self.health
+    }
+
+    /// Tells committed outcomes to the stream health and the sink.
+    fn settled(&self, outcomes: &[SetOutcome<'_>]) {
+        for outcome in outcomes {
+            if outcome.delivered {
+                self.health.delivered(outcome.stream_id, &outcome.set.jti, outcome.at_ms);
+            } else {
+                let reason = outcome.err.unwrap_or("failed");
+                self.health.dead_lettered(outcome.stream_id, &outcome.set.jti, reason, outcome.at_ms);
+            }
+        }
+        self.sink.committed(outcomes);
     }
 
     /// Inserts `sets` inside a caller's write transaction, so they commit
@@ -195,6 +215,18 @@ impl Outbox {
         })
     }
 
+    /// How many dead letters a stream has.
+    pub fn dead_letter_count(&self, stream_id: &str) -> Result<u64, StoreError> {
+        self.store.read(|txn| {
+            let dead = match txn.open_table(DEAD_LETTERS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+                Err(error) => return Err(storage(error)),
+            };
+            Ok(dead.range((stream_id, 0)..=(stream_id, u64::MAX)).map_err(storage)?.count() as u64)
+        })
+    }
+
     /// How many SETs wait for a stream.
     pub fn depth(&self, stream_id: &str) -> Result<u64, StoreError> {
         self.store.read(|txn| {
@@ -232,7 +264,7 @@ impl Outbox {
                 Ok(removed)
             })
             .await?;
-        self.sink.committed(&delivered_outcomes(&removed));
+        self.settled(&delivered_outcomes(&removed));
         Ok(())
     }
 
@@ -264,7 +296,7 @@ impl Outbox {
                 Ok(acked)
             })
             .await?;
-        self.sink.committed(&delivered_outcomes(&acked));
+        self.settled(&delivered_outcomes(&acked));
         Ok(acked.into_iter().map(|(_, set, _)| set).collect())
     }
 
@@ -312,7 +344,7 @@ impl Outbox {
                 Ok(moved)
             })
             .await?;
-        self.sink.committed(&failed_outcomes(&moved));
+        self.settled(&failed_outcomes(&moved));
         Ok(moved)
     }
 
@@ -442,6 +474,7 @@ impl Outbox {
     pub fn forget_waker(&self, stream_id: &str) {
         self.wake(stream_id);
         self.wakers.lock().unwrap_or_else(|p| p.into_inner()).remove(stream_id);
+        self.health.forget(stream_id);
     }
 
     /// Removes up to `limit` dead letters that failed before `horizon_ms`,

@@ -342,6 +342,7 @@ impl Delivery {
                     }
                     let delay = backoff.next_backoff().unwrap_or(policy.max_retry_interval);
                     let delay = retry_after.map_or(delay, |asked| asked.min(policy.max_retry_interval).max(delay));
+                    self.pusher.queue.health().retrying(&self.stream_id, &reason, now_ms());
                     tracing::debug!(stream_id = %self.stream_id, jti = %self.pending.set.jti, attempts, %reason,
                         delay_ms = delay.as_millis() as u64, "push failed; will retry");
                     // Wake early when the route changes (paused, disabled, new URL).

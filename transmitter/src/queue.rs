@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::health::StreamHealth;
 use crate::outbox::{DeadLetter, Failure, NewSet, Outbox, Pending, QueuedSet};
 use crate::service::BoxFuture;
 use crate::store::StoreError;
@@ -27,6 +28,8 @@ pub trait DeliveryQueue: Send + Sync {
     fn remove_delivered(&self, delivered: Vec<(String, u64, u64)>) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Settles SETs acknowledged by poll (only this stream's).
     fn ack<'a>(&'a self, stream_id: &'a str, jtis: Vec<String>) -> BoxFuture<'a, Result<Vec<QueuedSet>, StoreError>>;
+    /// Delivery health of the streams this queue serves.
+    fn health(&self) -> &StreamHealth;
     /// Moves SETs delivery gave up on to the dead letters (only this stream's).
     fn dead_letter<'a>(
         &'a self,
@@ -58,6 +61,10 @@ impl DeliveryQueue for Outbox {
 
     fn ack<'a>(&'a self, stream_id: &'a str, jtis: Vec<String>) -> BoxFuture<'a, Result<Vec<QueuedSet>, StoreError>> {
         Box::pin(Outbox::ack(self, stream_id, jtis))
+    }
+
+    fn health(&self) -> &StreamHealth {
+        Outbox::health(self)
     }
 
     fn dead_letter<'a>(

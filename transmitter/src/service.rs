@@ -621,7 +621,10 @@ impl Transmitter {
         let updated = self.update_stream(&record.config.stream_id, |r| r.last_verification_ms = Some(now));
         updated.await?.ok_or(SsfError::NotFound)?;
         let event = Event::Verification(Verification { state, ..Verification::default() });
-        self.emit(vec![self.stream_event(record, event)]).await?;
+        let outgoing = self.stream_event(record, event);
+        // Noted first: the acknowledgement may arrive before `emit` returns.
+        self.outbox.health().verification_sent(&record.config.stream_id, &outgoing.set.jti, now);
+        self.emit(vec![outgoing]).await?;
         Ok(())
     }
 
