@@ -648,6 +648,8 @@ impl Transmitter {
     /// Changes a stream's status on the transmitter's own initiative: the
     /// receiver is told first by a stream-updated SET, which is given up to
     /// `announce_timeout` to be acknowledged before the change takes effect.
+    /// A stream enabled again is told after the change (it could not hear
+    /// before).
     pub async fn change_status_by_transmitter(
         self: &Arc<Self>,
         stream_id: &str,
@@ -662,7 +664,13 @@ impl Transmitter {
             self.emit(vec![announcement]).await?;
             self.await_acknowledgement(stream_id, &jti).await;
         }
-        self.set_status(&record, status, reason).await
+        let updated = self.set_status(&record, status, reason.clone()).await?;
+        if record.status != StreamStatus::Enabled && status == StreamStatus::Enabled {
+            // Resumed: told once delivery runs again, after the SETs it held.
+            let event = Event::StreamUpdated(StreamUpdated { status, reason, ..Default::default() });
+            self.emit(vec![self.stream_event(&updated, event)]).await?;
+        }
+        Ok(updated)
     }
 
     /// Waits (bounded) for the announcement to leave the outbox. Where SETs

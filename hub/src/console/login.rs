@@ -8,7 +8,7 @@ use axum::Form;
 use axum::extract::State;
 use axum::http::header::{LOCATION, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::auth::{LOGIN_COOKIE, Operator, SESSION_COOKIE, cookie_header, cookie_value, random_secret, same_secret};
@@ -81,7 +81,9 @@ pub(super) async fn login(
     }
     let cookie = console.sessions.start();
     tracing::info!("console login");
-    let mut response = (StatusCode::SEE_OTHER, console.sessions.login_headers(&cookie)).into_response();
+    // Two cookies: appended, since a header array would keep only the last.
+    let cookies = AppendHeaders(console.sessions.login_headers(&cookie));
+    let mut response = (StatusCode::SEE_OTHER, cookies).into_response();
     if let Ok(location) = safe_next(&login.next).parse() {
         response.headers_mut().insert(LOCATION, location);
     }

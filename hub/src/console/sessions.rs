@@ -111,17 +111,21 @@ pub(super) async fn page(
     let (chain, chain_cut) = chain_of(hub, &key).await;
     let now = caep_transmitter::outbox::now_ms();
     let session = &view["session"];
+    let own_id = session["session_id"].as_str().unwrap_or_default().to_owned();
     let mut depth_of = std::collections::BTreeMap::new();
-    depth_of.insert(session["session_id"].as_str().unwrap_or_default().to_owned(), 0usize);
+    depth_of.insert(own_id.clone(), 0usize);
     let mut subtree = Vec::new();
     let mut elsewhere = Vec::new();
     for entry in view["subtree"].as_array().into_iter().flatten() {
         let id = entry["session_id"].as_str().unwrap_or_default().to_owned();
+        if id == own_id {
+            continue; // the subtree's root is the page's own session
+        }
         if entry["elsewhere"].as_bool() == Some(true) {
             elsewhere.push(id);
             continue;
         }
-        let depth = entry["parent"].as_str().and_then(|parent| depth_of.get(parent)).map_or(0, |d| d + 1);
+        let depth = entry["parent"].as_str().and_then(|parent| depth_of.get(parent)).map_or(1, |d| d + 1);
         depth_of.insert(id, depth);
         subtree.push(session_row(entry, depth, now));
     }
