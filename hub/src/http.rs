@@ -35,6 +35,7 @@ pub fn admin_router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/admin/issuers", get(list_issuers).post(register_issuer))
         .route("/admin/issuers/{issuer}", delete(untrust_issuer))
+        .route("/admin/cascades", get(recent_cascades))
         .route("/admin/cascades/{txn}", get(cascade_report))
         .route("/admin/sessions/{session_id}", get(session_view))
         .with_state(hub)
@@ -126,6 +127,53 @@ fn the_one<T>(mut found: Vec<(String, T)>, what: &str) -> Result<T, SsfError> {
             Err(SsfError::BadRequest(format!("several IdPs used this {what}; add ?issuer= (one of {issuers:?})")))
         }
     }
+}
+
+/// `?limit=`: how many cascades of each group `GET /admin/cascades` lists.
+#[derive(Deserialize)]
+struct RecentQuery {
+    #[serde(default = "default_recent")]
+    limit: usize,
+}
+
+fn default_recent() -> usize {
+    50
+}
+
+/// Most cascades `GET /admin/cascades` lists per group.
+const MAX_RECENT: usize = 500;
+
+/// `GET /admin/cascades[?limit=]`: cascades in progress (newest first, with
+/// how many there are) and the most recently completed, as summaries.
+async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Json<Value>, SsfError> {
+    let Query(query) = Query::<RecentQuery>::try_from_uri(&uri)
+        .map_err(|_| SsfError::BadRequest("malformed query string (limit)".into()))?;
+    if !(1..=MAX_RECENT).contains(&query.limit) {
+        return Err(SsfError::BadRequest(format!("`limit` must be 1 to {MAX_RECENT}")));
+    }
+    let recent = hub
+        .store()
+        .read(|txn| crate::cascade::recent(txn, query.limit))
+        .map_err(|e| SsfError::Storage(e.to_string()))?;
+    let summary = |record: crate::cascade::CascadeRecord| {
+        json!({
+            "txn": crate::scope::local_id(&record.key),
+            "issuer": record.issuer,
+            "root": record.root,
+            "event_type": record.event_type,
+            "started_at": record.started_at_ms,
+            "total": record.total,
+            "delivered": record.delivered,
+            "failed": record.failed,
+            "complete": record.completed_at_ms.is_some(),
+            "cascade_ms": record.completed_at_ms.map(|done| done.saturating_sub(record.started_at_ms)),
+        })
+    };
+    Ok(Json(json!({
+        "in_progress": recent.open.into_iter().map(summary).collect::<Vec<_>>(),
+        "in_progress_total": recent.open_total,
+        "completed": recent.completed.into_iter().map(summary).collect::<Vec<_>>(),
+    })))
 }
 
 /// `GET /admin/cascades/{txn}`: `?issuer=` picks the IdP when several used

@@ -3,6 +3,7 @@
 //! the agent-session graph, and cascades revocations to every relying party.
 //! The binary `caep-hub` is a thin command line over this library.
 
+pub mod admin_cli;
 pub mod admin_token;
 pub mod cascade;
 pub mod config;

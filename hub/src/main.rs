@@ -35,6 +35,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Operate a running hub over its admin API (--hub URL; the token from
+    /// CAEP_HUB_ADMIN_TOKEN): issuers, receivers, streams, cascades, dead letters.
+    Admin(caep_hub::admin_cli::AdminArgs),
+    #[command(flatten)]
+    Local(LocalCommand),
+}
+
+/// Commands that work on this machine's configuration and data directory.
+#[derive(Subcommand)]
+enum LocalCommand {
     /// Run the hub (HTTP server) until SIGTERM or Ctrl-C.
     Serve,
     /// Manage the signing keys published in the JWKS.
@@ -94,15 +104,20 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        // A client of a running hub: it needs no configuration of its own.
+        Command::Admin(args) => return caep_hub::admin_cli::run(args, std::env::var("CAEP_HUB_ADMIN_TOKEN").ok()),
+        Command::Local(command) => command,
+    };
     let config = HubConfig::load(cli.config.as_deref())?;
-    match cli.command {
-        Command::Serve => serve(config),
-        Command::Keys(command) => keys(config, command),
-        Command::SecretKey(SecretKeyCommand::Generate) => {
+    match command {
+        LocalCommand::Serve => serve(config),
+        LocalCommand::Keys(command) => keys(config, command),
+        LocalCommand::SecretKey(SecretKeyCommand::Generate) => {
             println!("CAEP_HUB_SECRET_KEY={}", caep_transmitter::secrets::SecretBox::generate_key());
             Ok(())
         }
-        Command::AdminToken(AdminTokenCommand::Rotate) => {
+        LocalCommand::AdminToken(AdminTokenCommand::Rotate) => {
             if config.admin_token.is_some() {
                 anyhow::bail!(
                     "the admin token is set by CAEP_HUB_ADMIN_TOKEN (or the config file): change it there and \
