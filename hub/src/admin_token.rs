@@ -85,6 +85,12 @@ impl AdminToken {
         digest(presented) == self.current_digest()
     }
 
+    /// Identifies the token in force (its digest): what a console session
+    /// was opened with, so rotating the token ends those sessions.
+    pub fn in_force(&self) -> [u8; 32] {
+        self.current_digest()
+    }
+
     /// The digest in force: the file's, re-read when it was replaced. A
     /// damaged file keeps the digest read before (and says so).
     fn current_digest(&self) -> [u8; 32] {

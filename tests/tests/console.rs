@@ -291,6 +291,14 @@ async fn a_dead_letter_is_replayed_from_the_console_and_delivered() {
     assert!(row.contains("invalid_key") && row.contains("rotated <b>key</b>"), "{row}");
     assert_eq!(browser.count("#letters tr").await, 2, "header and the letter");
 
+    // A page position in another stream does not list that stream's letters.
+    browser
+        .goto(&format!("{}/console/dead-letters?stream_id=other&after_stream={stream_id}&after_seq=0", hub.issuer))
+        .await;
+    assert_eq!(browser.count("#none").await, 1, "nothing of {stream_id} under another stream");
+    assert_eq!(browser.count("#replay-all").await, 0);
+
+    browser.goto(&letters_url).await;
     receiver.answer_from_now(Answer::Status(202));
     browser.click("button.replay").await;
     assert!(browser.text("#message").await.starts_with("1 replayed"));

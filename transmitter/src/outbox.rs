@@ -215,15 +215,21 @@ impl Outbox {
         })
     }
 
-    /// How many dead letters a stream has.
-    pub fn dead_letter_count(&self, stream_id: &str) -> Result<u64, StoreError> {
+    /// How many SETs wait for a stream and how many were dead-lettered,
+    /// each counted up to `cap` (a page showing them stays cheap however
+    /// long a queue grows).
+    pub fn counts_up_to(&self, stream_id: &str, cap: usize) -> Result<(u64, u64), StoreError> {
         self.store.read(|txn| {
-            let dead = match txn.open_table(DEAD_LETTERS) {
-                Ok(table) => table,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-                Err(error) => return Err(storage(error)),
-            };
-            Ok(dead.range((stream_id, 0)..=(stream_id, u64::MAX)).map_err(storage)?.count() as u64)
+            let mut counts = [0u64; 2];
+            for (count, table) in counts.iter_mut().zip([OUTBOX, DEAD_LETTERS]) {
+                let rows = match txn.open_table(table) {
+                    Ok(rows) => rows,
+                    Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                    Err(error) => return Err(storage(error)),
+                };
+                *count = rows.range((stream_id, 0)..=(stream_id, u64::MAX)).map_err(storage)?.take(cap).count() as u64;
+            }
+            Ok((counts[0], counts[1]))
         })
     }
 

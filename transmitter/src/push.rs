@@ -343,7 +343,7 @@ impl Delivery {
                     let delay = backoff.next_backoff().unwrap_or(policy.max_retry_interval);
                     let delay = retry_after.map_or(delay, |asked| asked.min(policy.max_retry_interval).max(delay));
                     self.pusher.queue.health().retrying(&self.stream_id, &reason, now_ms());
-                    tracing::debug!(stream_id = %self.stream_id, jti = %self.pending.set.jti, attempts, %reason,
+                    tracing::debug!(stream_id = %self.stream_id, jti = %self.pending.set.jti, attempts, ?reason,
                         delay_ms = delay.as_millis() as u64, "push failed; will retry");
                     // Wake early when the route changes (paused, disabled, new URL).
                     tokio::select! {
@@ -366,7 +366,8 @@ impl Delivery {
     }
 
     async fn give_up(self, err: String, description: String) {
-        tracing::warn!(stream_id = %self.stream_id, jti = %self.pending.set.jti, %err, %description,
+        // The receiver chose `err` and `description`: logged escaped (Debug).
+        tracing::warn!(stream_id = %self.stream_id, jti = %self.pending.set.jti, ?err, ?description,
             "push delivery failed permanently; dead-lettered");
         let failure = Failure { target: FailureTarget::Seq(self.pending.seq), err: err.clone(), description };
         if let Err(error) = self.pusher.queue.dead_letter(&self.stream_id, vec![failure]).await {

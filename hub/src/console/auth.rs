@@ -39,6 +39,8 @@ struct Held {
     csrf: String,
     created: Instant,
     seen: Instant,
+    /// The admin token in force at login: a rotated token ends the session.
+    token: [u8; 32],
 }
 
 /// Logged-in operators, by the SHA-256 of their cookie (the cookie itself
@@ -90,8 +92,9 @@ impl Sessions {
         Sessions { held: Mutex::new(HashMap::new()), secure }
     }
 
-    /// Starts a session; returns its cookie value.
-    pub(super) fn start(&self) -> String {
+    /// Starts a session opened with the admin token `token` (its digest);
+    /// returns its cookie value.
+    pub(super) fn start(&self, token: [u8; 32]) -> String {
         let cookie = random_secret();
         let now = Instant::now();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,22 +104,26 @@ impl Sessions {
         {
             held.remove(&oldest);
         }
-        held.insert(digest(&cookie), Held { csrf: random_secret(), created: now, seen: now });
+        held.insert(digest(&cookie), Held { csrf: random_secret(), created: now, seen: now, token });
         cookie
     }
 
-    /// The operator holding this cookie, if the session is alive (and
-    /// now seen).
-    fn operator(&self, cookie: &str) -> Option<Operator> {
+    /// The operator holding this cookie, if the session is alive and was
+    /// opened with the admin token still in force. A request the page made
+    /// by itself (`active` false: its timed refresh) does not count as the
+    /// operator's activity, so an open tab still times out.
+    fn operator(&self, cookie: &str, token_in_force: [u8; 32], active: bool) -> Option<Operator> {
         let key = digest(cookie);
         let now = Instant::now();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let session = held.get_mut(&key)?;
-        if !alive(session, now) {
+        if !alive(session, now) || session.token != token_in_force {
             held.remove(&key);
             return None;
         }
-        session.seen = now;
+        if active {
+            session.seen = now;
+        }
         Some(Operator { csrf: session.csrf.clone(), key })
     }
 
@@ -186,9 +193,18 @@ impl FromRequestParts<std::sync::Arc<Console>> for Operator {
     type Rejection = ConsoleError;
 
     async fn from_request_parts(parts: &mut Parts, console: &std::sync::Arc<Console>) -> Result<Self, Self::Rejection> {
-        cookie_value(&parts.headers, SESSION_COOKIE).and_then(|cookie| console.sessions.operator(&cookie)).ok_or_else(
-            || ConsoleError::LoginNeeded { next: super::login::next_of(&parts.uri), secure: console.sessions.secure() },
-        )
+        let active = !super::is_auto_refresh(&parts.uri);
+        cookie_value(&parts.headers, SESSION_COOKIE)
+            .and_then(|cookie| console.sessions.operator(&cookie, console.admin.in_force(), active))
+            .ok_or_else(|| ConsoleError::LoginNeeded {
+                // Back to the page asked for; a form's target is not a page.
+                next: if parts.method == axum::http::Method::GET {
+                    super::login::next_of(&parts.uri)
+                } else {
+                    "/console".to_owned()
+                },
+                secure: console.sessions.secure(),
+            })
     }
 }
 
@@ -196,23 +212,46 @@ impl FromRequestParts<std::sync::Arc<Console>> for Operator {
 mod tests {
     use super::*;
 
+    const TOKEN: [u8; 32] = [7; 32];
+
     #[test]
     fn sessions_end_at_logout_and_are_bounded() {
         let sessions = Sessions::new(false);
-        let first = sessions.start();
-        let operator = sessions.operator(&first).expect("logged in");
-        assert!(sessions.operator("forged").is_none());
+        let first = sessions.start(TOKEN);
+        let operator = sessions.operator(&first, TOKEN, true).expect("logged in");
+        assert!(sessions.operator("forged", TOKEN, true).is_none());
         sessions.end(&operator);
-        assert!(sessions.operator(&first).is_none(), "logout ends the session");
-        let cookies: Vec<String> = (0..MAX_SESSIONS + 5).map(|_| sessions.start()).collect();
+        assert!(sessions.operator(&first, TOKEN, true).is_none(), "logout ends the session");
+        let cookies: Vec<String> = (0..MAX_SESSIONS + 5).map(|_| sessions.start(TOKEN)).collect();
         assert_eq!(sessions.held.lock().expect("lock").len(), MAX_SESSIONS);
-        assert!(sessions.operator(cookies.last().expect("one")).is_some());
+        assert!(sessions.operator(cookies.last().expect("one"), TOKEN, true).is_some());
+    }
+
+    #[test]
+    fn a_rotated_admin_token_ends_sessions_opened_with_the_old_one() {
+        let sessions = Sessions::new(false);
+        let cookie = sessions.start(TOKEN);
+        assert!(sessions.operator(&cookie, [9; 32], true).is_none(), "another token is in force");
+        assert!(sessions.operator(&cookie, TOKEN, true).is_none(), "and the session is gone for good");
+    }
+
+    #[test]
+    fn a_pages_own_refresh_is_not_activity() {
+        let sessions = Sessions::new(false);
+        let cookie = sessions.start(TOKEN);
+        let seen = |sessions: &Sessions| sessions.held.lock().expect("lock").values().next().expect("one").seen;
+        let before = seen(&sessions);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(sessions.operator(&cookie, TOKEN, false).is_some());
+        assert_eq!(seen(&sessions), before);
+        assert!(sessions.operator(&cookie, TOKEN, true).is_some());
+        assert!(seen(&sessions) > before);
     }
 
     #[test]
     fn csrf_needs_the_token_and_a_same_origin_request() {
         let sessions = Sessions::new(false);
-        let operator = sessions.operator(&sessions.start()).expect("logged in");
+        let operator = sessions.operator(&sessions.start(TOKEN), TOKEN, true).expect("logged in");
         let token = operator.csrf.clone();
         assert!(operator.check(&HeaderMap::new(), &token).is_ok());
         assert!(operator.check(&HeaderMap::new(), "").is_err());

@@ -6,20 +6,26 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
+use axum::http::Uri;
 use axum::response::{IntoResponse, Redirect, Response};
 use caep_schemas::event::StreamStatus;
 use serde::Deserialize;
 
 use super::auth::Operator;
 use super::svg::Cdf;
-use super::{Console, ConsoleError, millis, render, when, when_or_dash};
+use super::{Console, ConsoleError, auto_refresh, millis, render, when, when_or_dash};
 use crate::cascade::{self, CascadeRecord, Leaf, LeafStatus};
 use crate::graph;
 use crate::hub::Hub;
 use crate::scope;
 
-/// Deepest parent chain followed above a cascade's sessions.
-const MAX_DEPTH: usize = 64;
+/// Sessions without leaves looked up above a cascade's sessions (the
+/// chains linking them to their roots).
+const MAX_ANCESTORS: usize = 10_000;
+/// Deepest nesting drawn (browsers flatten deeper markup anyway).
+const MAX_DEPTH_SHOWN: usize = 32;
+/// Leaves above which an incomplete cascade's page refreshes every 10 s, not 2.
+const BIG_CASCADE: u64 = 1000;
 /// Incomplete leaves listed at the top of a cascade page.
 const LISTED_INCOMPLETE: usize = 200;
 
@@ -69,7 +75,7 @@ pub(super) struct Search {
 #[template(path = "console/cascades.html")]
 struct CascadeList {
     csrf: String,
-    refresh: bool,
+    refresh: Option<String>,
     open: Vec<CascadeRow>,
     open_total: u64,
     completed: Vec<CascadeRow>,
@@ -79,6 +85,7 @@ struct CascadeList {
 pub(super) async fn list(
     State(console): State<Arc<Console>>,
     operator: Operator,
+    uri: Uri,
     Query(search): Query<Search>,
 ) -> Result<Response, ConsoleError> {
     if let Some(txn) = search.txn.as_deref().map(str::trim).filter(|txn| !txn.is_empty()) {
@@ -88,7 +95,7 @@ pub(super) async fn list(
     let recent = console.hub.store().read(|txn| cascade::recent(txn, 100))?;
     let page = CascadeList {
         csrf: operator.csrf,
-        refresh: recent.open_total > 0,
+        refresh: (recent.open_total > 0).then(|| auto_refresh(&uri, 2)),
         open: recent.open.into_iter().map(CascadeRow::from).collect(),
         open_total: recent.open_total,
         completed: recent.completed.into_iter().map(CascadeRow::from).collect(),
@@ -108,6 +115,7 @@ pub(super) struct Which {
 }
 
 /// One leaf on the page.
+#[derive(Clone)]
 struct LeafRow {
     stream_id: String,
     status: &'static str,
@@ -121,19 +129,20 @@ struct LeafRow {
 struct TreeRow {
     /// `</details>` to close before this row (leaving deeper subtrees).
     closes: usize,
-    depth: usize,
     session_id: String,
     delivered: usize,
     leaves: Vec<LeafRow>,
-    /// Has descendants or leaves to fold.
+    /// Some leaf here is not delivered.
     incomplete: bool,
+    /// Shown unfolded: a root, or on the way to an incomplete leaf.
+    unfold: bool,
 }
 
 #[derive(Template)]
 #[template(path = "console/cascade.html")]
 struct CascadePage {
     csrf: String,
-    refresh: bool,
+    refresh: Option<String>,
     row: CascadeRow,
     issuer_query: String,
     pending: u64,
@@ -170,6 +179,7 @@ impl Choose {
 pub(super) async fn page(
     State(console): State<Arc<Console>>,
     operator: Operator,
+    uri: Uri,
     Path(txn): Path<String>,
     Query(which): Query<Which>,
 ) -> Result<Response, ConsoleError> {
@@ -192,7 +202,13 @@ pub(super) async fn page(
             return Ok(render(&page));
         }
     };
-    Ok(render(&cascade_page(hub, operator.csrf, record, leaves).await))
+    let mut page = cascade_page(hub, operator.csrf, record, leaves).await;
+    if !page.row.complete {
+        // A big page is costly to build and to render: refreshed less often.
+        let seconds = if page.row.total > BIG_CASCADE { 10 } else { 2 };
+        page.refresh = Some(auto_refresh(&uri, seconds));
+    }
+    Ok(render(&page))
 }
 
 async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Vec<Leaf>) -> CascadePage {
@@ -210,7 +226,7 @@ async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Ve
         if !row.why.is_empty() {
             incomplete_total += 1;
             if incomplete.len() < LISTED_INCOMPLETE {
-                incomplete.push((scope::local_id(&leaf.session_id).to_owned(), leaf_row(hub, leaf)));
+                incomplete.push((scope::local_id(&leaf.session_id).to_owned(), row.clone()));
             }
         }
         by_session.entry(leaf.session_id.clone()).or_default().push(row);
@@ -220,7 +236,7 @@ async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Ve
     let row = CascadeRow::from(record);
     CascadePage {
         csrf,
-        refresh: !row.complete,
+        refresh: None,
         issuer_query,
         pending,
         p50: millis(cascade::percentile(&latencies, 50)),
@@ -278,57 +294,140 @@ fn why_pending(hub: &Hub, stream_id: &str) -> String {
 
 /// The sessions in pre-order under their parents, with the chain above
 /// them as far as the graph knows it; and how many `</details>` close the
-/// last one.
-async fn tree_rows(hub: &Hub, mut by_session: BTreeMap<String, Vec<LeafRow>>) -> (Vec<TreeRow>, usize) {
-    let mut parent_of: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut to_visit: Vec<String> = by_session.keys().cloned().collect();
-    while let Some(key) = to_visit.pop() {
-        if parent_of.contains_key(&key) || parent_of.len() >= by_session.len() + MAX_DEPTH {
-            continue;
-        }
-        let parent = parent_in_graph(hub, &key).await;
-        if let Some(parent) = &parent {
-            to_visit.push(parent.clone());
-        }
-        parent_of.insert(key, parent);
-    }
+/// last one. Every session with leaves is shown: one whose parents form a
+/// cycle (an IdP may name a parent it introduces later) or lie beyond the
+/// ancestor budget starts a tree of its own.
+async fn tree_rows(hub: &Hub, by_session: BTreeMap<String, Vec<LeafRow>>) -> (Vec<TreeRow>, usize) {
+    let parent_of = parents(hub, by_session.keys().cloned().collect()).await;
+    arrange(&parent_of, by_session)
+}
+
+/// [`tree_rows`] once the parents are known.
+fn arrange(
+    parent_of: &BTreeMap<String, Option<String>>,
+    mut by_session: BTreeMap<String, Vec<LeafRow>>,
+) -> (Vec<TreeRow>, usize) {
+    let known = |parent: &Option<String>| parent.clone().filter(|parent| parent_of.contains_key(parent));
     let mut children: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
-    for (key, parent) in &parent_of {
-        let parent = parent.clone().filter(|parent| parent_of.contains_key(parent));
-        children.entry(parent).or_default().push(key.clone());
+    for (key, parent) in parent_of {
+        children.entry(known(parent)).or_default().push(key.clone());
     }
+    // Sessions to unfold: every incomplete one and all its ancestors.
+    let mut unfolded = BTreeSet::new();
+    for (key, leaves) in &by_session {
+        if leaves.iter().any(|leaf| !leaf.why.is_empty()) {
+            let mut at = Some(key.clone());
+            while let Some(key) = at.filter(|key| unfolded.insert(key.clone())) {
+                at = parent_of.get(&key).and_then(known);
+            }
+        }
+    }
+    let roots = children.get(&None).cloned().unwrap_or_default();
     let mut rows = Vec::new();
     let mut seen = BTreeSet::new();
-    // (key, depth) in pre-order; a session's children follow it.
-    let mut stack: Vec<(String, usize)> =
-        children.get(&None).into_iter().flatten().rev().map(|key| (key.clone(), 0)).collect();
     let mut depth_open = 0;
-    while let Some((key, depth)) = stack.pop() {
-        if !seen.insert(key.clone()) {
-            continue;
-        }
-        let closes = depth_open - depth;
-        depth_open = depth + 1;
-        let leaves = by_session.remove(&key).unwrap_or_default();
-        let delivered = leaves.iter().filter(|leaf| leaf.why.is_empty()).count();
-        let incomplete = delivered < leaves.len();
-        rows.push(TreeRow {
-            closes,
-            depth,
-            session_id: scope::local_id(&key).to_owned(),
-            delivered,
-            leaves,
-            incomplete,
-        });
-        for child in children.get(&Some(key)).into_iter().flatten().rev() {
-            stack.push((child.clone(), depth + 1));
+    // Roots first, then whatever no root reached (cycles).
+    for start in roots.iter().chain(parent_of.keys()) {
+        let mut stack = vec![(start.clone(), 0usize)];
+        while let Some((key, depth)) = stack.pop() {
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            // Deeper nesting is drawn flat at the deepest level shown.
+            let depth = depth.min(MAX_DEPTH_SHOWN);
+            let closes = depth_open - depth;
+            depth_open = depth + 1;
+            let leaves = by_session.remove(&key).unwrap_or_default();
+            let delivered = leaves.iter().filter(|leaf| leaf.why.is_empty()).count();
+            rows.push(TreeRow {
+                closes,
+                session_id: scope::local_id(&key).to_owned(),
+                delivered,
+                incomplete: delivered < leaves.len(),
+                unfold: depth == 0 || unfolded.contains(&key),
+                leaves,
+            });
+            for child in children.get(&Some(key)).into_iter().flatten().rev() {
+                stack.push((child.clone(), depth + 1));
+            }
         }
     }
     (rows, depth_open)
+}
+
+/// The parent of each session in `keys` and of their ancestors, up to
+/// [`MAX_ANCESTORS`] ancestors without leaves; `None` for a root.
+async fn parents(hub: &Hub, keys: Vec<String>) -> BTreeMap<String, Option<String>> {
+    let mut parent_of: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut ancestors = Vec::new();
+    for key in keys {
+        let parent = parent_in_graph(hub, &key).await;
+        ancestors.extend(parent.clone());
+        parent_of.insert(key, parent);
+    }
+    let mut budget = MAX_ANCESTORS;
+    while let Some(key) = ancestors.pop() {
+        if parent_of.contains_key(&key) || budget == 0 {
+            continue;
+        }
+        budget -= 1;
+        let parent = parent_in_graph(hub, &key).await;
+        ancestors.extend(parent.clone());
+        parent_of.insert(key, parent);
+    }
+    parent_of
 }
 
 /// A session's parent key, from whichever store holds its graph.
 async fn parent_in_graph(hub: &Hub, key: &str) -> Option<String> {
     let store = hub.graph_store_of(key).await?;
     store.read(|txn| graph::session_in(txn, key)).ok().flatten().and_then(|record| record.parent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(delivered: bool) -> LeafRow {
+        LeafRow {
+            stream_id: "s".into(),
+            status: if delivered { "delivered" } else { "pending" },
+            latency: String::new(),
+            why: if delivered { String::new() } else { "in flight".into() },
+            jti: "j".into(),
+        }
+    }
+
+    fn shape(rows: &[TreeRow], closes_at_end: usize) -> String {
+        let mut out: String = rows
+            .iter()
+            .map(|row| format!("{}<{}{}>", "/".repeat(row.closes), row.session_id, if row.unfold { "+" } else { "" }))
+            .collect();
+        out.push_str(&"/".repeat(closes_at_end));
+        out
+    }
+
+    #[test]
+    fn sessions_nest_under_parents_and_cycles_still_show() {
+        let parent_of: BTreeMap<String, Option<String>> =
+            [("R", None), ("C1", Some("R")), ("G", Some("C1")), ("C2", Some("R")), ("X", Some("Y")), ("Y", Some("X"))]
+                .into_iter()
+                .map(|(k, p)| (k.to_owned(), p.map(str::to_owned)))
+                .collect();
+        let by_session: BTreeMap<String, Vec<LeafRow>> = [
+            ("R", leaf(true)),
+            ("C1", leaf(true)),
+            ("G", leaf(false)),
+            ("C2", leaf(true)),
+            ("X", leaf(true)),
+            ("Y", leaf(true)),
+        ]
+        .into_iter()
+        .map(|(k, l)| (k.to_owned(), vec![l]))
+        .collect();
+        let (rows, closes_at_end) = arrange(&parent_of, by_session);
+        // G is incomplete: it and its ancestors are unfolded; the X-Y cycle
+        // has no root but is shown, starting from X.
+        assert_eq!(shape(&rows, closes_at_end), "<R+><C1+><G+>//<C2>//<X+><Y>//");
+    }
 }

@@ -17,7 +17,7 @@ use super::{Console, ConsoleError, render, when};
 
 /// Dead letters per page.
 const PAGE: usize = 50;
-/// Most dead letters read to fill one page when filtering by error.
+/// Most dead letters examined to fill one page when filtering by error.
 const SCAN_BUDGET: usize = 10_000;
 
 #[derive(Deserialize)]
@@ -40,6 +40,8 @@ struct LetterRow {
     stream_id: String,
     jti: String,
     txn: String,
+    /// The cascade page of a leaf's dead letter.
+    cascade: Option<String>,
     err: String,
     description: String,
     failed: String,
@@ -67,21 +69,16 @@ pub(super) async fn page(
     let stream_id = filter.stream_id.clone().filter(|s| !s.is_empty());
     let err = filter.err.clone().filter(|e| !e.is_empty());
     let outbox = console.hub.transmitter().outbox();
-    let mut after = filter.after_stream.clone().zip(filter.after_seq);
-    let mut letters: Vec<DeadLetter> = Vec::new();
-    let mut scanned = 0;
-    let mut more = true;
-    while letters.len() < PAGE && more && scanned < SCAN_BUDGET {
-        let position = after.as_ref().map(|(stream, seq)| (stream.as_str(), *seq));
-        let (page, has_more) = outbox.dead_letters(stream_id.as_deref(), position, PAGE)?;
-        more = has_more;
-        scanned += page.len();
-        after = page.last().map(|last| (last.stream_id.clone(), last.seq)).or(after);
-        letters.extend(page.into_iter().filter(|letter| err.as_ref().is_none_or(|err| &letter.err == err)));
-    }
-    letters.truncate(PAGE);
-    let next = (more || letters.len() == PAGE).then(|| letters.last()).flatten().map(|last| {
-        let mut query = format!("after_stream={}&after_seq={}", encode_segment(&last.stream_id), last.seq);
+    // A position inside another stream than the filtered one is ignored:
+    // a page of one stream never lists another's letters.
+    let start = filter
+        .after_stream
+        .clone()
+        .zip(filter.after_seq)
+        .filter(|(stream, _)| stream_id.as_ref().is_none_or(|filtered| filtered == stream));
+    let (letters, resume_at) = scan(outbox, stream_id.as_deref(), err.as_deref(), start)?;
+    let next = resume_at.map(|(stream, seq)| {
+        let mut query = format!("after_stream={}&after_seq={seq}", encode_segment(&stream));
         for (name, value) in [("stream_id", &stream_id), ("err", &err)] {
             if let Some(value) = value {
                 query.push_str(&format!("&{name}={}", encode_segment(value)));
@@ -100,11 +97,50 @@ pub(super) async fn page(
     Ok(render(&page))
 }
 
+/// A place in the dead letters: (stream, sequence).
+type Position = (String, u64);
+
+/// Up to a page of dead letters after `start` that match the filters, and
+/// where the next page resumes (the last letter examined), unless the scan
+/// reached the end. At most [`SCAN_BUDGET`] letters are examined.
+fn scan(
+    outbox: &caep_transmitter::outbox::Outbox,
+    stream_id: Option<&str>,
+    err: Option<&str>,
+    start: Option<Position>,
+) -> Result<(Vec<DeadLetter>, Option<Position>), ConsoleError> {
+    let mut position = start;
+    let mut letters = Vec::new();
+    let mut scanned = 0;
+    while scanned < SCAN_BUDGET {
+        let after = position.as_ref().map(|(stream, seq)| (stream.as_str(), *seq));
+        let (page, more) = outbox.dead_letters(stream_id, after, PAGE)?;
+        for letter in page {
+            scanned += 1;
+            position = Some((letter.stream_id.clone(), letter.seq));
+            if err.is_none_or(|err| letter.err == err) {
+                letters.push(letter);
+                if letters.len() == PAGE {
+                    return Ok((letters, position));
+                }
+            }
+        }
+        if !more {
+            return Ok((letters, None));
+        }
+    }
+    Ok((letters, position))
+}
+
 fn row(letter: DeadLetter) -> LetterRow {
     LetterRow {
         stream_id: letter.stream_id,
         jti: letter.set.jti,
-        txn: letter.set.txn.map(|txn| crate::scope::local_id(&txn).to_owned()).unwrap_or_default(),
+        // A cascade leaf's txn is its cascade's key: (IdP, txn).
+        cascade: letter.set.txn.as_deref().and_then(crate::scope::unscope).map(|(issuer, txn)| {
+            format!("/console/cascades/{}?issuer={}", encode_segment(txn), encode_segment(issuer))
+        }),
+        txn: letter.set.txn.as_deref().map(|txn| crate::scope::local_id(txn).to_owned()).unwrap_or_default(),
         err: letter.err,
         description: letter.description,
         failed: when(letter.failed_at_ms),

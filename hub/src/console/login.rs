@@ -79,14 +79,13 @@ pub(super) async fn login(
         tokio::time::sleep(WRONG_TOKEN_DELAY).await;
         return form(console.sessions.secure(), &login.next, true);
     }
-    let cookie = console.sessions.start();
+    let cookie = console.sessions.start(console.admin.in_force());
     tracing::info!("console login");
     // Two cookies: appended, since a header array would keep only the last.
     let cookies = AppendHeaders(console.sessions.login_headers(&cookie));
     let mut response = (StatusCode::SEE_OTHER, cookies).into_response();
-    if let Ok(location) = safe_next(&login.next).parse() {
-        response.headers_mut().insert(LOCATION, location);
-    }
+    let location = HeaderValue::from_str(safe_next(&login.next)).unwrap_or(HeaderValue::from_static("/console"));
+    response.headers_mut().insert(LOCATION, location);
     response
 }
 

@@ -159,6 +159,23 @@ impl From<caep_transmitter::store::StoreError> for ConsoleError {
     }
 }
 
+/// The query parameter a page's timed refresh adds to its own URL.
+const AUTO_REFRESH: &str = "refresh=1";
+
+/// Whether a request is a page reloading itself (not the operator's doing).
+fn is_auto_refresh(uri: &axum::http::Uri) -> bool {
+    uri.query().is_some_and(|query| query.split('&').any(|pair| pair == AUTO_REFRESH))
+}
+
+/// The `content` of a page's `<meta http-equiv="refresh">`: reload the
+/// page at `uri` after `seconds`, marked as the page's own refresh.
+fn auto_refresh(uri: &axum::http::Uri, seconds: u32) -> String {
+    let mut query: Vec<&str> =
+        uri.query().unwrap_or("").split('&').filter(|pair| !pair.is_empty() && *pair != AUTO_REFRESH).collect();
+    query.push(AUTO_REFRESH);
+    format!("{seconds};url={}?{}", uri.path(), query.join("&"))
+}
+
 /// A time as the console shows it: RFC 3339 UTC to the millisecond.
 fn when(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

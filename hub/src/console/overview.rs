@@ -5,15 +5,18 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::State;
+use axum::http::Uri;
 use axum::response::Response;
 use caep_transmitter::registry::StreamRecord;
 use caep_transmitter::service::Transmitter;
 
 use super::auth::Operator;
 use super::cascades::CascadeRow;
-use super::{Console, ConsoleError, render, when, when_or_dash};
+use super::{Console, ConsoleError, auto_refresh, render, when, when_or_dash};
 use crate::cascade;
 
+/// Queued SETs and dead letters are counted up to this many per stream.
+const COUNT_CAP: usize = 10_000;
 /// Cascades listed per group (in progress, recently completed).
 const LISTED_CASCADES: usize = 20;
 
@@ -21,7 +24,7 @@ const LISTED_CASCADES: usize = 20;
 #[template(path = "console/overview.html")]
 struct Overview {
     csrf: String,
-    refresh: bool,
+    refresh: Option<String>,
     issuers: Vec<IssuerRow>,
     receivers: Vec<ReceiverRow>,
     open: Vec<CascadeRow>,
@@ -50,8 +53,8 @@ pub(super) struct StreamRow {
     pub method: &'static str,
     pub status: String,
     pub reason: String,
-    pub queued: u64,
-    pub dead_letters: u64,
+    pub queued: String,
+    pub dead_letters: String,
     pub last_delivery: String,
     /// Empty when the last attempt succeeded.
     pub failing: String,
@@ -78,12 +81,14 @@ impl StreamRow {
                 (None, None) => format!("sent {}, not yet acknowledged", when(sent.sent_at_ms)),
             },
         };
+        let (queued, dead_letters) = transmitter.outbox().counts_up_to(&stream_id, COUNT_CAP).unwrap_or_default();
+        let capped = |count: u64| if count >= COUNT_CAP as u64 { format!("{COUNT_CAP}+") } else { count.to_string() };
         StreamRow {
             method: record.config.delivery.method(),
             status: status_label(record),
             reason: record.reason.clone().unwrap_or_default(),
-            queued: transmitter.outbox().depth(&stream_id).unwrap_or(0),
-            dead_letters: transmitter.outbox().dead_letter_count(&stream_id).unwrap_or(0),
+            queued: capped(queued),
+            dead_letters: capped(dead_letters),
             last_delivery: when_or_dash(health.last_delivered_ms),
             failing,
             verification,
@@ -97,7 +102,11 @@ pub(super) fn status_label(record: &StreamRecord) -> String {
     serde_json::to_value(record.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-pub(super) async fn page(State(console): State<Arc<Console>>, operator: Operator) -> Result<Response, ConsoleError> {
+pub(super) async fn page(
+    State(console): State<Arc<Console>>,
+    operator: Operator,
+    uri: Uri,
+) -> Result<Response, ConsoleError> {
     console.fresh().await;
     let hub = &console.hub;
     let transmitter = hub.transmitter();
@@ -132,7 +141,7 @@ pub(super) async fn page(State(console): State<Arc<Console>>, operator: Operator
     let recent = hub.store().read(|txn| cascade::recent(txn, LISTED_CASCADES))?;
     let page = Overview {
         csrf: operator.csrf,
-        refresh: recent.open_total > 0,
+        refresh: (recent.open_total > 0).then(|| auto_refresh(&uri, 2)),
         issuers,
         receivers,
         open: recent.open.into_iter().map(CascadeRow::from).collect(),

@@ -112,23 +112,7 @@ pub(super) async fn page(
     let now = caep_transmitter::outbox::now_ms();
     let session = &view["session"];
     let own_id = session["session_id"].as_str().unwrap_or_default().to_owned();
-    let mut depth_of = std::collections::BTreeMap::new();
-    depth_of.insert(own_id.clone(), 0usize);
-    let mut subtree = Vec::new();
-    let mut elsewhere = Vec::new();
-    for entry in view["subtree"].as_array().into_iter().flatten() {
-        let id = entry["session_id"].as_str().unwrap_or_default().to_owned();
-        if id == own_id {
-            continue; // the subtree's root is the page's own session
-        }
-        if entry["elsewhere"].as_bool() == Some(true) {
-            elsewhere.push(id);
-            continue;
-        }
-        let depth = entry["parent"].as_str().and_then(|parent| depth_of.get(parent)).map_or(1, |d| d + 1);
-        depth_of.insert(id, depth);
-        subtree.push(session_row(entry, depth, now));
-    }
+    let (subtree, elsewhere) = subtree_rows(&view["subtree"], &own_id, now);
     let page = SessionPage {
         csrf: operator.csrf,
         issuer_query: format!("?issuer={}", encode_segment(&issuer)),
@@ -145,6 +129,42 @@ pub(super) async fn page(
         elsewhere,
     };
     Ok(render(&page))
+}
+
+/// The subtree's sessions (the page's own left out) in pre-order, each
+/// under its parent, and the ids of children held by other instances.
+fn subtree_rows(subtree: &Value, own_id: &str, now: u64) -> (Vec<SessionRow>, Vec<String>) {
+    let mut children: std::collections::BTreeMap<&str, Vec<&Value>> = std::collections::BTreeMap::new();
+    let mut elsewhere = Vec::new();
+    for entry in subtree.as_array().into_iter().flatten() {
+        let id = entry["session_id"].as_str().unwrap_or_default();
+        if entry["elsewhere"].as_bool() == Some(true) {
+            elsewhere.push(id.to_owned());
+        } else if id != own_id {
+            children.entry(entry["parent"].as_str().unwrap_or(own_id)).or_default().push(entry);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack: Vec<(&Value, usize)> =
+        children.get(own_id).into_iter().flatten().rev().map(|entry| (*entry, 1)).collect();
+    while let Some((entry, depth)) = stack.pop() {
+        let id = entry["session_id"].as_str().unwrap_or_default();
+        if !seen.insert(id) {
+            continue;
+        }
+        rows.push(session_row(entry, depth, now));
+        for child in children.get(id).into_iter().flatten().rev() {
+            stack.push((*child, depth + 1));
+        }
+    }
+    // Under a parent not listed here (merged from another partition).
+    for entry in children.values().flatten() {
+        if !seen.contains(entry["session_id"].as_str().unwrap_or_default()) {
+            rows.push(session_row(entry, 1, now));
+        }
+    }
+    (rows, elsewhere)
 }
 
 fn session_row(entry: &Value, depth: usize, now: u64) -> SessionRow {
