@@ -66,7 +66,7 @@ pub struct CascadeRecord {
 }
 
 /// Where a leaf is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LeafStatus {
     /// Committed in the plan, not yet signed into the outbox.
@@ -552,7 +552,7 @@ pub fn cascade_and_leaves(txn: &ReadTransaction, id: &str) -> Result<Option<(Cas
 }
 
 /// The `GET /admin/cascades/{txn}` report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CascadeReport {
     pub txn: String,
     /// The IdP whose event caused it.
@@ -577,7 +577,7 @@ pub struct CascadeReport {
 }
 
 /// One leaf in a report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct LeafReport {
     pub stream_id: String,
     pub session_id: String,

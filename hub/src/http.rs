@@ -15,10 +15,16 @@ use caep_transmitter::store::StoreError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::cascade::CascadeReport;
 use crate::effects::IngestError;
 use crate::graph;
 use crate::hub::Hub;
 use crate::issuers::IssuerError;
+use crate::issuers::TrustedIssuer;
+#[allow(unused_imports)] // named by the #[utoipa::path] annotations
+use crate::openapi::{CascadeList, SessionView};
+#[allow(unused_imports)] // named by the #[utoipa::path] annotations
+use caep_transmitter::openapi::ErrorBody;
 
 /// Largest SET accepted at `/ingest`.
 const MAX_SET_BYTES: usize = 64 * 1024;
@@ -45,7 +51,13 @@ fn rfc8935_error(err: &str, description: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"err": err, "description": description}))).into_response()
 }
 
-async fn ingest(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Response {
+#[utoipa::path(post, path = "/ingest", tag = "hub",
+    request_body(content = String, content_type = "application/secevent+jwt", description = "A SET signed by a trusted IdP (RFC 8935)"),
+    responses((status = 202, description = "Verified and durably recorded; its cascade is under way"),
+        (status = 400, description = "Refused (RFC 8935 error codes: invalid_request, invalid_key, invalid_issuer, invalid_audience, ...)", body = ErrorBody),
+        (status = 413, description = "Larger than 64 KiB"),
+        (status = 503, description = "Cannot process SETs now; retry (Retry-After)", body = ErrorBody)))]
+pub(crate) async fn ingest(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media_type = content_type.split(';').next().unwrap_or("").trim();
     if !media_type.eq_ignore_ascii_case("application/secevent+jwt") {
@@ -69,16 +81,21 @@ async fn ingest(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Response
     }
 }
 
-#[derive(Deserialize)]
+/// An IdP to trust, with its keys inline or at an https `jwks_uri`.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewIssuer {
     issuer: String,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     jwks: Option<Value>,
     #[serde(default)]
     jwks_uri: Option<String>,
 }
 
-async fn register_issuer(State(hub): Shared, body: Bytes) -> Result<Response, SsfError> {
+#[utoipa::path(post, path = "/admin/issuers", tag = "admin", security(("admin_token" = [])), request_body = NewIssuer,
+    responses((status = 201, description = "Trusted", body = TrustedIssuer), (status = 200, description = "Updated", body = TrustedIssuer),
+        (status = 400, description = "Invalid (keys, or a jwks_uri the SSRF guard refuses)", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
+pub(crate) async fn register_issuer(State(hub): Shared, body: Bytes) -> Result<Response, SsfError> {
     let request: NewIssuer = match serde_json::from_slice::<Value>(&body) {
         Ok(value @ Value::Object(_)) => {
             serde_json::from_value(value).map_err(|e| SsfError::BadRequest(e.to_string()))?
@@ -97,7 +114,10 @@ async fn register_issuer(State(hub): Shared, body: Bytes) -> Result<Response, Ss
 
 /// Untrusts an IdP (its issuer percent-encoded in the path): its SETs are
 /// refused from now on; cascades it already caused complete.
-async fn untrust_issuer(State(hub): Shared, Path(issuer): Path<String>) -> Result<StatusCode, SsfError> {
+#[utoipa::path(delete, path = "/admin/issuers/{issuer}", tag = "admin", security(("admin_token" = [])),
+    params(("issuer" = String, Path, description = "The issuer, percent-encoded")),
+    responses((status = 204, description = "No longer trusted"), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
+pub(crate) async fn untrust_issuer(State(hub): Shared, Path(issuer): Path<String>) -> Result<StatusCode, SsfError> {
     match hub.issuers().delete(&issuer).await {
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(SsfError::NotFound),
@@ -105,14 +125,16 @@ async fn untrust_issuer(State(hub): Shared, Path(issuer): Path<String>) -> Resul
     }
 }
 
-async fn list_issuers(State(hub): Shared) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(get, path = "/admin/issuers", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Every trusted IdP", body = Vec<TrustedIssuer>), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
+pub(crate) async fn list_issuers(State(hub): Shared) -> Result<Json<Value>, SsfError> {
     let issuers = hub.issuers().list().map_err(|e| SsfError::Storage(e.to_string()))?;
     Ok(Json(serde_json::to_value(issuers).unwrap_or_default()))
 }
 
 /// `?issuer=`: which IdP's cascade or session, when several used one id.
 #[derive(Deserialize)]
-struct IssuerQuery {
+pub(crate) struct IssuerQuery {
     #[serde(default)]
     issuer: Option<String>,
 }
@@ -145,7 +167,11 @@ const MAX_RECENT: usize = 500;
 
 /// `GET /admin/cascades[?limit=]`: cascades in progress (newest first, with
 /// how many there are) and the most recently completed, as summaries.
-async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(get, path = "/admin/cascades", tag = "admin", security(("admin_token" = [])),
+    params(("limit" = Option<u32>, Query, description = "Per group, 1 to 500; default 50")),
+    responses((status = 200, description = "Cascades in progress and recently completed", body = CascadeList),
+        (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
+pub(crate) async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Json<Value>, SsfError> {
     let Query(query) = Query::<RecentQuery>::try_from_uri(&uri)
         .map_err(|_| SsfError::BadRequest("malformed query string (limit)".into()))?;
     if !(1..=MAX_RECENT).contains(&query.limit) {
@@ -179,7 +205,7 @@ async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Jso
 /// `GET /admin/cascades/{txn}`: `?issuer=` picks the IdP when several used
 /// the `txn`; `?leaves=false` leaves the leaves out (a summary).
 #[derive(Deserialize)]
-struct CascadeQuery {
+pub(crate) struct CascadeQuery {
     #[serde(default)]
     issuer: Option<String>,
     #[serde(default = "listed")]
@@ -190,17 +216,24 @@ fn listed() -> bool {
     true
 }
 
-async fn cascade_report(
+#[utoipa::path(get, path = "/admin/cascades/{txn}", tag = "admin", security(("admin_token" = [])),
+    params(("txn" = String, Path, description = "The IdP's txn"), ("issuer" = Option<String>, Query),
+        ("leaves" = Option<bool>, Query, description = "false: the summary only")),
+    responses((status = 200, description = "The cascade's report", body = CascadeReport), (status = 400, description = "Invalid; or several IdPs used this id: add `?issuer=`", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
+pub(crate) async fn cascade_report(
     State(hub): Shared,
     Path(txn): Path<String>,
     Query(query): Query<CascadeQuery>,
-) -> Result<Json<crate::cascade::CascadeReport>, SsfError> {
+) -> Result<Json<CascadeReport>, SsfError> {
     let reports =
         hub.reports(&txn, query.issuer.as_deref(), query.leaves).map_err(|e| SsfError::Storage(e.to_string()))?;
     Ok(Json(the_one(reports.into_iter().map(|report| (report.issuer.clone(), report)).collect(), "txn")?))
 }
 
-async fn session_view(
+#[utoipa::path(get, path = "/admin/sessions/{session_id}", tag = "admin", security(("admin_token" = [])),
+    params(("session_id" = String, Path), ("issuer" = Option<String>, Query)),
+    responses((status = 200, description = "The session, its touches and subtree", body = SessionView), (status = 400, description = "Invalid; or several IdPs used this id: add `?issuer=`", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
+pub(crate) async fn session_view(
     State(hub): Shared,
     Path(session_id): Path<String>,
     Query(query): Query<IssuerQuery>,

@@ -25,10 +25,11 @@ use serde_json::Value;
 const ISSUERS: TableDefinition<&str, &[u8]> = TableDefinition::new("trusted_issuers");
 
 /// A registered IdP.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TrustedIssuer {
     pub issuer: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub jwks: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,

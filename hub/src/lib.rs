@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod lifecycle;
 pub mod log;
 pub mod metrics;
+pub mod openapi;
 pub mod replay;
 pub mod scope;
 pub mod server;

@@ -56,6 +56,9 @@ enum LocalCommand {
     /// The key that seals receivers' push credentials at rest.
     #[command(subcommand)]
     SecretKey(SecretKeyCommand),
+    /// Print the OpenAPI 3.1 document of the HTTP API (as served at /openapi.json
+    /// by a hub whose issuer URL has no path).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -107,12 +110,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         // A client of a running hub: it needs no configuration of its own.
         Command::Admin(args) => return caep_hub::admin_cli::run(args, std::env::var("CAEP_HUB_ADMIN_TOKEN").ok()),
+        Command::Local(LocalCommand::Openapi) => {
+            println!("{}", serde_json::to_string_pretty(&caep_hub::openapi::document(""))?);
+            return Ok(());
+        }
         Command::Local(command) => command,
     };
     let config = HubConfig::load(cli.config.as_deref())?;
     match command {
         LocalCommand::Serve => serve(config),
         LocalCommand::Keys(command) => keys(config, command),
+        LocalCommand::Openapi => Ok(()),
         LocalCommand::SecretKey(SecretKeyCommand::Generate) => {
             println!("CAEP_HUB_SECRET_KEY={}", caep_transmitter::secrets::SecretBox::generate_key());
             Ok(())

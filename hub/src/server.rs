@@ -158,8 +158,10 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
     let receivers = http::router(transmitter.clone())
         .layer(middleware::from_fn_with_state(Arc::clone(&hub), catch_up_for_receivers));
     let managed = admin.merge(receivers);
+    let document = Arc::new(crate::openapi::document(hub.transmitter().issuer_path()));
     Router::new()
         .route("/healthz", get(health).with_state(Arc::clone(&hub)))
+        .route("/openapi.json", get(crate::openapi::serve_document).with_state(document))
         .merge(managed)
         .merge(crate::console::router(Arc::clone(&hub), admin_token))
         .merge(crate::http::ingest_router(hub))
@@ -168,7 +170,10 @@ fn app(hub: Arc<Hub>, admin_token: AdminToken) -> Router {
 /// Liveness, and in Kafka mode the partitions this instance works. 503
 /// with a reason when the storage writer has stopped (nothing can commit)
 /// or a push delivery worker has.
-async fn health(State(hub): State<Arc<Hub>>) -> Response {
+#[utoipa::path(get, path = "/healthz", tag = "hub",
+    responses((status = 200, description = "Serving", body = crate::openapi::Health),
+        (status = 503, description = "The storage writer or a delivery worker has stopped", body = crate::openapi::Health)))]
+pub(crate) async fn health(State(hub): State<Arc<Hub>>) -> Response {
     let fault = if hub.store().writer_running() {
         hub.transmitter().delivery_fault()
     } else {
@@ -266,7 +271,10 @@ async fn require_admin(State(token): State<Arc<AdminToken>>, request: Request, n
     }
 }
 
-async fn render_metrics(State(hub): State<Arc<Hub>>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "hub", security(("admin_token" = [])),
+    responses((status = 200, description = "Prometheus text format (also on the metrics listener, without a token)",
+        body = String, content_type = "text/plain")))]
+pub(crate) async fn render_metrics(State(hub): State<Arc<Hub>>) -> Response {
     let Some(handle) = crate::metrics::handle() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable").into_response();
     };

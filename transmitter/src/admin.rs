@@ -15,6 +15,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::SsfError;
+#[allow(unused_imports)] // named by the #[utoipa::path] annotations
+use crate::openapi::{
+    CreatedReceiver, DeadLetterPage, ErrorBody, ReceiverView, Replayed, StreamStatusName, StreamView,
+};
 use crate::receivers::{ReceiverError, ReceiverSpec};
 use crate::registry::StreamRecord;
 use crate::service::{Transmitter, store_error};
@@ -41,7 +45,11 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, SsfError> {
     }
 }
 
-async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Response, SsfError> {
+#[utoipa::path(post, path = "/admin/receivers", tag = "admin", security(("admin_token" = [])), request_body = ReceiverSpec,
+    responses((status = 201, description = "Created; its token is shown only now", body = CreatedReceiver),
+        (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody),
+        (status = 409, description = "Another receiver has this audience", body = ErrorBody)))]
+pub(crate) async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Response, SsfError> {
     let spec: ReceiverSpec = parse(&body)?;
     let created = transmitter.create_receiver(spec).await;
     let (receiver, token) = created.map_err(|error| match error {
@@ -61,7 +69,9 @@ async fn create_receiver(State(transmitter): Shared, body: Bytes) -> Result<Resp
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn list_receivers(State(transmitter): Shared) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(get, path = "/admin/receivers", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Every receiver", body = Vec<ReceiverView>), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
+pub(crate) async fn list_receivers(State(transmitter): Shared) -> Result<Json<Value>, SsfError> {
     let receivers = transmitter.receivers().list().map_err(store_error)?;
     let listed = receivers
         .into_iter()
@@ -87,7 +97,13 @@ async fn list_receivers(State(transmitter): Shared) -> Result<Json<Value>, SsfEr
     Ok(Json(Value::Array(listed)))
 }
 
-async fn delete_receiver(State(transmitter): Shared, Path(receiver_id): Path<String>) -> Result<StatusCode, SsfError> {
+#[utoipa::path(delete, path = "/admin/receivers/{receiver_id}", tag = "admin", security(("admin_token" = [])),
+    params(("receiver_id" = String, Path)),
+    responses((status = 204, description = "Removed with its streams"), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody), (status = 404, description = "No such receiver", body = ErrorBody)))]
+pub(crate) async fn delete_receiver(
+    State(transmitter): Shared,
+    Path(receiver_id): Path<String>,
+) -> Result<StatusCode, SsfError> {
     if transmitter.delete_receiver(&receiver_id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(SsfError::NotFound) }
 }
 
@@ -108,19 +124,27 @@ fn operator_view(transmitter: &Transmitter, record: &StreamRecord) -> Value {
     })
 }
 
-async fn list_streams(State(transmitter): Shared) -> Json<Value> {
+#[utoipa::path(get, path = "/admin/streams", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Every stream", body = Vec<StreamView>), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
+pub(crate) async fn list_streams(State(transmitter): Shared) -> Json<Value> {
     let all = transmitter.streams().all();
     Json(Value::Array(all.iter().map(|record| operator_view(&transmitter, record)).collect()))
 }
 
-#[derive(Deserialize)]
+/// A transmitter-initiated status change (announced to the receiver).
+#[derive(Deserialize, utoipa::ToSchema)]
 struct StatusChange {
+    #[schema(value_type = StreamStatusName)]
     status: StreamStatus,
     #[serde(default)]
     reason: Option<String>,
 }
 
-async fn change_status(
+#[utoipa::path(post, path = "/admin/streams/{stream_id}/status", tag = "admin", security(("admin_token" = [])),
+    params(("stream_id" = String, Path)), request_body = StatusChange,
+    responses((status = 200, description = "Changed, after a stream-updated SET told the receiver", body = StreamView),
+        (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody), (status = 404, description = "No such stream", body = ErrorBody)))]
+pub(crate) async fn change_status(
     State(transmitter): Shared,
     Path(stream_id): Path<String>,
     body: Bytes,
@@ -143,7 +167,12 @@ const MAX_DEAD_LETTER_PAGE: usize = 1000;
 
 /// `GET /admin/dead-letters?stream_id=&limit=&cursor=`: a page of dead
 /// letters and the cursor of the next page (`null` on the last).
-async fn list_dead_letters(State(transmitter): Shared, uri: Uri) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security(("admin_token" = [])),
+    params(("stream_id" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 1000; default 100"),
+        ("cursor" = Option<String>, Query, description = "A previous page's `next_cursor`")),
+    responses((status = 200, description = "A page of dead letters", body = DeadLetterPage),
+        (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
+pub(crate) async fn list_dead_letters(State(transmitter): Shared, uri: Uri) -> Result<Json<Value>, SsfError> {
     let query = axum::extract::Query::<DeadLetterQuery>::try_from_uri(&uri)
         .map_err(|_| SsfError::BadRequest("malformed query string (stream_id, limit, cursor)".into()))?;
     let limit = query.0.limit.unwrap_or(DEAD_LETTER_PAGE);
@@ -188,14 +217,18 @@ fn decode_cursor(cursor: &str) -> Result<(String, u64), SsfError> {
     serde_json::from_slice::<(String, u64)>(&bytes).map_err(|_| invalid())
 }
 
-#[derive(Deserialize)]
+/// Dead letters to put back in a stream's queue; no `jtis`: all of the stream's.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct Replay {
     stream_id: String,
     #[serde(default)]
     jtis: Vec<String>,
 }
 
-async fn replay_dead_letters(State(transmitter): Shared, body: Bytes) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(post, path = "/admin/dead-letters/replay", tag = "admin", security(("admin_token" = [])), request_body = Replay,
+    responses((status = 200, description = "Put back in the stream's queue, same jti", body = Replayed),
+        (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody), (status = 404, description = "No such stream", body = ErrorBody)))]
+pub(crate) async fn replay_dead_letters(State(transmitter): Shared, body: Bytes) -> Result<Json<Value>, SsfError> {
     let replay: Replay = parse(&body)?;
     if transmitter.streams().get(&replay.stream_id).is_none() {
         return Err(SsfError::NotFound);

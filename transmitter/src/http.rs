@@ -22,7 +22,14 @@ use serde_json::Value;
 use crate::control::Placement;
 use crate::error::SsfError;
 use crate::metadata::{paths, well_known_path};
+#[allow(unused_imports)] // named by the #[utoipa::path] annotations
+use crate::openapi::{
+    ErrorBody, JwkSet, StreamConfiguration, StreamConfigurationMembers, StreamsRead, SubjectChange, SubjectsAdd,
+    TransmitterMetadata, VerificationRequest,
+};
 use crate::poll;
+#[allow(unused_imports)] // named by the #[utoipa::path] annotations
+use crate::poll::{PollRequest, PollResponse};
 use crate::receivers::{Receiver, SCOPE_MANAGE, SCOPE_READ};
 use crate::registry::StreamRecord;
 use crate::service::{EVENTS_SUPPORTED, Transmitter, store_error};
@@ -64,11 +71,15 @@ async fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn metadata(State(transmitter): Shared) -> impl IntoResponse {
+#[utoipa::path(get, path = "/.well-known/ssf-configuration", tag = "ssf",
+    responses((status = 200, description = "The transmitter configuration metadata", body = TransmitterMetadata)))]
+pub(crate) async fn metadata(State(transmitter): Shared) -> impl IntoResponse {
     Json(transmitter.metadata().clone())
 }
 
-async fn jwks(State(transmitter): Shared) -> impl IntoResponse {
+#[utoipa::path(get, path = "/ssf/jwks.json", tag = "ssf",
+    responses((status = 200, description = "The keys that sign this hub's SETs", body = JwkSet, content_type = "application/jwk-set+json")))]
+pub(crate) async fn jwks(State(transmitter): Shared) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/jwk-set+json"), (header::CACHE_CONTROL, "max-age=60")],
         transmitter.keys().jwks().to_json().to_string(),
@@ -157,7 +168,11 @@ fn config_json(record: &StreamRecord) -> Value {
     value
 }
 
-async fn create_stream(
+#[utoipa::path(post, path = "/ssf/streams", tag = "ssf", security(("receiver_token" = [])),
+    request_body(content = StreamConfigurationMembers, description = "Requested members; no `delivery`: poll"),
+    responses((status = 201, description = "The stream created", body = StreamConfiguration), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody),
+        (status = 409, description = "The receiver has the most streams allowed", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn create_stream(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     body: Bytes,
@@ -167,7 +182,13 @@ async fn create_stream(
     Ok((StatusCode::CREATED, Json(config_json(&record))).into_response())
 }
 
-async fn read_streams(State(transmitter): Shared, Authed(receiver): Authed, uri: Uri) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(get, path = "/ssf/streams", tag = "ssf", security(("receiver_token" = [])), params(("stream_id" = Option<String>, Query, description = "The stream")),
+    responses((status = 200, description = "The stream, or every stream of the receiver", body = StreamsRead), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn read_streams(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    uri: Uri,
+) -> Result<Json<Value>, SsfError> {
     require_read(&receiver)?;
     match stream_id_query(&uri)? {
         Some(stream_id) => {
@@ -184,11 +205,17 @@ async fn read_streams(State(transmitter): Shared, Authed(receiver): Authed, uri:
     }
 }
 
-async fn update_stream(state: Shared, authed: Authed, body: Bytes) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(patch, path = "/ssf/streams", tag = "ssf", security(("receiver_token" = [])),
+    request_body(content = StreamConfigurationMembers, description = "`stream_id` and the members to change"),
+    responses((status = 200, description = "The stream updated", body = StreamConfiguration), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn update_stream(state: Shared, authed: Authed, body: Bytes) -> Result<Json<Value>, SsfError> {
     change_stream(state, authed, body, RequestKind::Update).await
 }
 
-async fn replace_stream(state: Shared, authed: Authed, body: Bytes) -> Result<Json<Value>, SsfError> {
+#[utoipa::path(put, path = "/ssf/streams", tag = "ssf", security(("receiver_token" = [])),
+    request_body(content = StreamConfigurationMembers, description = "`stream_id` and every receiver-supplied member"),
+    responses((status = 200, description = "The stream replaced", body = StreamConfiguration), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn replace_stream(state: Shared, authed: Authed, body: Bytes) -> Result<Json<Value>, SsfError> {
     change_stream(state, authed, body, RequestKind::Replace).await
 }
 
@@ -214,7 +241,13 @@ async fn change_stream(
     Ok(Json(config_json(&record)))
 }
 
-async fn delete_stream(State(transmitter): Shared, Authed(receiver): Authed, uri: Uri) -> Result<StatusCode, SsfError> {
+#[utoipa::path(delete, path = "/ssf/streams", tag = "ssf", security(("receiver_token" = [])), params(("stream_id" = String, Query, description = "The stream")),
+    responses((status = 204, description = "Deleted, with its queue"), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn delete_stream(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    uri: Uri,
+) -> Result<StatusCode, SsfError> {
     require_manage(&receiver)?;
     // A DELETE without stream_id must never mean "all streams".
     let stream_id = stream_id_query(&uri)?.ok_or_else(|| SsfError::BadRequest("`stream_id` is required".into()))?;
@@ -227,7 +260,9 @@ fn status_body(record: &StreamRecord) -> StatusBody {
     StatusBody { stream_id: record.config.stream_id.clone(), status: record.status, reason: record.reason.clone() }
 }
 
-async fn read_status(
+#[utoipa::path(get, path = "/ssf/status", tag = "ssf", security(("receiver_token" = [])), params(("stream_id" = String, Query, description = "The stream")),
+    responses((status = 200, description = "The stream's status", body = StatusBody), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn read_status(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     uri: Uri,
@@ -238,7 +273,9 @@ async fn read_status(
     Ok(Json(status_body(&record)))
 }
 
-async fn update_status(
+#[utoipa::path(post, path = "/ssf/status", tag = "ssf", security(("receiver_token" = [])), request_body = StatusBody,
+    responses((status = 200, description = "The status now", body = StatusBody), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn update_status(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     body: Bytes,
@@ -250,7 +287,10 @@ async fn update_status(
     Ok(Json(status_body(&updated)))
 }
 
-async fn add_subject(
+#[utoipa::path(post, path = "/ssf/subjects/add", tag = "ssf", security(("receiver_token" = [])), request_body = SubjectChange,
+    responses((status = 200, description = "Added (for an agent session: the hub records that it reached this receiver)"),
+        (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn add_subject(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     body: Bytes,
@@ -263,7 +303,9 @@ async fn add_subject(
 }
 
 /// The add-many extension: every subject added, or the first refusal.
-async fn add_subjects(
+#[utoipa::path(post, path = "/ssf/subjects/add-many", tag = "ssf", security(("receiver_token" = [])), request_body = SubjectsAdd,
+    responses((status = 200, description = "Every subject added"), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn add_subjects(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     body: Bytes,
@@ -275,7 +317,9 @@ async fn add_subjects(
     Ok(StatusCode::OK)
 }
 
-async fn remove_subject(
+#[utoipa::path(post, path = "/ssf/subjects/remove", tag = "ssf", security(("receiver_token" = [])), request_body = SubjectChange,
+    responses((status = 204, description = "Removed"), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn remove_subject(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     body: Bytes,
@@ -287,7 +331,13 @@ async fn remove_subject(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn verify(State(transmitter): Shared, Authed(receiver): Authed, body: Bytes) -> Result<StatusCode, SsfError> {
+#[utoipa::path(post, path = "/ssf/verify", tag = "ssf", security(("receiver_token" = [])), request_body = VerificationRequest,
+    responses((status = 204, description = "A verification SET is on its way"), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)))]
+pub(crate) async fn verify(
+    State(transmitter): Shared,
+    Authed(receiver): Authed,
+    body: Bytes,
+) -> Result<StatusCode, SsfError> {
     require_manage(&receiver)?;
     let request = streams::parse_verification_request(&body)?;
     let record = active_stream(&transmitter, &receiver, &request.stream_id).await?;
@@ -295,7 +345,12 @@ async fn verify(State(transmitter): Shared, Authed(receiver): Authed, body: Byte
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn poll_stream(
+#[utoipa::path(post, path = "/ssf/poll/{stream_id}", tag = "ssf", security(("receiver_token" = [])),
+    params(("stream_id" = String, Path, description = "The poll stream")),
+    request_body(content = PollRequest, description = "Empty: a default poll"),
+    responses((status = 200, description = "SETs, acknowledgements applied (RFC 8936)", body = PollResponse), (status = 400, description = "A malformed or invalid request", body = ErrorBody), (status = 401, description = "No bearer token, or one not accepted", body = ErrorBody), (status = 403, description = "The token lacks the scope needed", body = ErrorBody), (status = 404, description = "No such stream for this receiver", body = ErrorBody), (status = 413, description = "The body is larger than 64 KiB", body = ErrorBody), (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The stream's delivery is moving between instances; retry", body = ErrorBody)))]
+pub(crate) async fn poll_stream(
     State(transmitter): Shared,
     Authed(receiver): Authed,
     Path(stream_id): Path<String>,

@@ -11,6 +11,7 @@ pub mod http;
 pub mod keys;
 pub mod limits;
 pub mod metadata;
+pub mod openapi;
 pub mod outbox;
 pub mod poll;
 pub mod push;

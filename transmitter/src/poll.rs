@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_EVENTS: usize = 100;
 pub const MAX_EVENTS_CAP: usize = 1000;
 
 /// An RFC 8936 poll request body.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PollRequest {
     #[serde(default)]
@@ -40,7 +40,7 @@ pub struct PollRequest {
 }
 
 /// A receiver's error report for one SET (RFC 8936 §2.4.3).
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct SetErr {
     pub err: String,
     #[serde(default)]
@@ -48,10 +48,11 @@ pub struct SetErr {
 }
 
 /// An RFC 8936 poll response body.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PollResponse {
     /// `jti` → compact SET.
+    #[schema(value_type = std::collections::HashMap<String, String>)]
     pub sets: Map<String, Value>,
     pub more_available: bool,
 }

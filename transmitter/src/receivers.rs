@@ -44,7 +44,7 @@ pub struct Receiver {
 }
 
 /// What the operator asks for a new receiver (`POST /admin/receivers`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiverSpec {
     pub name: String,

@@ -255,6 +255,11 @@ impl Transmitter {
         &self.settings.issuer
     }
 
+    /// The path of the issuer URL (empty for none): where the SSF routes live.
+    pub fn issuer_path(&self) -> &str {
+        &self.issuer_path
+    }
+
     /// The metadata this transmitter publishes.
     pub fn metadata(&self) -> &TransmitterMetadata {
         &self.metadata

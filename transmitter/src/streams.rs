@@ -530,11 +530,12 @@ fn string_set(value: &Value, allow_single: bool) -> Option<BTreeSet<&str>> {
 
 /// A stream's status as the status endpoint returns it (GET) and takes it
 /// (POST) (SSF 1.0 §8.1.2).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusBody {
     /// The stream.
     pub stream_id: String,
     /// `enabled`, `paused` or `disabled`.
+    #[schema(value_type = crate::openapi::StreamStatusName)]
     pub status: StreamStatus,
     /// Why the stream has this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
