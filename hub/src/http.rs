@@ -84,9 +84,10 @@ pub(crate) async fn ingest(State(hub): Shared, headers: HeaderMap, body: Bytes) 
 /// An IdP to trust, with its keys inline or at an https `jwks_uri`.
 #[derive(Deserialize, utoipa::ToSchema)]
 struct NewIssuer {
+    #[schema(pattern = "^https?://")]
     issuer: String,
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<caep_transmitter::openapi::JwkSet>)]
     jwks: Option<Value>,
     #[serde(default)]
     jwks_uri: Option<String>,
@@ -151,6 +152,13 @@ fn the_one<T>(mut found: Vec<(String, T)>, what: &str) -> Result<T, SsfError> {
     }
 }
 
+/// The query string as `T`; a malformed one is a 400 naming the parameters.
+fn query_of<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri, parameters: &str) -> Result<T, SsfError> {
+    Query::<T>::try_from_uri(uri)
+        .map(|Query(query)| query)
+        .map_err(|_| SsfError::BadRequest(format!("malformed query string ({parameters})")))
+}
+
 /// `?limit=`: how many cascades of each group `GET /admin/cascades` lists.
 #[derive(Deserialize)]
 struct RecentQuery {
@@ -168,12 +176,11 @@ const MAX_RECENT: usize = 500;
 /// `GET /admin/cascades[?limit=]`: cascades in progress (newest first, with
 /// how many there are) and the most recently completed, as summaries.
 #[utoipa::path(get, path = "/admin/cascades", tag = "admin", security(("admin_token" = [])),
-    params(("limit" = Option<u32>, Query, description = "Per group, 1 to 500; default 50")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Per group; default 50")),
     responses((status = 200, description = "Cascades in progress and recently completed", body = CascadeList),
         (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
 pub(crate) async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Json<Value>, SsfError> {
-    let Query(query) = Query::<RecentQuery>::try_from_uri(&uri)
-        .map_err(|_| SsfError::BadRequest("malformed query string (limit)".into()))?;
+    let query: RecentQuery = query_of(&uri, "limit")?;
     if !(1..=MAX_RECENT).contains(&query.limit) {
         return Err(SsfError::BadRequest(format!("`limit` must be 1 to {MAX_RECENT}")));
     }
@@ -223,8 +230,9 @@ fn listed() -> bool {
 pub(crate) async fn cascade_report(
     State(hub): Shared,
     Path(txn): Path<String>,
-    Query(query): Query<CascadeQuery>,
+    uri: axum::http::Uri,
 ) -> Result<Json<CascadeReport>, SsfError> {
+    let query: CascadeQuery = query_of(&uri, "issuer, leaves")?;
     let reports =
         hub.reports(&txn, query.issuer.as_deref(), query.leaves).map_err(|e| SsfError::Storage(e.to_string()))?;
     Ok(Json(the_one(reports.into_iter().map(|report| (report.issuer.clone(), report)).collect(), "txn")?))
@@ -236,8 +244,9 @@ pub(crate) async fn cascade_report(
 pub(crate) async fn session_view(
     State(hub): Shared,
     Path(session_id): Path<String>,
-    Query(query): Query<IssuerQuery>,
+    uri: axum::http::Uri,
 ) -> Result<Json<Value>, SsfError> {
+    let query: IssuerQuery = query_of(&uri, "issuer")?;
     let issuers = match query.issuer {
         Some(issuer) => vec![issuer],
         None => hub.issuers().names(),

@@ -206,12 +206,40 @@ fn with_embedded(mut schemas: Map<String, Value>) -> Map<String, Value> {
         point_refs(&mut schema, name);
         schemas.insert(name.to_owned(), schema);
     }
-    // A request carries the members, none required.
-    schemas.insert(
-        "StreamConfigurationMembers".into(),
-        json!({"$ref": "#/components/schemas/StreamConfiguration_members"}),
-    );
+    let request = request_members(schemas.get("StreamConfiguration_members"));
+    schemas.insert("StreamConfigurationMembers".into(), request);
     schemas
+}
+
+/// A create, update or replace request's members: those of a configuration,
+/// none required, where a receiver-supplied member may also be `null`
+/// ("no value"; in an update, "remove it").
+fn request_members(members: Option<&Value>) -> Value {
+    let mut request = members.cloned().unwrap_or_else(|| json!({"type": "object"}));
+    request["description"] = json!(
+        "Stream configuration members of a request, none required; a receiver-supplied member may be null \
+         (create and replace: no value; update: remove it)."
+    );
+    if let Some(properties) = request["properties"].as_object_mut() {
+        for member in ["delivery", "events_requested", "description"] {
+            if let Some(schema) = properties.get_mut(member) {
+                *schema = json!({"anyOf": [schema.take(), {"type": "null"}]});
+            }
+        }
+        properties.insert(
+            "stream_id".into(),
+            json!({"description": "The stream: a string, required in an update or replace request; ignored in \
+                a create request (the transmitter supplies it)."}),
+        );
+        for member in caep_transmitter::streams::TRANSMITTER_SUPPLIED {
+            properties.insert(
+                member.to_owned(),
+                json!({"description": "Transmitter-supplied: ignored in a create request; in an update or replace \
+                    request it must equal the stream's value (400 otherwise)."}),
+            );
+        }
+    }
+    request
 }
 
 /// Points every `$ref` in a schema of component `name` at a component:

@@ -273,7 +273,8 @@ async fn require_admin(State(token): State<Arc<AdminToken>>, request: Request, n
 
 #[utoipa::path(get, path = "/metrics", tag = "hub", security(("admin_token" = [])),
     responses((status = 200, description = "Prometheus text format (also on the metrics listener, without a token)",
-        body = String, content_type = "text/plain")))]
+        body = String, content_type = "text/plain"),
+        (status = 401, description = "No admin token, or not this hub's", body = caep_transmitter::openapi::ErrorBody)))]
 pub(crate) async fn render_metrics(State(hub): State<Arc<Hub>>) -> Response {
     let Some(handle) = crate::metrics::handle() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable").into_response();

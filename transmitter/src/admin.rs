@@ -168,7 +168,8 @@ const MAX_DEAD_LETTER_PAGE: usize = 1000;
 /// `GET /admin/dead-letters?stream_id=&limit=&cursor=`: a page of dead
 /// letters and the cursor of the next page (`null` on the last).
 #[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security(("admin_token" = [])),
-    params(("stream_id" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 1000; default 100"),
+    params(("stream_id" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Default 100"),
         ("cursor" = Option<String>, Query, description = "A previous page's `next_cursor`")),
     responses((status = 200, description = "A page of dead letters", body = DeadLetterPage),
         (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]

@@ -56,6 +56,20 @@ json_schema_component!(
     SubjectIdentifier
 );
 
+/// A receiver token's scope.
+#[derive(Serialize, ToSchema)]
+pub enum ScopeName {
+    #[serde(rename = "ssf.manage")]
+    Manage,
+    #[serde(rename = "ssf.read")]
+    Read,
+}
+
+/// A string with something besides white space.
+#[derive(ToSchema)]
+#[schema(pattern = "\\S")]
+pub struct NonBlank(pub String);
+
 /// The body of every error response (RFC 8935 §2.3 style).
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {

@@ -47,12 +47,17 @@ pub struct Receiver {
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiverSpec {
+    #[schema(pattern = "\\S")]
     pub name: String,
+    #[schema(pattern = "\\S")]
     pub audience: String,
     /// Empty: both `ssf.manage` and `ssf.read`.
     #[serde(default)]
+    #[schema(value_type = Vec<crate::openapi::ScopeName>)]
     pub scopes: Vec<String>,
+    /// The IdPs whose sessions it may hear about; omitted: every trusted IdP.
     #[serde(default)]
+    #[schema(min_items = 1, value_type = Option<Vec<crate::openapi::NonBlank>>)]
     pub issuers: Option<Vec<String>>,
     #[serde(default)]
     pub all_subjects: bool,

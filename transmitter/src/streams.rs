@@ -709,15 +709,17 @@ fn member<T>(
     }
 }
 
+/// Event type URIs: non-empty strings (an empty one names no event type,
+/// and the configuration echoing it back would break its own schema).
 fn parse_event_list(value: Value) -> Result<Vec<String>, SsfError> {
-    let bad = || SsfError::BadRequest("`events_requested` must be an array of strings".into());
+    let bad = || SsfError::BadRequest("`events_requested` must be an array of non-empty strings".into());
     let Value::Array(items) = value else {
         return Err(bad());
     };
     items
         .into_iter()
         .map(|item| match item {
-            Value::String(event) => Ok(event),
+            Value::String(event) if !event.is_empty() => Ok(event),
             _ => Err(bad()),
         })
         .collect()
@@ -1081,6 +1083,12 @@ mod tests {
                 bad_request(parse_request(body, kind));
             }
         }
+    }
+
+    #[test]
+    fn an_empty_event_type_is_refused() {
+        let description = bad_request(parse(json!({"events_requested": [""]}), RequestKind::Create));
+        assert!(description.contains("non-empty"), "{description}");
     }
 
     #[test]
