@@ -407,3 +407,83 @@ async fn console_responses_forbid_script_and_framing_and_admin_tokens_alone_do_n
     let admin = hub.admin(Method::GET, "/admin/streams", Body::None).await;
     assert_eq!(admin.status, 200, "the admin API is unchanged");
 }
+
+/// Medians of `runs` in-browser loads of `url`: (bytes on the wire, decoded
+/// bytes, ms to the last byte, ms from the last byte to the DOM complete).
+async fn page_figures(browser: &Browser, url: &str, runs: usize) -> (f64, f64, f64, f64) {
+    let mut figures = Vec::new();
+    for _ in 0..runs {
+        browser.goto(url).await;
+        let script = "const n = performance.getEntriesByType('navigation')[0];
+            return [n.transferSize, n.decodedBodySize, n.responseEnd - n.requestStart, n.domComplete - n.responseEnd];";
+        let values = browser.client.execute(script, vec![]).await.expect("navigation timing");
+        let values: Vec<f64> = values.as_array().expect("array").iter().map(|v| v.as_f64().unwrap_or(0.0)).collect();
+        figures.push(values);
+    }
+    let median = |i: usize| {
+        let mut column: Vec<f64> = figures.iter().map(|f| f[i]).collect();
+        column.sort_by(f64::total_cmp);
+        column[column.len() / 2]
+    };
+    (median(0), median(1), median(2), median(3))
+}
+
+/// Not a test: the figures of the console for a 10,000-leaf cascade (1,000
+/// sessions in one tree, 10 receivers that take every subject), measured
+/// in Chromium, and, with `CAEP_CONSOLE_SCREENSHOTS=dir`, the README's
+/// screenshots. Run: `cargo test -p caep-integration-tests --test console
+/// -- --ignored --nocapture` (add `--release` for a release-built hub).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn measure_the_console_on_a_10000_leaf_cascade() {
+    const SESSIONS: usize = 1000;
+    let hub = Hub::start().await;
+    let idp = Idp::register(&hub, IDP).await;
+    let ada = email("ada@example.com");
+    let mut receivers = Vec::new();
+    for name in ["payments", "mail", "calendar", "crm", "docs", "search", "billing", "storage", "chat", "tickets"] {
+        receivers.push(Relying::new(&hub, name, true, &[SESSION_REVOKED], true).await);
+    }
+    let id = |i: usize| format!("agent-{i:04}");
+    idp.establish(&hub, &id(0), &ada, None).await;
+    for i in 1..SESSIONS {
+        idp.establish(&hub, &id(i), &ada, Some(&id((i - 1) / 10))).await;
+    }
+    let revoke = idp.set(session_of(&id(0), &ada), SESSION_REVOKED, json!({"initiating_entity": "policy"}));
+    idp.send(&hub, &revoke.with_txn("txn-10k")).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let report = hub.admin(Method::GET, "/admin/cascades/txn-10k?leaves=false", Body::None).await.json();
+        if report["complete"] == true {
+            assert_eq!(report["delivered"], (SESSIONS * receivers.len()) as u64, "{report}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cascade did not complete: {report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let browser = Browser::start().await;
+    browser.log_in(&format!("{}/console", hub.issuer), ADMIN_TOKEN).await;
+    let cascade_url = format!("{}/console/cascades/txn-10k", hub.issuer);
+    let (wire, decoded, to_last_byte, dom) = page_figures(&browser, &cascade_url, 5).await;
+    println!(
+        "cascade page, 10,000 leaves in 1,000 sessions (medians of 5 loads): {:.0} KiB on the wire, {:.0} KiB of HTML, \
+         {to_last_byte:.0} ms request to last byte, {dom:.0} ms last byte to DOM complete",
+        wire / 1024.0,
+        decoded / 1024.0
+    );
+    assert_eq!(browser.count("tr.leaf.delivered").await, SESSIONS * receivers.len());
+    let overview_url = format!("{}/console", hub.issuer);
+    let (wire, _, to_last_byte, dom) = page_figures(&browser, &overview_url, 5).await;
+    println!(
+        "overview, 10 receivers: {:.0} KiB, {to_last_byte:.0} ms to last byte, {dom:.0} ms to DOM complete",
+        wire / 1024.0
+    );
+    if let Ok(dir) = std::env::var("CAEP_CONSOLE_SCREENSHOTS") {
+        for (url, file) in [(&cascade_url, "console-cascade.png"), (&overview_url, "console-overview.png")] {
+            browser.goto(url).await;
+            let png = browser.client.screenshot().await.expect("screenshot");
+            std::fs::write(std::path::Path::new(&dir).join(file), png).expect("write screenshot");
+        }
+    }
+}

@@ -117,6 +117,8 @@ pub(super) struct Which {
 /// One leaf on the page.
 #[derive(Clone)]
 struct LeafRow {
+    /// The name of the stream's receiver (empty for a deleted stream).
+    receiver: String,
     stream_id: String,
     status: &'static str,
     latency: String,
@@ -221,8 +223,9 @@ async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Ve
     let mut incomplete = Vec::new();
     let mut incomplete_total = 0;
     let mut by_session: BTreeMap<String, Vec<LeafRow>> = BTreeMap::new();
+    let mut receivers = ReceiverNames::default();
     for leaf in &leaves {
-        let row = leaf_row(hub, leaf);
+        let row = leaf_row(hub, leaf, receivers.of(hub, &leaf.stream_id));
         if !row.why.is_empty() {
             incomplete_total += 1;
             if incomplete.len() < LISTED_INCOMPLETE {
@@ -253,7 +256,28 @@ async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Ve
     }
 }
 
-fn leaf_row(hub: &Hub, leaf: &Leaf) -> LeafRow {
+/// The receiver name of each stream, looked up once per stream.
+#[derive(Default)]
+struct ReceiverNames(BTreeMap<String, String>);
+
+impl ReceiverNames {
+    fn of(&mut self, hub: &Hub, stream_id: &str) -> String {
+        if let Some(name) = self.0.get(stream_id) {
+            return name.clone();
+        }
+        let transmitter = hub.transmitter();
+        let name = transmitter
+            .streams()
+            .get(stream_id)
+            .and_then(|record| transmitter.receivers().get(&record.receiver_id).ok().flatten())
+            .map(|receiver| receiver.name)
+            .unwrap_or_default();
+        self.0.insert(stream_id.to_owned(), name.clone());
+        name
+    }
+}
+
+fn leaf_row(hub: &Hub, leaf: &Leaf, receiver: String) -> LeafRow {
     let (status, why) = match leaf.status {
         LeafStatus::Delivered => ("delivered", String::new()),
         LeafStatus::Failed => {
@@ -263,6 +287,7 @@ fn leaf_row(hub: &Hub, leaf: &Leaf) -> LeafRow {
         LeafStatus::Pending => ("pending", why_pending(hub, &leaf.stream_id)),
     };
     LeafRow {
+        receiver,
         stream_id: leaf.stream_id.clone(),
         status,
         latency: millis(leaf.latency_ms()),
@@ -390,6 +415,7 @@ mod tests {
 
     fn leaf(delivered: bool) -> LeafRow {
         LeafRow {
+            receiver: "r".into(),
             stream_id: "s".into(),
             status: if delivered { "delivered" } else { "pending" },
             latency: String::new(),

@@ -63,6 +63,10 @@ pub(crate) fn router(hub: Arc<Hub>, admin: Arc<AdminToken>) -> Router {
         .route("/console/dead-letters", get(dead_letters::page))
         .route("/console/dead-letters/replay", post(dead_letters::replay))
         .layer(axum::middleware::map_response(protect))
+        // Compressed pages carry the CSRF token beside reflected text, the
+        // BREACH pattern; it needs requests sent with the operator's cookie
+        // from another site, which SameSite=Strict never sends.
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
         .with_state(console)
 }
 
