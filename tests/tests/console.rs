@@ -97,6 +97,21 @@ impl Browser {
             .expect("click");
     }
 
+    /// Clicks what navigates (a link, a form's button) and waits until the
+    /// next page has loaded, so what follows reads the new page.
+    async fn follow(&self, css: &str) {
+        // A mark on this document: gone once the next one has replaced it
+        // (the next page may have the same URL, e.g. after logging in).
+        self.client.execute("window.caepOldPage = true", vec![]).await.expect("mark the page");
+        self.click(css).await;
+        let deadline = Instant::now() + WAIT;
+        let replaced = "return window.caepOldPage === undefined && document.readyState === 'complete'";
+        while self.client.execute(replaced, vec![]).await.ok() != Some(json!(true)) {
+            assert!(Instant::now() < deadline, "clicking {css} led to no new page");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn count(&self, css: &str) -> usize {
         self.client.find_all(Locator::Css(css)).await.expect("find_all").len()
     }
@@ -110,7 +125,7 @@ impl Browser {
     async fn log_in(&self, url: &str, token: &str) {
         self.goto(url).await;
         self.type_into("#token", token).await;
-        self.click("#login").await;
+        self.follow("#login").await;
     }
 
     /// Reloads until `css` holds `expected`, or fails after [`WAIT`].
@@ -175,7 +190,7 @@ async fn an_operator_logs_in_follows_a_cascade_through_its_tree_and_logs_out() {
 
     // Logged in: back at the cascade asked for, complete with every leaf.
     browser.type_into("#token", ADMIN_TOKEN).await;
-    browser.click("#login").await;
+    browser.follow("#login").await;
     assert_eq!(browser.client.current_url().await.expect("url").path(), "/console/cascades/txn-drill");
     assert!(browser.text("#state").await.starts_with("Complete"), "{}", browser.text("#state").await);
     assert_eq!((browser.text("#delivered").await, browser.text("#total").await), ("5".into(), "5".into()));
@@ -202,7 +217,7 @@ async fn an_operator_logs_in_follows_a_cascade_through_its_tree_and_logs_out() {
     let visible = browser.client.find(Locator::Css(g_link)).await.expect("G").is_displayed().await.expect("shown");
     assert!(!visible, "G is folded inside C1");
     browser.click(r#"details[data-session="C1"] > summary > .count"#).await;
-    browser.click(g_link).await;
+    browser.follow(g_link).await;
     assert_eq!(browser.text("#session-id").await, "G");
     assert_eq!(browser.text("#chain").await.split_whitespace().collect::<Vec<_>>(), ["R", "C1", "G"]);
     assert!(browser.text("#session-state").await.contains("revoked"), "{}", browser.text("#session-state").await);
@@ -213,7 +228,7 @@ async fn an_operator_logs_in_follows_a_cascade_through_its_tree_and_logs_out() {
     // The cookie is out of the page's reach, and logout ends access.
     let cookies = browser.client.execute("return document.cookie", vec![]).await.expect("script");
     assert_eq!(cookies, json!(""), "the session cookie is HttpOnly");
-    browser.click("#logout").await;
+    browser.follow("#logout").await;
     browser.goto(&cascade_url).await;
     assert_eq!(browser.count("#token").await, 1, "the login form again");
     assert_eq!(browser.count("#tree").await, 0);
@@ -248,7 +263,7 @@ async fn pausing_resuming_and_verifying_a_stream_reach_the_receiver() {
     assert_eq!(browser.text("#status").await, "enabled");
 
     browser.type_into("input[name=reason]", "maintenance window").await;
-    browser.click("#pause").await;
+    browser.follow("#pause").await;
     assert!(browser.text("#status").await.starts_with("paused"));
     assert!(browser.text("#message").await.starts_with("Stream paused"));
     let paused = wait_for_event(&hub, &receiver, &rp, STREAM_UPDATED, 0).await;
@@ -257,13 +272,13 @@ async fn pausing_resuming_and_verifying_a_stream_reach_the_receiver() {
     assert_eq!(hub.admin_stream(&stream_id).await["status"], "paused");
 
     let seen = receiver.requests().len();
-    browser.click("#resume").await;
+    browser.follow("#resume").await;
     assert_eq!(browser.text("#status").await, "enabled");
     let resumed = wait_for_event(&hub, &receiver, &rp, STREAM_UPDATED, seen).await;
     assert_eq!(resumed["status"], "enabled", "{resumed}");
 
     let seen = receiver.requests().len();
-    browser.click("#verify").await;
+    browser.follow("#verify").await;
     assert!(browser.text("#message").await.starts_with("Verification SET queued"));
     wait_for_event(&hub, &receiver, &rp, VERIFICATION, seen).await;
     browser.wait_for_text(&stream_url, "#verification", "acknowledged").await;
@@ -300,7 +315,7 @@ async fn a_dead_letter_is_replayed_from_the_console_and_delivered() {
 
     browser.goto(&letters_url).await;
     receiver.answer_from_now(Answer::Status(202));
-    browser.click("button.replay").await;
+    browser.follow("button.replay").await;
     assert!(browser.text("#message").await.starts_with("1 replayed"));
     assert_eq!(browser.count("#none").await, 1, "no dead letters left");
     let pushes = receiver.wait_for(2).await;
@@ -335,7 +350,7 @@ async fn attacker_strings_render_as_text_and_a_form_without_its_csrf_token_is_re
     browser.log_in(&cascade_url, ADMIN_TOKEN).await;
     assert_eq!(browser.text("#txn").await, SCRIPT_ID, "the txn is shown as text");
     assert_eq!(browser.text(r#"#tree summary a"#).await, SCRIPT_ID);
-    browser.click("#tree summary a").await;
+    browser.follow("#tree summary a").await;
     assert_eq!(browser.text("#session-id").await, SCRIPT_ID, "the session id is shown as text");
     browser.goto(&format!("{}/console/streams/{stream_id}", hub.issuer)).await;
     assert_eq!(browser.text("#description").await, DESCRIPTION, "the description is shown as text");

@@ -26,6 +26,9 @@ const MAX_ANCESTORS: usize = 10_000;
 const MAX_DEPTH_SHOWN: usize = 32;
 /// Leaves above which an incomplete cascade's page refreshes every 10 s, not 2.
 const BIG_CASCADE: u64 = 1000;
+/// Leaf rows a cascade page lists in its tree, at most (every session is
+/// still shown, with its counts; the CLI and API list every leaf).
+const MAX_LISTED_LEAVES: usize = 20_000;
 /// Incomplete leaves listed at the top of a cascade page.
 const LISTED_INCOMPLETE: usize = 200;
 
@@ -133,6 +136,8 @@ struct TreeRow {
     closes: usize,
     session_id: String,
     delivered: usize,
+    /// Leaves of this session, listed or not.
+    total: usize,
     leaves: Vec<LeafRow>,
     /// Some leaf here is not delivered.
     incomplete: bool,
@@ -158,6 +163,8 @@ struct CascadePage {
     incomplete_total: usize,
     tree: Vec<TreeRow>,
     closes_at_end: usize,
+    /// Leaves left out of the tree to keep the page bounded (counted still).
+    unlisted: usize,
 }
 
 /// Several IdPs used one id: the operator picks the IdP.
@@ -234,7 +241,8 @@ async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Ve
         }
         by_session.entry(leaf.session_id.clone()).or_default().push(row);
     }
-    let (tree, closes_at_end) = tree_rows(hub, by_session).await;
+    let (mut tree, closes_at_end) = tree_rows(hub, by_session).await;
+    let unlisted = cap_leaves(&mut tree, MAX_LISTED_LEAVES);
     let issuer_query = format!("?issuer={}", super::cascades::encode_segment(&record.issuer));
     let row = CascadeRow::from(record);
     CascadePage {
@@ -252,8 +260,23 @@ async fn cascade_page(hub: &Hub, csrf: String, record: CascadeRecord, leaves: Ve
         incomplete_total,
         tree,
         closes_at_end,
+        unlisted,
         row,
     }
+}
+
+/// Keeps at most `budget` leaf rows in the tree, in tree order, incomplete
+/// ones first within each session; returns how many were left out.
+fn cap_leaves(tree: &mut [TreeRow], mut budget: usize) -> usize {
+    let mut unlisted = 0;
+    for row in tree {
+        row.leaves.sort_by_key(|leaf| leaf.why.is_empty());
+        let kept = row.leaves.len().min(budget);
+        unlisted += row.leaves.len() - kept;
+        row.leaves.truncate(kept);
+        budget -= kept;
+    }
+    unlisted
 }
 
 /// The receiver name of each stream, looked up once per stream.
@@ -368,6 +391,7 @@ fn arrange(
                 closes,
                 session_id: scope::local_id(&key).to_owned(),
                 delivered,
+                total: leaves.len(),
                 incomplete: delivered < leaves.len(),
                 unfold: depth == 0 || unfolded.contains(&key),
                 leaves,
@@ -431,6 +455,25 @@ mod tests {
             .collect();
         out.push_str(&"/".repeat(closes_at_end));
         out
+    }
+
+    #[test]
+    fn a_capped_tree_keeps_incomplete_leaves_first_and_counts_the_rest() {
+        let row = |leaves: Vec<LeafRow>| TreeRow {
+            closes: 0,
+            session_id: "s".into(),
+            delivered: 0,
+            total: leaves.len(),
+            leaves,
+            incomplete: false,
+            unfold: false,
+        };
+        let mut tree = vec![row(vec![leaf(true), leaf(false), leaf(true)]), row(vec![leaf(false), leaf(true)])];
+        assert_eq!(cap_leaves(&mut tree, 2), 3);
+        assert_eq!(tree[0].leaves.len(), 2);
+        assert!(!tree[0].leaves[0].why.is_empty(), "the incomplete leaf is kept first");
+        assert!(tree[1].leaves.is_empty());
+        assert_eq!((tree[0].total, tree[1].total), (3, 2), "counts stay");
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub(super) async fn page(
             issuer: trusted.issuer,
         })
         .collect();
-    let receivers = transmitter
+    let mut receivers: Vec<ReceiverRow> = transmitter
         .receivers()
         .list()?
         .into_iter()
@@ -138,6 +138,7 @@ pub(super) async fn page(
             audience: receiver.audience,
         })
         .collect();
+    receivers.sort_by(|a, b| (&a.name, &a.receiver_id).cmp(&(&b.name, &b.receiver_id)));
     let recent = hub.store().read(|txn| cascade::recent(txn, LISTED_CASCADES))?;
     let page = Overview {
         csrf: operator.csrf,
