@@ -22,7 +22,7 @@ use crate::hub::Hub;
 use crate::issuers::IssuerError;
 use crate::issuers::TrustedIssuer;
 #[allow(unused_imports)] // named by the #[utoipa::path] annotations
-use crate::openapi::{CascadeList, SessionView};
+use crate::openapi::{CascadeList, CascadeSummary, SessionView};
 #[allow(unused_imports)] // named by the #[utoipa::path] annotations
 use caep_transmitter::openapi::ErrorBody;
 
@@ -179,7 +179,7 @@ const MAX_RECENT: usize = 500;
     params(("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Per group; default 50")),
     responses((status = 200, description = "Cascades in progress and recently completed", body = CascadeList),
         (status = 400, description = "Invalid", body = ErrorBody), (status = 401, description = "No admin token, or not this hub's", body = ErrorBody)))]
-pub(crate) async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Json<Value>, SsfError> {
+pub(crate) async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) -> Result<Json<CascadeList>, SsfError> {
     let query: RecentQuery = query_of(&uri, "limit")?;
     if !(1..=MAX_RECENT).contains(&query.limit) {
         return Err(SsfError::BadRequest(format!("`limit` must be 1 to {MAX_RECENT}")));
@@ -188,25 +188,11 @@ pub(crate) async fn recent_cascades(State(hub): Shared, uri: axum::http::Uri) ->
         .store()
         .read(|txn| crate::cascade::recent(txn, query.limit))
         .map_err(|e| SsfError::Storage(e.to_string()))?;
-    let summary = |record: crate::cascade::CascadeRecord| {
-        json!({
-            "txn": crate::scope::local_id(&record.key),
-            "issuer": record.issuer,
-            "root": record.root,
-            "event_type": record.event_type,
-            "started_at": record.started_at_ms,
-            "total": record.total,
-            "delivered": record.delivered,
-            "failed": record.failed,
-            "complete": record.completed_at_ms.is_some(),
-            "cascade_ms": record.completed_at_ms.map(|done| done.saturating_sub(record.started_at_ms)),
-        })
-    };
-    Ok(Json(json!({
-        "in_progress": recent.open.into_iter().map(summary).collect::<Vec<_>>(),
-        "in_progress_total": recent.open_total,
-        "completed": recent.completed.into_iter().map(summary).collect::<Vec<_>>(),
-    })))
+    Ok(Json(CascadeList {
+        in_progress: recent.open.into_iter().map(CascadeSummary::from).collect(),
+        in_progress_total: recent.open_total,
+        completed: recent.completed.into_iter().map(CascadeSummary::from).collect(),
+    }))
 }
 
 /// `GET /admin/cascades/{txn}`: `?issuer=` picks the IdP when several used

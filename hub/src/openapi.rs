@@ -118,6 +118,23 @@ pub struct CascadeSummary {
     pub cascade_ms: Option<u64>,
 }
 
+impl From<crate::cascade::CascadeRecord> for CascadeSummary {
+    fn from(record: crate::cascade::CascadeRecord) -> Self {
+        CascadeSummary {
+            txn: crate::scope::local_id(&record.key).to_owned(),
+            cascade_ms: record.completed_at_ms.map(|done| done.saturating_sub(record.started_at_ms)),
+            complete: record.completed_at_ms.is_some(),
+            issuer: record.issuer,
+            root: record.root,
+            event_type: record.event_type,
+            started_at: record.started_at_ms,
+            total: record.total,
+            delivered: record.delivered,
+            failed: record.failed,
+        }
+    }
+}
+
 /// `GET /admin/cascades`.
 #[derive(Serialize, ToSchema)]
 pub struct CascadeList {
