@@ -29,6 +29,12 @@ const PRUNING: TableDefinition<&str, u64> = TableDefinition::new("cascades_pruni
 /// Cascades not yet complete, by key, with when they started: what the
 /// console lists as in progress without reading every kept cascade.
 const OPEN: TableDefinition<&str, u64> = TableDefinition::new("cascades_open");
+/// Delivered leaves by latency, per cascade: (key, latency ms) → how many.
+/// A summary's percentiles come from these few rows (one per distinct
+/// millisecond) instead of from decoding every leaf, so a watcher polling a
+/// 10,000-leaf cascade does not slow it down. Written with the leaves'
+/// outcomes; removed with the cascade's leaves when it is pruned.
+const LATENCIES: TableDefinition<(&str, u64), u64> = TableDefinition::new("cascade_latencies");
 
 /// One event a cascade's leaves carry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -167,11 +173,20 @@ pub fn dispatching(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError
 pub struct CascadesPruned {
     pub cascades: usize,
     pub leaves: usize,
+    /// Rows of the pruned cascades' latency histograms.
+    pub latency_rows: usize,
+}
+
+impl CascadesPruned {
+    /// Leaf and latency rows removed: what the budget bounds.
+    pub fn rows(&self) -> usize {
+        self.leaves + self.latency_rows
+    }
 }
 
 /// Removes cascades complete since before `horizon_ms` (their reports
-/// answer 404 from then on) and their leaves, at most about `leaf_budget`
-/// leaves per call; the rest of a large cascade's leaves go in later calls.
+/// answer 404 from then on) and their leaves and latency rows, at most about
+/// `leaf_budget` rows per call; the rest of a large cascade's go in later calls.
 /// An incomplete cascade is never pruned: it has leaves still to deliver.
 pub fn prune_completed(
     txn: &WriteTransaction,
@@ -180,8 +195,10 @@ pub fn prune_completed(
 ) -> Result<CascadesPruned, StoreError> {
     let mut pruned = CascadesPruned::default();
     loop {
-        pruned.leaves += remove_pruned_leaves(txn, leaf_budget.saturating_sub(pruned.leaves))?;
-        if pruned.leaves >= leaf_budget || pruned.cascades >= leaf_budget {
+        let (leaves, latency_rows) = remove_pruned_leaves(txn, leaf_budget.saturating_sub(pruned.rows()))?;
+        pruned.leaves += leaves;
+        pruned.latency_rows += latency_rows;
+        if pruned.rows() >= leaf_budget || pruned.cascades >= leaf_budget {
             return Ok(pruned);
         }
         let first = {
@@ -209,10 +226,11 @@ pub fn prune_completed(
     }
 }
 
-/// Removes up to `budget` leaves of pruned cascades; returns how many.
-fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<usize, StoreError> {
-    let mut removed = 0;
-    while removed < budget {
+/// Removes up to `budget` leaves and latency rows of pruned cascades;
+/// returns how many of each.
+fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<(usize, usize), StoreError> {
+    let (mut removed, mut latency_rows) = (0, 0);
+    while removed + latency_rows < budget {
         let first = {
             let pruning = txn.open_table(PRUNING).map_err(storage)?;
             let mut rows = pruning.iter().map_err(storage)?;
@@ -235,7 +253,7 @@ fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<usize, 
                 // A leaf planned after completion belongs to the cascade as
                 // re-created for a late touch: it stays.
                 if decode::<Leaf>(value.value())?.planned_at_ms <= until {
-                    if jtis.len() >= budget - removed {
+                    if jtis.len() >= budget - removed - latency_rows {
                         exhausted = false;
                         break;
                     }
@@ -250,10 +268,34 @@ fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<usize, 
         }
         removed += jtis.len();
         if exhausted {
-            txn.open_table(PRUNING).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
+            // Then its latency rows, from the same budget.
+            let (rows, all_gone) = remove_latencies(txn, &key, budget - removed - latency_rows)?;
+            latency_rows += rows;
+            if all_gone {
+                txn.open_table(PRUNING).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
+            }
         }
     }
-    Ok(removed)
+    Ok((removed, latency_rows))
+}
+
+/// Removes up to `budget` latency rows of the cascade `key`; returns how
+/// many, and whether none are left.
+fn remove_latencies(txn: &WriteTransaction, key: &str, budget: usize) -> Result<(usize, bool), StoreError> {
+    let mut table = txn.open_table(LATENCIES).map_err(storage)?;
+    let mut rows = Vec::new();
+    let mut all_gone = true;
+    for row in table.range((key, 0)..=(key, u64::MAX)).map_err(storage)? {
+        if rows.len() >= budget {
+            all_gone = false;
+            break;
+        }
+        rows.push(row.map_err(storage)?.0.value().1);
+    }
+    for latency in &rows {
+        table.remove((key, *latency)).map_err(storage)?;
+    }
+    Ok((rows.len(), all_gone))
 }
 
 /// Cascades still in progress (up to `limit`, newest first) and how many
@@ -479,6 +521,7 @@ pub struct Applied {
 pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Applied, StoreError> {
     let mut applied = Applied::default();
     let mut touched: BTreeMap<String, Settled> = BTreeMap::new();
+    let mut latencies: BTreeMap<(String, u64), u64> = BTreeMap::new();
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
         for outcome in outcomes {
@@ -498,7 +541,9 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
             if outcome.delivered {
                 leaf.status = LeafStatus::Delivered;
                 leaf.acked_at_ms = Some(outcome.at_ms);
-                applied.leaf_latencies_ms.push(outcome.at_ms.saturating_sub(leaf.planned_at_ms));
+                let latency = outcome.at_ms.saturating_sub(leaf.planned_at_ms);
+                applied.leaf_latencies_ms.push(latency);
+                *latencies.entry((outcome.txn.clone(), latency)).or_default() += 1;
                 settled.delivered += 1;
             } else {
                 leaf.status = LeafStatus::Failed;
@@ -509,6 +554,7 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
             table.insert(key, encode(&leaf)?.as_slice()).map_err(storage)?;
         }
     }
+    add_latencies(txn, latencies)?;
     for (cascade_txn, settled) in touched {
         let Some(mut record) = cascade(txn, &cascade_txn)? else { continue };
         record.delivered += settled.delivered;
@@ -523,6 +569,20 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
     Ok(applied)
 }
 
+/// Counts delivered leaves' latencies into their cascades' histograms.
+fn add_latencies(txn: &WriteTransaction, latencies: BTreeMap<(String, u64), u64>) -> Result<(), StoreError> {
+    if latencies.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(LATENCIES).map_err(storage)?;
+    for ((key, latency), count) in latencies {
+        let row = (key.as_str(), latency);
+        let known = table.get(row).map_err(storage)?.map_or(0, |count| count.value());
+        table.insert(row, known + count).map_err(storage)?;
+    }
+    Ok(())
+}
+
 /// What outcomes did to one cascade's counters.
 #[derive(Default)]
 struct Settled {
@@ -534,21 +594,86 @@ struct Settled {
 
 /// The cascade with key `id` and every one of its leaves, from a read snapshot.
 pub fn cascade_and_leaves(txn: &ReadTransaction, id: &str) -> Result<Option<(CascadeRecord, Vec<Leaf>)>, StoreError> {
+    let Some(record) = cascade_in(txn, id)? else { return Ok(None) };
+    Ok(Some((record, leaves_in(txn, id)?)))
+}
+
+/// The cascade with key `id`, from a read snapshot.
+fn cascade_in(txn: &ReadTransaction, id: &str) -> Result<Option<CascadeRecord>, StoreError> {
     let cascades = match txn.open_table(CASCADES) {
         Ok(table) => table,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(error) => return Err(storage(error)),
     };
-    let Some(row) = cascades.get(id).map_err(storage)? else { return Ok(None) };
-    let record: CascadeRecord = decode(row.value())?;
-    let table = txn.open_table(LEAVES).map_err(storage)?;
+    cascades.get(id).map_err(storage)?.map(|row| decode(row.value())).transpose()
+}
+
+/// Every leaf of the cascade `id`, from a read snapshot.
+fn leaves_in(txn: &ReadTransaction, id: &str) -> Result<Vec<Leaf>, StoreError> {
+    let table = match txn.open_table(LEAVES) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(error) => return Err(storage(error)),
+    };
     let mut leaves = Vec::new();
     let end = crate::graph::after(id);
     for row in table.range((id, "")..(end.as_str(), "")).map_err(storage)? {
         let (_, value) = row.map_err(storage)?;
         leaves.push(decode::<Leaf>(value.value())?);
     }
-    Ok(Some((record, leaves)))
+    Ok(leaves)
+}
+
+/// Delivered leaves' latencies as (ms, how many), ascending.
+#[derive(Debug, Default, PartialEq)]
+struct LatencyCounts(Vec<(u64, u64)>);
+
+impl LatencyCounts {
+    /// The cascade's histogram, if it accounts for exactly `delivered`
+    /// leaves. It may not: a cascade recorded before histograms were kept,
+    /// or one re-created while the leaves of its pruned predecessor are
+    /// still being removed.
+    fn stored(txn: &ReadTransaction, id: &str, delivered: u64) -> Result<Option<Self>, StoreError> {
+        let table = match txn.open_table(LATENCIES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((delivered == 0).then(Self::default)),
+            Err(error) => return Err(storage(error)),
+        };
+        let mut counts = Vec::new();
+        for row in table.range((id, 0)..=(id, u64::MAX)).map_err(storage)? {
+            let (key, count) = row.map_err(storage)?;
+            counts.push((key.value().1, count.value()));
+        }
+        let counts = LatencyCounts(counts);
+        Ok((counts.total() == delivered).then_some(counts))
+    }
+
+    /// The histogram of `leaves` as they are.
+    fn of(leaves: &[Leaf]) -> Self {
+        let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
+        for latency in leaves.iter().filter_map(Leaf::latency_ms) {
+            *counts.entry(latency).or_default() += 1;
+        }
+        LatencyCounts(counts.into_iter().collect())
+    }
+
+    fn total(&self) -> u64 {
+        self.0.iter().map(|(_, count)| count).sum()
+    }
+
+    /// Nearest-rank percentile, as [`percentile`] over every latency.
+    fn percentile(&self, p: u32) -> Option<u64> {
+        let rank = (self.total() * u64::from(p)).div_ceil(100).max(1);
+        let mut seen = 0;
+        self.0.iter().find_map(|(latency, count)| {
+            seen += count;
+            (seen >= rank).then_some(*latency)
+        })
+    }
+
+    fn max(&self) -> Option<u64> {
+        self.0.last().map(|(latency, _)| *latency)
+    }
 }
 
 /// The `GET /admin/cascades/{txn}` report.
@@ -589,30 +714,33 @@ pub struct LeafReport {
 }
 
 /// Builds the report of the cascade with key `id` from a read snapshot,
-/// listing its leaves when `with_leaves`.
+/// listing its leaves when `with_leaves`. Its counts are the cascade
+/// record's and its percentiles come from the latency histogram, so a
+/// summary reads a few rows however many leaves the cascade has.
 pub fn report(txn: &ReadTransaction, id: &str, with_leaves: bool) -> Result<Option<CascadeReport>, StoreError> {
-    let Some((record, leaves)) = cascade_and_leaves(txn, id)? else { return Ok(None) };
-    let mut latencies: Vec<u64> = leaves.iter().filter_map(Leaf::latency_ms).collect();
-    latencies.sort_unstable();
-    let delivered = leaves.iter().filter(|l| l.status == LeafStatus::Delivered).count() as u64;
-    let failed = leaves.iter().filter(|l| l.status == LeafStatus::Failed).count() as u64;
-    let total = leaves.len() as u64;
+    let Some(record) = cascade_in(txn, id)? else { return Ok(None) };
+    let leaves = with_leaves.then(|| leaves_in(txn, id)).transpose()?;
+    let latencies = match (LatencyCounts::stored(txn, id, record.delivered)?, &leaves) {
+        (Some(latencies), _) => latencies,
+        (None, Some(leaves)) => LatencyCounts::of(leaves),
+        (None, None) => LatencyCounts::of(&leaves_in(txn, id)?),
+    };
     Ok(Some(CascadeReport {
         txn: record.txn,
         issuer: record.issuer,
         root: record.root,
         event_type: record.event_type,
         started_at: record.started_at_ms,
-        total,
-        delivered,
-        pending: total - delivered - failed,
-        failed,
-        complete: delivered + failed == total,
-        p50_ms: percentile(&latencies, 50),
-        p99_ms: percentile(&latencies, 99),
-        max_ms: latencies.last().copied(),
+        total: record.total,
+        delivered: record.delivered,
+        pending: record.total.saturating_sub(record.delivered + record.failed),
+        failed: record.failed,
+        complete: record.completed_at_ms.is_some(),
+        p50_ms: latencies.percentile(50),
+        p99_ms: latencies.percentile(99),
+        max_ms: latencies.max(),
         cascade_ms: record.completed_at_ms.map(|done| done.saturating_sub(record.started_at_ms)),
-        leaves: with_leaves.then(|| {
+        leaves: leaves.map(|leaves| {
             leaves
                 .into_iter()
                 .map(|leaf| LeafReport {
@@ -698,6 +826,84 @@ mod tests {
     }
 
     #[test]
+    fn histogram_percentiles_are_those_of_every_latency() {
+        // Latencies with repeats, in no order (a simple LCG), checked at every size.
+        let mut latencies = Vec::new();
+        let mut x: u64 = 7;
+        for _ in 0..500 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            latencies.push((x >> 33) % 97);
+            let leaves: Vec<Leaf> =
+                latencies.iter().map(|&ms| Leaf { acked_at_ms: Some(1000 + ms), ..leaf("j", "s", 1000) }).collect();
+            let counts = LatencyCounts::of(&leaves);
+            let mut sorted = latencies.clone();
+            sorted.sort_unstable();
+            for p in [1, 50, 90, 99, 100] {
+                assert_eq!(counts.percentile(p), percentile(&sorted, p), "p{p} of {}", sorted.len());
+            }
+            assert_eq!(counts.max(), sorted.last().copied());
+        }
+        assert_eq!(LatencyCounts::default().percentile(50), None);
+    }
+
+    #[tokio::test]
+    async fn the_stored_histogram_matches_the_leaves_and_is_not_trusted_when_it_does_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("c.redb")).expect("open");
+        let jtis: Vec<String> = (0..40).map(|n| format!("j{n}")).collect();
+        let leaves: Vec<Leaf> = jtis.iter().map(|jti| leaf(jti, "s", 100)).collect();
+        let moved = jtis.clone();
+        store
+            .write(Commit::Durable, move |txn| {
+                plan(txn, &template("h"), &event(), leaves.clone())?;
+                mark_pending(txn, "h", &moved).map(drop)
+            })
+            .await
+            .expect("plan");
+        // Three batches; repeats within and across them; a duplicate; a failure.
+        for batch in jtis.chunks(15) {
+            let outcomes: Vec<Outcome> = batch
+                .iter()
+                .enumerate()
+                .flat_map(|(n, jti)| {
+                    let outcome = Outcome {
+                        txn: "h".into(),
+                        jti: jti.clone(),
+                        delivered: jti != "j7",
+                        at_ms: 100 + (n as u64 % 4) * 10,
+                        err: None,
+                    };
+                    [outcome.clone(), Outcome { at_ms: outcome.at_ms + 1, ..outcome }]
+                })
+                .collect();
+            store.write(Commit::Lazy, move |txn| apply_outcomes(txn, &outcomes).map(drop)).await.expect("apply");
+        }
+        let (stored, of_leaves) = store
+            .read(|txn| {
+                let (record, leaves) = cascade_and_leaves(txn, "h")?.expect("exists");
+                Ok((LatencyCounts::stored(txn, "h", record.delivered)?, LatencyCounts::of(&leaves)))
+            })
+            .expect("read");
+        assert_eq!(stored.as_ref(), Some(&of_leaves));
+        assert_eq!(of_leaves.total(), 39, "the failed leaf has no latency; the duplicate counts once");
+        // A histogram that does not account for every delivered leaf (a
+        // cascade from before histograms) is read from the leaves instead.
+        store
+            .write(Commit::Lazy, |txn| {
+                txn.open_table(LATENCIES).map_err(storage)?.remove(("h", 20)).map_err(storage)?;
+                Ok(())
+            })
+            .await
+            .expect("remove a row");
+        let summary = store.read(|txn| report(txn, "h", false)).expect("read").expect("exists");
+        assert_eq!(
+            (summary.p50_ms, summary.p99_ms, summary.max_ms),
+            (of_leaves.percentile(50), of_leaves.percentile(99), of_leaves.max())
+        );
+        assert!(store.read(|txn| LatencyCounts::stored(txn, "h", 39)).expect("read").is_none());
+    }
+
+    #[test]
     fn percentiles_by_nearest_rank() {
         let values: Vec<u64> = (1..=100).collect();
         assert_eq!(percentile(&values, 50), Some(50));
@@ -738,6 +944,10 @@ mod tests {
         assert_eq!(applied.completed, [("t1".to_owned(), 20)]);
 
         let report = store.read(|txn| report(txn, "t1", true)).expect("read").expect("exists");
+        let summary = store.read(|txn| super::report(txn, "t1", false)).expect("read").expect("exists");
+        assert!(summary.leaves.is_none());
+        let figures = |r: &CascadeReport| (r.total, r.delivered, r.failed, r.p50_ms, r.p99_ms, r.max_ms, r.cascade_ms);
+        assert_eq!(figures(&summary), figures(&report), "the summary's figures are the report's");
         assert_eq!((report.total, report.delivered, report.failed, report.pending), (2, 1, 1, 0));
         assert!(report.complete);
         assert_eq!((report.p50_ms, report.max_ms, report.cascade_ms), (Some(4), Some(4), Some(20)));
@@ -772,15 +982,24 @@ mod tests {
                 apply_outcomes(txn, &open)?;
                 assert_eq!(prune_completed(txn, 200, 100)?, CascadesPruned::default(), "completed at 200: kept");
                 let first = prune_completed(txn, 201, 2)?;
-                assert_eq!(first, CascadesPruned { cascades: 1, leaves: 2 }, "the leaves go in batches");
+                assert_eq!(first, CascadesPruned { cascades: 1, leaves: 2, latency_rows: 0 }, "in batches");
                 assert!(cascade(txn, "done")?.is_none(), "its report is gone at once");
-                assert_eq!(prune_completed(txn, 201, 2)?, CascadesPruned { cascades: 0, leaves: 1 });
+                let second = prune_completed(txn, 201, 2)?;
+                assert_eq!(second, CascadesPruned { cascades: 0, leaves: 1, latency_rows: 1 });
                 assert_eq!(prune_completed(txn, u64::MAX, 100)?, CascadesPruned::default(), "incomplete: never");
                 Ok(())
             })
             .await
             .expect("prune");
         assert!(store.read(|txn| report(txn, "done", false)).expect("read").is_none());
+        let latency_rows = store
+            .read(|txn| {
+                let table = txn.open_table(LATENCIES).map_err(storage)?;
+                let rows = table.range(("done", 0)..=("done", u64::MAX)).map_err(storage)?.count();
+                Ok((rows, table.len().map_err(storage)?))
+            })
+            .expect("read");
+        assert_eq!(latency_rows, (0, 1), "the pruned cascade's latencies went with it; the open one's stay");
         assert!(store.read(|txn| report(txn, "open", false)).expect("read").is_some());
     }
 

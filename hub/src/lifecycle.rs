@@ -66,6 +66,8 @@ pub struct Pruned {
     pub sessions_kept: usize,
     pub cascades: usize,
     pub leaves: usize,
+    /// Rows of pruned cascades' latency histograms.
+    pub latency_rows: usize,
     pub replay_records: usize,
     pub pending_touches: usize,
 }
@@ -80,6 +82,7 @@ impl Pruned {
         self.sessions_kept += other.sessions_kept;
         self.cascades += other.cascades;
         self.leaves += other.leaves;
+        self.latency_rows += other.latency_rows;
         self.replay_records += other.replay_records;
         self.pending_touches += other.pending_touches;
     }
@@ -87,7 +90,7 @@ impl Pruned {
     /// Whether a batch hit one of its bounds, so more may be left.
     fn filled(&self) -> bool {
         self.sessions + self.sessions_kept >= SESSION_BATCH
-            || self.leaves >= LEAF_BATCH
+            || self.leaves + self.latency_rows >= LEAF_BATCH
             || self.cascades >= LEAF_BATCH
             || self.replay_records >= RECORD_BATCH
             || self.pending_touches >= RECORD_BATCH
@@ -99,6 +102,7 @@ impl Pruned {
             ("sessions", self.sessions),
             ("cascades", self.cascades),
             ("leaves", self.leaves),
+            ("cascade_latencies", self.latency_rows),
             ("replay_records", self.replay_records),
             ("pending_touches", self.pending_touches),
         ] {
@@ -137,6 +141,7 @@ pub fn prune_batch(
         sessions_kept: sessions.postponed,
         cascades: cascades.cascades,
         leaves: cascades.leaves,
+        latency_rows: cascades.latency_rows,
         replay_records: crate::replay::prune(
             txn,
             now,
