@@ -378,6 +378,16 @@ pub fn check_report(report: &Value, txn: &str, total: u64) -> BTreeMap<(String, 
         let jti = leaf["jti"].as_str().expect("jti").to_owned();
         assert!(pairs.insert(key.clone(), jti).is_none(), "two leaves for {key:?}: {report:#}");
     }
+    // The figures are those of the leaves listed (nearest rank), however
+    // the hub keeps them.
+    let mut latencies: Vec<u64> = leaves.iter().filter_map(|leaf| leaf["latency_ms"].as_u64()).collect();
+    latencies.sort_unstable();
+    let rank = |p: usize| latencies.get((latencies.len() * p).div_ceil(100).max(1) - 1).copied();
+    if !latencies.is_empty() {
+        assert_eq!(report["p50_ms"].as_u64(), rank(50), "p50 of {latencies:?}");
+        assert_eq!(report["p99_ms"].as_u64(), rank(99), "p99 of {latencies:?}");
+        assert_eq!(report["max_ms"].as_u64(), latencies.last().copied(), "max of {latencies:?}");
+    }
     pairs
 }
 
