@@ -11,10 +11,16 @@
 
 use std::collections::BTreeMap;
 
+mod latencies;
+
 use caep_transmitter::store::{StoreError, decode, encode};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+#[cfg(test)]
+use latencies::LATENCIES;
+use latencies::{LatencyCounts, add_latencies, remove_latencies};
 
 const CASCADES: TableDefinition<&str, &[u8]> = TableDefinition::new("cascades");
 const LEAVES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("cascade_leaves");
@@ -29,12 +35,6 @@ const PRUNING: TableDefinition<&str, u64> = TableDefinition::new("cascades_pruni
 /// Cascades not yet complete, by key, with when they started: what the
 /// console lists as in progress without reading every kept cascade.
 const OPEN: TableDefinition<&str, u64> = TableDefinition::new("cascades_open");
-/// Delivered leaves by latency, per cascade: (key, latency ms) → how many.
-/// A summary's percentiles come from these few rows (one per distinct
-/// millisecond) instead of from decoding every leaf, so a watcher polling a
-/// 10,000-leaf cascade does not slow it down. Written with the leaves'
-/// outcomes; removed with the cascade's leaves when it is pruned.
-const LATENCIES: TableDefinition<(&str, u64), u64> = TableDefinition::new("cascade_latencies");
 
 /// One event a cascade's leaves carry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -277,25 +277,6 @@ fn remove_pruned_leaves(txn: &WriteTransaction, budget: usize) -> Result<(usize,
         }
     }
     Ok((removed, latency_rows))
-}
-
-/// Removes up to `budget` latency rows of the cascade `key`; returns how
-/// many, and whether none are left.
-fn remove_latencies(txn: &WriteTransaction, key: &str, budget: usize) -> Result<(usize, bool), StoreError> {
-    let mut table = txn.open_table(LATENCIES).map_err(storage)?;
-    let mut rows = Vec::new();
-    let mut all_gone = true;
-    for row in table.range((key, 0)..=(key, u64::MAX)).map_err(storage)? {
-        if rows.len() >= budget {
-            all_gone = false;
-            break;
-        }
-        rows.push(row.map_err(storage)?.0.value().1);
-    }
-    for latency in &rows {
-        table.remove((key, *latency)).map_err(storage)?;
-    }
-    Ok((rows.len(), all_gone))
 }
 
 /// Cascades still in progress (up to `limit`, newest first) and how many
@@ -569,20 +550,6 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
     Ok(applied)
 }
 
-/// Counts delivered leaves' latencies into their cascades' histograms.
-fn add_latencies(txn: &WriteTransaction, latencies: BTreeMap<(String, u64), u64>) -> Result<(), StoreError> {
-    if latencies.is_empty() {
-        return Ok(());
-    }
-    let mut table = txn.open_table(LATENCIES).map_err(storage)?;
-    for ((key, latency), count) in latencies {
-        let row = (key.as_str(), latency);
-        let known = table.get(row).map_err(storage)?.map_or(0, |count| count.value());
-        table.insert(row, known + count).map_err(storage)?;
-    }
-    Ok(())
-}
-
 /// What outcomes did to one cascade's counters.
 #[derive(Default)]
 struct Settled {
@@ -622,58 +589,6 @@ fn leaves_in(txn: &ReadTransaction, id: &str) -> Result<Vec<Leaf>, StoreError> {
         leaves.push(decode::<Leaf>(value.value())?);
     }
     Ok(leaves)
-}
-
-/// Delivered leaves' latencies as (ms, how many), ascending.
-#[derive(Debug, Default, PartialEq)]
-struct LatencyCounts(Vec<(u64, u64)>);
-
-impl LatencyCounts {
-    /// The cascade's histogram, if it accounts for exactly `delivered`
-    /// leaves. It may not: a cascade recorded before histograms were kept,
-    /// or one re-created while the leaves of its pruned predecessor are
-    /// still being removed.
-    fn stored(txn: &ReadTransaction, id: &str, delivered: u64) -> Result<Option<Self>, StoreError> {
-        let table = match txn.open_table(LATENCIES) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((delivered == 0).then(Self::default)),
-            Err(error) => return Err(storage(error)),
-        };
-        let mut counts = Vec::new();
-        for row in table.range((id, 0)..=(id, u64::MAX)).map_err(storage)? {
-            let (key, count) = row.map_err(storage)?;
-            counts.push((key.value().1, count.value()));
-        }
-        let counts = LatencyCounts(counts);
-        Ok((counts.total() == delivered).then_some(counts))
-    }
-
-    /// The histogram of `leaves` as they are.
-    fn of(leaves: &[Leaf]) -> Self {
-        let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
-        for latency in leaves.iter().filter_map(Leaf::latency_ms) {
-            *counts.entry(latency).or_default() += 1;
-        }
-        LatencyCounts(counts.into_iter().collect())
-    }
-
-    fn total(&self) -> u64 {
-        self.0.iter().map(|(_, count)| count).sum()
-    }
-
-    /// Nearest-rank percentile, as [`percentile`] over every latency.
-    fn percentile(&self, p: u32) -> Option<u64> {
-        let rank = (self.total() * u64::from(p)).div_ceil(100).max(1);
-        let mut seen = 0;
-        self.0.iter().find_map(|(latency, count)| {
-            seen += count;
-            (seen >= rank).then_some(*latency)
-        })
-    }
-
-    fn max(&self) -> Option<u64> {
-        self.0.last().map(|(latency, _)| *latency)
-    }
 }
 
 /// The `GET /admin/cascades/{txn}` report.
@@ -823,27 +738,6 @@ mod tests {
             .expect("plan");
         assert_eq!((first[0].event, second[0].event), (0, 1));
         assert_ne!(other_key, key("https://idp", "t"));
-    }
-
-    #[test]
-    fn histogram_percentiles_are_those_of_every_latency() {
-        // Latencies with repeats, in no order (a simple LCG), checked at every size.
-        let mut latencies = Vec::new();
-        let mut x: u64 = 7;
-        for _ in 0..500 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            latencies.push((x >> 33) % 97);
-            let leaves: Vec<Leaf> =
-                latencies.iter().map(|&ms| Leaf { acked_at_ms: Some(1000 + ms), ..leaf("j", "s", 1000) }).collect();
-            let counts = LatencyCounts::of(&leaves);
-            let mut sorted = latencies.clone();
-            sorted.sort_unstable();
-            for p in [1, 50, 90, 99, 100] {
-                assert_eq!(counts.percentile(p), percentile(&sorted, p), "p{p} of {}", sorted.len());
-            }
-            assert_eq!(counts.max(), sorted.last().copied());
-        }
-        assert_eq!(LatencyCounts::default().percentile(50), None);
     }
 
     #[tokio::test]
