@@ -502,7 +502,6 @@ pub struct Applied {
 pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Applied, StoreError> {
     let mut applied = Applied::default();
     let mut touched: BTreeMap<String, Settled> = BTreeMap::new();
-    let mut latencies: BTreeMap<(String, u64), u64> = BTreeMap::new();
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
         for outcome in outcomes {
@@ -524,7 +523,7 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
                 leaf.acked_at_ms = Some(outcome.at_ms);
                 let latency = outcome.at_ms.saturating_sub(leaf.planned_at_ms);
                 applied.leaf_latencies_ms.push(latency);
-                *latencies.entry((outcome.txn.clone(), latency)).or_default() += 1;
+                *settled.latencies.entry(latency).or_default() += 1;
                 settled.delivered += 1;
             } else {
                 leaf.status = LeafStatus::Failed;
@@ -535,8 +534,8 @@ pub fn apply_outcomes(txn: &WriteTransaction, outcomes: &[Outcome]) -> Result<Ap
             table.insert(key, encode(&leaf)?.as_slice()).map_err(storage)?;
         }
     }
-    add_latencies(txn, latencies)?;
     for (cascade_txn, settled) in touched {
+        add_latencies(txn, &cascade_txn, &settled.latencies)?;
         let Some(mut record) = cascade(txn, &cascade_txn)? else { continue };
         record.delivered += settled.delivered;
         record.failed += settled.failed;
@@ -557,6 +556,8 @@ struct Settled {
     failed: u64,
     were_planned: u64,
     last_at: u64,
+    /// Delivered leaves by latency (ms → how many), for the histogram.
+    latencies: BTreeMap<u64, u64>,
 }
 
 /// The cascade with key `id` and every one of its leaves, from a read snapshot.

@@ -16,16 +16,20 @@ use super::{Leaf, storage};
 /// outcomes; removed with the cascade's leaves when it is pruned.
 pub(super) const LATENCIES: TableDefinition<(&str, u64), u64> = TableDefinition::new("cascade_latencies");
 
-/// Counts delivered leaves' latencies into their cascades' histograms.
-pub(super) fn add_latencies(txn: &WriteTransaction, latencies: BTreeMap<(String, u64), u64>) -> Result<(), StoreError> {
+/// Counts delivered leaves' latencies (ms → how many) into the histogram
+/// of the cascade `key`.
+pub(super) fn add_latencies(
+    txn: &WriteTransaction,
+    key: &str,
+    latencies: &BTreeMap<u64, u64>,
+) -> Result<(), StoreError> {
     if latencies.is_empty() {
         return Ok(());
     }
     let mut table = txn.open_table(LATENCIES).map_err(storage)?;
-    for ((key, latency), count) in latencies {
-        let row = (key.as_str(), latency);
-        let known = table.get(row).map_err(storage)?.map_or(0, |count| count.value());
-        table.insert(row, known + count).map_err(storage)?;
+    for (&latency, &count) in latencies {
+        let known = table.get((key, latency)).map_err(storage)?.map_or(0, |count| count.value());
+        table.insert((key, latency), known + count).map_err(storage)?;
     }
     Ok(())
 }
