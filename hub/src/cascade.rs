@@ -342,14 +342,22 @@ pub fn key(issuer: &str, txn: &str) -> String {
     crate::scope::scoped(issuer, txn)
 }
 
+/// Told a cascade's new leaves while the transaction planning them is still
+/// open, so they can start signing before it commits. Safe because a leaf
+/// reaches the outbox only by [`mark_pending`], which moves only leaves
+/// that exist and are still planned: a plan rolled back enqueues nothing.
+pub type OnPlanned<'a> = &'a (dyn Fn(&CascadeRecord, &[Leaf]) + 'a);
+
 /// Adds leaves carrying `event` to the cascade `template.key` (created from
-/// `template` if new), all `planned`. Returns the cascade and the leaves,
-/// each now naming its event.
+/// `template` if new), all `planned`, telling `on_planned` about them before
+/// they are written. Returns the cascade and the leaves, each now naming its
+/// event.
 pub fn plan(
     txn: &WriteTransaction,
     template: &CascadeRecord,
     event: &CascadeEvent,
     mut leaves: Vec<Leaf>,
+    on_planned: Option<OnPlanned<'_>>,
 ) -> Result<(CascadeRecord, Vec<Leaf>), StoreError> {
     let mut record = cascade(txn, &template.key)?.unwrap_or_else(|| template.clone());
     let index = match record.events.iter().position(|known| known == event) {
@@ -366,11 +374,18 @@ pub fn plan(
     } else if record.total == 0 {
         record.completed_at_ms = Some(record.started_at_ms);
     }
+    for leaf in &mut leaves {
+        leaf.event = index;
+    }
+    if let Some(hand_over) = on_planned
+        && !leaves.is_empty()
+    {
+        hand_over(&record, &leaves);
+    }
     {
         let mut table = txn.open_table(LEAVES).map_err(storage)?;
-        for leaf in &mut leaves {
-            leaf.event = index;
-            table.insert((record.key.as_str(), leaf.jti.as_str()), encode(&*leaf)?.as_slice()).map_err(storage)?;
+        for leaf in &leaves {
+            table.insert((record.key.as_str(), leaf.jti.as_str()), encode(leaf)?.as_slice()).map_err(storage)?;
         }
     }
     put_cascade(txn, &record)?;
@@ -730,8 +745,8 @@ mod tests {
             .write(Commit::Durable, |txn| {
                 let a = CascadeEvent { event_type: "a".into(), event: Value::Null };
                 let b = CascadeEvent { event_type: "b".into(), event: Value::Null };
-                let (_, first) = plan(txn, &template("t"), &a, vec![leaf("1", "s", 1)])?;
-                let (record, second) = plan(txn, &template("t"), &b, vec![leaf("2", "s", 1)])?;
+                let (_, first) = plan(txn, &template("t"), &a, vec![leaf("1", "s", 1)], None)?;
+                let (record, second) = plan(txn, &template("t"), &b, vec![leaf("2", "s", 1)], None)?;
                 assert_eq!(record.events, [a, b]);
                 Ok((first, second, key("https://another-idp", "t")))
             })
@@ -750,7 +765,7 @@ mod tests {
         let moved = jtis.clone();
         store
             .write(Commit::Durable, move |txn| {
-                plan(txn, &template("h"), &event(), leaves.clone())?;
+                plan(txn, &template("h"), &event(), leaves.clone(), None)?;
                 mark_pending(txn, "h", &moved).map(drop)
             })
             .await
@@ -813,7 +828,7 @@ mod tests {
         let store = Store::open(&dir.path().join("c.redb")).expect("open");
         store
             .write(Commit::Durable, |txn| {
-                plan(txn, &template("t1"), &event(), vec![leaf("a", "s1", 100), leaf("b", "s2", 100)])?;
+                plan(txn, &template("t1"), &event(), vec![leaf("a", "s1", 100), leaf("b", "s2", 100)], None)?;
                 let moved = mark_pending(txn, "t1", &["a".into(), "b".into()])?;
                 assert_eq!(moved.len(), 2);
                 assert!(mark_pending(txn, "t1", &["a".into()])?.is_empty(), "a pending leaf is not moved twice");
@@ -869,8 +884,9 @@ mod tests {
                     &template("done"),
                     &event(),
                     vec![leaf("a", "s", 100), leaf("b", "s", 100), leaf("c", "s", 100)],
+                    None,
                 )?;
-                plan(txn, &template("open"), &event(), vec![leaf("x", "s", 100), leaf("y", "s", 100)])?;
+                plan(txn, &template("open"), &event(), vec![leaf("x", "s", 100), leaf("y", "s", 100)], None)?;
                 mark_pending(txn, "done", &["a".into(), "b".into(), "c".into()])?;
                 mark_pending(txn, "open", &["x".into(), "y".into()])?;
                 apply_outcomes(txn, &done)?;
@@ -903,7 +919,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("c.redb")).expect("open");
         store
-            .write(Commit::Durable, |txn| plan(txn, &template("t2"), &event(), vec![leaf("x", "s1", 1)]).map(drop))
+            .write(Commit::Durable, |txn| {
+                plan(txn, &template("t2"), &event(), vec![leaf("x", "s1", 1)], None).map(drop)
+            })
             .await
             .expect("plan");
         let planned = store.read(all_planned).expect("read");
@@ -920,7 +938,9 @@ mod tests {
             store.read(|txn| txn.open_table(UNDISPATCHED).map_err(storage)?.len().map_err(storage)).expect("read");
         assert_eq!(indexed, 0, "settled while planned: nothing left to dispatch");
         store
-            .write(Commit::Durable, |txn| plan(txn, &template("t3"), &event(), vec![leaf("y", "s1", 1)]).map(drop))
+            .write(Commit::Durable, |txn| {
+                plan(txn, &template("t3"), &event(), vec![leaf("y", "s1", 1)], None).map(drop)
+            })
             .await
             .expect("plan");
         // Handed over: the cascade leaves the index, and nothing is swept.

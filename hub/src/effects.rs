@@ -24,6 +24,9 @@ use crate::graph::{self, Lifetimes, Revocation, SessionRecord};
 pub struct Context<'a> {
     pub streams: &'a StreamRegistry,
     pub lifetimes: &'a Lifetimes,
+    /// Where planned leaves start signing before their plan commits
+    /// (embedded mode); `None` leaves them to whoever reads the [`Plan`].
+    pub on_planned: Option<cascade::OnPlanned<'a>>,
 }
 
 /// Different events one cascade (one IdP `txn`) may carry: SETs with one
@@ -378,7 +381,7 @@ impl Effect<'_> {
         if leaves.is_empty() {
             return Ok(plan);
         }
-        let (record, leaves) = cascade::plan(self.txn, &existing, &event, leaves)?;
+        let (record, leaves) = cascade::plan(self.txn, &existing, &event, leaves, self.ctx.on_planned)?;
         plan.add(record, leaves);
         Ok(plan)
     }
@@ -408,7 +411,8 @@ impl Effect<'_> {
         let template = self.cascade_template(&key, &txn_id, &self.root_label(), &self.set.event);
         let leaves =
             plan_leaves(self.txn, self.ctx.streams, &sessions, self.set.event.type_uri(), self.now, &self.cause())?;
-        let (record, leaves) = cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves)?;
+        let (record, leaves) =
+            cascade::plan(self.txn, &template, &carried_event(&self.set.event), leaves, self.ctx.on_planned)?;
         let mut plan = Plan::default();
         plan.add(record, leaves);
         Ok(plan)
@@ -472,7 +476,7 @@ fn revoke_trees(
         newly.push(record);
     }
     let leaves = plan_leaves(txn, ctx.streams, &newly, event_type::SESSION_REVOKED, now, cause)?;
-    let (record, leaves) = cascade::plan(txn, template, event, leaves)?;
+    let (record, leaves) = cascade::plan(txn, template, event, leaves, ctx.on_planned)?;
     let mut plan = Plan { foreign: foreign_revocations(txn, &newly, &record, event)?, ..Plan::default() };
     plan.add(record, leaves);
     Ok(plan)
@@ -692,7 +696,7 @@ pub(crate) fn late_touch_plan(
     let cause = format!("touch {}", revocation.txn);
     let leaf = new_leaf(stream_id.to_owned(), key.to_owned(), with_user, touch.at_ms, &cause);
     tracing::info!(txn = %existing.txn, session_id = record.local_id(), stream_id, "touch by a revoked session: revocation sent");
-    let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf])?;
+    let (updated, leaves) = cascade::plan(txn, &existing, &event, vec![leaf], ctx.on_planned)?;
     plan.add(updated, leaves);
     Ok(plan)
 }

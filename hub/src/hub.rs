@@ -1,7 +1,7 @@
-//! The hub: verifies IdP events, hands them to the event log (whose effects
-//! live in `effects.rs`), and dispatches the cascades they plan: signing
-//! leaves and putting them in the outbox. It also records RP touches and
-//! applies delivery outcomes to leaves.
+//! The hub: verifies IdP events and hands them to the event log (whose
+//! effects live in `effects.rs`); its `Dispatcher` signs the leaves they plan
+//! and puts them in the outbox. It also records RP touches and applies
+//! delivery outcomes to leaves.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock, Weak};
@@ -74,9 +74,9 @@ impl Hub {
         store: Store,
         issuers: Issuers,
         log: Box<dyn EventLog>,
+        dispatcher: Arc<Dispatcher>,
         retention: crate::lifecycle::Pruning,
     ) -> Arc<Self> {
-        let dispatcher = Dispatcher::new(issuer, Arc::clone(&transmitter), store.clone(), Arc::new(LocalOutbox));
         Arc::new(Hub {
             issuer: issuer.to_owned(),
             log,
@@ -206,11 +206,8 @@ impl Hub {
         let received_at = now_ms();
         let set = self.verify(token).await?;
         let issuer = set.iss.clone();
-        let plan = self.log.append(set, received_at).await?;
+        self.log.append(set, received_at).await?;
         self.issuers.note_event(&issuer, received_at);
-        for (record, leaves) in plan.cascades {
-            self.dispatch(record, leaves);
-        }
         Ok(())
     }
 
@@ -240,11 +237,6 @@ impl Hub {
         }
     }
 
-    /// Signs and hands a cascade's leaves to delivery in the background.
-    pub fn dispatch(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>) {
-        self.dispatcher.dispatch(record, leaves);
-    }
-
     /// A receiver reported that a session reached its stream (add-subject
     /// with a complex `session` subject): record the touch under each IdP
     /// the stream hears from, and if the session is already revoked, send
@@ -262,12 +254,7 @@ impl Hub {
         let keys: Vec<String> = issuers.iter().map(|issuer| graph::session_key(issuer, session)).collect();
         let touch = graph::Touch { at_ms: now_ms(), by_idp: false, named_user: complex.user.clone() };
         match self.log.touch(keys, stream.config.stream_id.clone(), touch).await {
-            Ok(plan) => {
-                for (record, leaves) in plan.cascades {
-                    self.dispatch(record, leaves);
-                }
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(IngestError::TooMany(reason)) => {
                 tracing::warn!(stream_id = %stream.config.stream_id, %reason, "touch refused");
                 Err(SsfError::TooManyRequests { retry_after_secs: 60 })
@@ -352,6 +339,9 @@ pub struct Dispatcher {
     /// outbox (and the wire) while later ones are still being signed.
     signing: tokio::sync::Semaphore,
     sink: Arc<dyn LeafSink>,
+    /// Dispatches start from the store's writer thread too (see
+    /// [`Dispatcher::dispatch_planning`]), which is outside the runtime.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Dispatcher {
@@ -359,7 +349,13 @@ impl Dispatcher {
     pub fn new(issuer: &str, transmitter: Arc<Transmitter>, store: Store, sink: Arc<dyn LeafSink>) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let signing = tokio::sync::Semaphore::new(cores);
-        Arc::new(Dispatcher { issuer: issuer.to_owned(), transmitter, store, signing, sink })
+        let runtime = tokio::runtime::Handle::current();
+        Arc::new(Dispatcher { issuer: issuer.to_owned(), transmitter, store, signing, sink, runtime })
+    }
+
+    /// A dispatcher of the plans in `store` into its local outbox.
+    pub fn local(issuer: &str, transmitter: Arc<Transmitter>, store: Store) -> Arc<Self> {
+        Dispatcher::new(issuer, transmitter, store, Arc::new(LocalOutbox))
     }
 
     /// Dispatches every leaf a crash left planned.
@@ -384,9 +380,42 @@ impl Dispatcher {
     /// Signs and hands over a cascade's leaves in chunks on the blocking
     /// pool; each chunk is delivered as soon as it is handed over.
     pub fn dispatch(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>) {
+        self.spawn_dispatch(record, leaves, None);
+    }
+
+    /// Starts signing leaves whose plan is still being written in `txn`, so
+    /// signing overlaps the rest of the plan and its commit. Their sessions
+    /// are read here, in the plan's transaction: a session named in the same
+    /// transaction is not in any snapshot yet. Safe before the commit: only
+    /// leaves that exist and are still planned are ever enqueued (see
+    /// [`cascade::mark_pending`]).
+    pub fn dispatch_planning(
+        self: &Arc<Self>,
+        txn: &WriteTransaction,
+        record: &CascadeRecord,
+        leaves: &[Leaf],
+    ) -> Result<(), StoreError> {
+        let mut sessions = SessionSubjects::new();
+        for leaf in leaves {
+            if !sessions.contains_key(&leaf.session_id)
+                && let Some(session) = graph::session(txn, &leaf.session_id)?
+            {
+                sessions.insert(leaf.session_id.clone(), (session.subject, session.user));
+            }
+        }
+        self.spawn_dispatch(record.clone(), leaves.to_vec(), Some(Arc::new(sessions)));
+        Ok(())
+    }
+
+    fn spawn_dispatch(
+        self: &Arc<Self>,
+        record: CascadeRecord,
+        leaves: Vec<Leaf>,
+        sessions: Option<Arc<SessionSubjects>>,
+    ) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(error) = this.dispatch_all(record, leaves).await {
+        self.runtime.spawn(async move {
+            if let Err(error) = this.dispatch_chunks(record, leaves, sessions).await {
                 tracing::error!(%error, "cascade dispatch failed; leaves stay planned");
             }
         });
@@ -395,11 +424,21 @@ impl Dispatcher {
     /// Like [`Dispatcher::dispatch`], resolving once every chunk is handed
     /// over (or has failed for good: the leaves then stay planned).
     pub async fn dispatch_all(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>) -> Result<(), StoreError> {
+        self.dispatch_chunks(record, leaves, None).await
+    }
+
+    async fn dispatch_chunks(
+        self: &Arc<Self>,
+        record: CascadeRecord,
+        leaves: Vec<Leaf>,
+        sessions: Option<Arc<SessionSubjects>>,
+    ) -> Result<(), StoreError> {
         let record = Arc::new(record);
         let mut chunks = tokio::task::JoinSet::new();
         for chunk in leaves.chunks(SIGN_CHUNK) {
-            let (this, record, chunk) = (Arc::clone(self), Arc::clone(&record), chunk.to_vec());
-            chunks.spawn(async move { this.dispatch_with_retries(&record, chunk).await });
+            let (this, record, chunk, sessions) =
+                (Arc::clone(self), Arc::clone(&record), chunk.to_vec(), sessions.clone());
+            chunks.spawn(async move { this.dispatch_with_retries(&record, chunk, sessions).await });
         }
         let mut outcome = Ok(());
         while let Some(joined) = chunks.join_next().await {
@@ -417,10 +456,11 @@ impl Dispatcher {
         self: &Arc<Self>,
         record: &CascadeRecord,
         chunk: Vec<Leaf>,
+        sessions: Option<Arc<SessionSubjects>>,
     ) -> Result<(), StoreError> {
         let mut delay = std::time::Duration::from_millis(50);
         for attempt in 1.. {
-            match self.dispatch_chunk(record, chunk.clone()).await {
+            match self.dispatch_chunk(record, chunk.clone(), sessions.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(error) if attempt < DISPATCH_ATTEMPTS => {
                     tracing::warn!(txn = %record.txn, attempt, %error, "cascade dispatch failed; retrying");
@@ -433,8 +473,16 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn dispatch_chunk(self: &Arc<Self>, record: &CascadeRecord, leaves: Vec<Leaf>) -> Result<(), StoreError> {
-        let sessions = self.store.read(|txn| sessions_of(txn, &leaves))?;
+    async fn dispatch_chunk(
+        self: &Arc<Self>,
+        record: &CascadeRecord,
+        leaves: Vec<Leaf>,
+        sessions: Option<Arc<SessionSubjects>>,
+    ) -> Result<(), StoreError> {
+        let sessions = match sessions {
+            Some(known) => known,
+            None => Arc::new(self.store.read(|txn| sessions_of(txn, &leaves))?),
+        };
         let outgoing: Vec<Outgoing> = leaves.iter().filter_map(|leaf| self.leaf_set(record, leaf, &sessions)).collect();
         let transmitter = Arc::clone(&self.transmitter);
         let permit = self.signing.acquire().await.map_err(StoreError::storage)?;
@@ -667,7 +715,7 @@ mod tests {
         let (template, leaf) = one_leaf(&stream_id);
         let event = CascadeEvent { event_type: event_type::SESSION_REVOKED.into(), event: serde_json::json!({}) };
         let (record, leaves) = store
-            .write(Commit::Durable, move |txn| cascade::plan(txn, &template, &event, vec![leaf.clone()]))
+            .write(Commit::Durable, move |txn| cascade::plan(txn, &template, &event, vec![leaf.clone()], None))
             .await
             .expect("planned");
         let sink = Arc::new(Flaky { failures: AtomicU32::new(DISPATCH_ATTEMPTS), calls: AtomicU32::new(0) });
@@ -694,16 +742,11 @@ mod tests {
     struct Unreachable;
 
     impl EventLog for Unreachable {
-        fn append(&self, _: SecurityEventToken, _: u64) -> BoxFuture<'_, Result<crate::effects::Plan, IngestError>> {
+        fn append(&self, _: SecurityEventToken, _: u64) -> BoxFuture<'_, Result<(), IngestError>> {
             Box::pin(async { Err(IngestError::Unavailable("log unreachable".into())) })
         }
 
-        fn touch(
-            &self,
-            _: Vec<String>,
-            _: String,
-            _: graph::Touch,
-        ) -> BoxFuture<'_, Result<crate::effects::Plan, IngestError>> {
+        fn touch(&self, _: Vec<String>, _: String, _: graph::Touch) -> BoxFuture<'_, Result<(), IngestError>> {
             Box::pin(async { Err(IngestError::Unavailable("log unreachable".into())) })
         }
     }
@@ -716,8 +759,9 @@ mod tests {
         let guard = caep_transmitter::ssrf::PushUrlGuard::new(Vec::new());
         let issuers = Issuers::load(store.clone(), guard).expect("issuers");
         let pruning = crate::lifecycle::Pruning::default();
-        let hub =
-            Hub::new("https://hub.test", Arc::clone(&transmitter), store, issuers, Box::new(Unreachable), pruning);
+        let dispatcher = Dispatcher::local("https://hub.test", Arc::clone(&transmitter), store.clone());
+        let log = Box::new(Unreachable);
+        let hub = Hub::new("https://hub.test", Arc::clone(&transmitter), store, issuers, log, dispatcher, pruning);
         let stream = transmitter.streams().get(&stream_id).expect("stream");
         let session = SubjectId::session_of(SubjectId::opaque("s1"), None);
         let refused = hub.touched(&stream, &session).await;
@@ -742,7 +786,8 @@ mod tests {
         let late = store
             .write(Commit::Durable, move |txn| {
                 let lifetimes = graph::Lifetimes::DEFAULT;
-                let ctx = crate::effects::Context { streams: transmitter.streams(), lifetimes: &lifetimes };
+                let ctx =
+                    crate::effects::Context { streams: transmitter.streams(), lifetimes: &lifetimes, on_planned: None };
                 let now = 1_000_000;
                 crate::effects::apply(txn, ctx, &revoke, now).map_err(|e| StoreError::Storage(e.to_string()))?;
                 let pruned = cascade::prune_completed(txn, now + 1, 100)?;

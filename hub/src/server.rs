@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use crate::admin_token::{AdminToken, NewToken};
 use crate::config::HubConfig;
 use crate::error::StartError;
-use crate::hub::{Hub, TouchHook, Tracker};
+use crate::hub::{Dispatcher, Hub, TouchHook, Tracker};
 use crate::issuers::Issuers;
 use crate::log::LocalLog;
 
@@ -106,8 +106,10 @@ fn embedded(
     let touch_hook = Arc::new(TouchHook::default());
     let transmitter = Transmitter::open(settings, store.clone(), keys, tracker.clone(), touch_hook.clone(), None)?;
     let issuers = Issuers::load(store.clone(), guard)?;
-    let log = Box::new(LocalLog::new(store.clone(), Arc::clone(&transmitter), pruning.keep.sessions));
-    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log, pruning);
+    let dispatcher = Dispatcher::local(&issuer, Arc::clone(&transmitter), store.clone());
+    let lifetimes = pruning.keep.sessions;
+    let log = Box::new(LocalLog::new(store.clone(), Arc::clone(&transmitter), lifetimes, Arc::clone(&dispatcher)));
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log, dispatcher, pruning);
     touch_hook.connect(&hub);
     Ok((transmitter, hub))
 }

@@ -17,7 +17,7 @@ use caep_schemas::set::{SecurityEventToken, new_id};
 use caep_transmitter::service::BoxFuture;
 use caep_transmitter::store::StoreError;
 
-use crate::effects::{self, IngestError, Plan, Route, rejected};
+use crate::effects::{self, IngestError, Route, rejected};
 use crate::graph::Touch;
 use crate::kafka::client::{KafkaSettings, OutRecord, Producer, partition_for};
 use crate::kafka::records::{self, GraphRecord, SharedRecord};
@@ -126,7 +126,7 @@ impl KafkaLog {
 }
 
 impl EventLog for KafkaLog {
-    fn append(&self, mut set: SecurityEventToken, received_at_ms: u64) -> BoxFuture<'_, Result<Plan, IngestError>> {
+    fn append(&self, mut set: SecurityEventToken, received_at_ms: u64) -> BoxFuture<'_, Result<(), IngestError>> {
         Box::pin(async move {
             let route = effects::route(&set)?;
             // Every partition must derive the same cascade from this event.
@@ -138,11 +138,11 @@ impl EventLog for KafkaLog {
                 }
                 Route::Everywhere => self.send((0..self.partitions).collect(), &record, &set.jti).await?,
             }
-            Ok(Plan::default())
+            Ok(())
         })
     }
 
-    fn touch(&self, keys: Vec<String>, stream_id: String, touch: Touch) -> BoxFuture<'_, Result<Plan, IngestError>> {
+    fn touch(&self, keys: Vec<String>, stream_id: String, touch: Touch) -> BoxFuture<'_, Result<(), IngestError>> {
         Box::pin(async move {
             for key in keys {
                 let issuer = scope::unscope(&key).map(|(issuer, _)| issuer.to_owned());
@@ -151,7 +151,7 @@ impl EventLog for KafkaLog {
                     GraphRecord::Touch { session_id: key.clone(), stream_id: stream_id.clone(), touch: touch.clone() };
                 self.send(vec![self.partition(&entry.root)], &record, &key).await?;
             }
-            Ok(Plan::default())
+            Ok(())
         })
     }
 }

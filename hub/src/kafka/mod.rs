@@ -26,7 +26,7 @@ use caep_transmitter::store::{Store, StoreError};
 
 use crate::config::HubConfig;
 use crate::error::StartError;
-use crate::hub::{Hub, ReadBarrier, TouchHook};
+use crate::hub::{Dispatcher, Hub, ReadBarrier, TouchHook};
 use crate::issuers::Issuers;
 use client::{KafkaSettings, Producer};
 use deliveries::{Deliveries, Instance, KafkaTracker};
@@ -97,7 +97,8 @@ pub async fn assemble(
     let issuers = Issuers::load_with(store.clone(), guard, Arc::new(KafkaIssuers(Arc::clone(&shared))))?;
     let log = Box::new(log::KafkaLog::new(&settings, producer, Arc::clone(&shared)));
     let pruning = config.pruning();
-    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log, pruning);
+    let dispatcher = Dispatcher::local(&issuer, Arc::clone(&transmitter), store.clone());
+    let hub = Hub::new(&issuer, Arc::clone(&transmitter), store, issuers, log, dispatcher, pruning);
     touch_hook.connect(&hub);
     let barrier: Arc<dyn ReadBarrier> = shared.clone();
     hub.set_barrier(barrier);

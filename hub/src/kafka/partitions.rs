@@ -419,7 +419,7 @@ impl GraphPartitions {
         let (transmitter, lifetimes) = (Arc::clone(&self.transmitter), self.pruning.keep.sessions);
         store
             .write(Commit::Durable, move |txn| {
-                let ctx = Context { streams: transmitter.streams(), lifetimes: &lifetimes };
+                let ctx = Context { streams: transmitter.streams(), lifetimes: &lifetimes, on_planned: None };
                 let mut plans = Vec::with_capacity(batch.len());
                 for record in &batch {
                     let plan = apply_record(txn, ctx, record)?;
