@@ -250,6 +250,10 @@ pub fn put_session(
 
 /// Writes a session with its expiry index entry at `at_ms`.
 fn schedule(txn: &WriteTransaction, record: &mut SessionRecord, at_ms: u64) -> Result<(), StoreError> {
+    if record.prune_at_ms.is_none() {
+        // Its first write: a session named (again) here.
+        unforget(txn, &record.session_id)?;
+    }
     if record.prune_at_ms != Some(at_ms) {
         let mut expiry = txn.open_table(EXPIRY).map_err(storage)?;
         if let Some(old) = record.prune_at_ms {
@@ -357,6 +361,7 @@ pub fn touch_pending(txn: &WriteTransaction, key: &str, stream_id: &str, touch: 
     by_age.insert((touch.at_ms, key, stream_id), ()).map_err(storage)?;
     if known.is_none() {
         counts.insert(stream_id, count + 1).map_err(storage)?;
+        unforget(txn, key)?;
     }
     Ok(())
 }
@@ -489,6 +494,33 @@ pub fn prune_sessions(
         }
     }
     Ok(pruned)
+}
+
+/// Notes session `key` as forgotten when this store holds nothing of it (no
+/// session, pending touch or child edge): a record refused for a session
+/// never seen here must not leave its route in the shared directory for
+/// good. Returns whether it was noted.
+pub fn forget_if_unheld(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
+    let held = session(txn, key)?.is_some()
+        || txn
+            .open_table(PENDING_TOUCHES)
+            .map_err(storage)?
+            .range((key, "")..(after(key).as_str(), ""))
+            .map_err(storage)?
+            .next()
+            .is_some()
+        || !children_of(&txn.open_table(CHILDREN).map_err(storage)?, key)?.is_empty();
+    if !held {
+        txn.open_table(FORGOTTEN).map_err(storage)?.insert(key, ()).map_err(storage)?;
+    }
+    Ok(!held)
+}
+
+/// A session held here again (named, or touched pending its name) is not
+/// to be announced as forgotten: its route is in use.
+fn unforget(txn: &WriteTransaction, key: &str) -> Result<(), StoreError> {
+    txn.open_table(FORGOTTEN).map_err(storage)?.remove(key).map_err(storage)?;
+    Ok(())
 }
 
 /// Up to `limit` sessions this store has forgotten and not yet announced.

@@ -497,10 +497,20 @@ fn apply_record(txn: &WriteTransaction, ctx: Context<'_>, record: &InRecord) -> 
                     return Ok(Plan::default());
                 }
             };
-            skip_refused(effects::apply(txn, ctx, &set, received_at_ms), &set.jti)
+            let applied = effects::apply(txn, ctx, &set, received_at_ms);
+            if refused(&applied)
+                && let Ok(effects::Route::Session { session_id, .. }) = effects::route(&set)
+            {
+                graph::forget_if_unheld(txn, &session_id)?;
+            }
+            skip_refused(applied, &set.jti)
         }
         GraphRecord::Touch { session_id, stream_id, touch } => {
-            skip_refused(effects::late_touch_plan(txn, ctx, &session_id, &stream_id, &touch), &stream_id)
+            let applied = effects::late_touch_plan(txn, ctx, &session_id, &stream_id, &touch);
+            if refused(&applied) {
+                graph::forget_if_unheld(txn, &session_id)?;
+            }
+            skip_refused(applied, &stream_id)
         }
         GraphRecord::Adopt { parent, child, child_root, issuer, .. } => {
             effects::adopt(txn, &parent, &child, &child_root, &issuer)
@@ -509,6 +519,14 @@ fn apply_record(txn: &WriteTransaction, ctx: Context<'_>, record: &InRecord) -> 
             skip_refused(effects::revoke_foreign(txn, ctx, &session, &cascade, &event, at_ms), &session)
         }
     }
+}
+
+/// Whether the graph refused a record (as opposed to failing to store it).
+/// The sender was routed by a directory entry written before the record; a
+/// refusal may leave that entry naming a session held nowhere, so the
+/// caller forgets it (announced with the pruned sessions).
+fn refused(applied: &Result<Plan, IngestError>) -> bool {
+    matches!(applied, Err(IngestError::Rejected { .. } | IngestError::TooMany(_)))
 }
 
 /// A record the graph refuses is logged and skipped (its sender was
@@ -525,5 +543,84 @@ fn skip_refused(applied: Result<Plan, IngestError>, what: &str) -> Result<Plan, 
             Ok(Plan::default())
         }
         Err(IngestError::Unavailable(reason)) => Err(StoreError::storage(reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use caep_schemas::event::{Event, SessionEstablished};
+    use caep_schemas::jose::Algorithm;
+    use caep_schemas::subject::SubjectId;
+    use caep_transmitter::keys::KeyStore;
+    use caep_transmitter::service::{TransmitterSettings, open_in};
+
+    use super::*;
+    use crate::graph::{Lifetimes, Touch};
+
+    const IDP: &str = "https://idp.test";
+
+    fn record(graph: &GraphRecord) -> InRecord {
+        InRecord { topic: "caep.graph".into(), partition: 0, offset: 0, key: None, payload: records::to_bytes(graph) }
+    }
+
+    fn touch_of(session_id: &str) -> InRecord {
+        let touch = Touch { at_ms: now_ms(), by_idp: false, named_user: None };
+        record(&GraphRecord::Touch { session_id: session_id.into(), stream_id: "full".into(), touch })
+    }
+
+    fn forgotten(store: &Store) -> Vec<String> {
+        store.read(|txn| graph::forgotten(txn, 100)).expect("forgotten")
+    }
+
+    /// A touch refused because its stream's pending touches are full leaves
+    /// its session's route to be forgotten, unless something of the session
+    /// is held here; naming the session later takes it off that list.
+    #[tokio::test]
+    async fn a_refused_record_leaves_no_route_for_a_session_held_nowhere() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let keys = Arc::new(KeyStore::open(dir.path(), Algorithm::Es256).expect("keys"));
+        let transmitter = open_in(dir.path(), TransmitterSettings::new("https://hub.test"), keys).expect("transmitter");
+        let store = transmitter.outbox().store().clone();
+        let held = graph::session_key(IDP, &SubjectId::opaque("held"));
+        let stranger = graph::session_key(IDP, &SubjectId::opaque("stranger"));
+        let (t, h, s) = (Arc::clone(&transmitter), held.clone(), stranger.clone());
+        store
+            .write(Commit::Durable, move |txn| {
+                let touch = Touch { at_ms: now_ms(), by_idp: false, named_user: None };
+                graph::touch_pending(txn, &h, "full", &touch).map_err(|e| StoreError::storage(e.to_string()))?;
+                for n in 1..graph::MAX_PENDING_TOUCHES_PER_STREAM {
+                    graph::touch_pending(txn, &format!("filler-{n}"), "full", &touch)
+                        .map_err(|e| StoreError::storage(e.to_string()))?;
+                }
+                let ctx = Context { streams: t.streams(), lifetimes: &Lifetimes::DEFAULT, on_planned: None };
+                for key in [&h, &s] {
+                    let plan = apply_record(txn, ctx, &touch_of(key))?;
+                    assert!(plan.cascades.is_empty());
+                }
+                Ok(())
+            })
+            .await
+            .expect("touches applied");
+        assert_eq!(forgotten(&store), vec![stranger.clone()], "only the session held nowhere is forgotten");
+
+        // The IdP names it after all: its route is in use again.
+        let t = Arc::clone(&transmitter);
+        store
+            .write(Commit::Durable, move |txn| {
+                let sub = SubjectId::session_of(SubjectId::opaque("stranger"), None);
+                let set = SecurityEventToken::new(
+                    IDP,
+                    "https://hub.test",
+                    sub,
+                    Event::SessionEstablished(SessionEstablished::default()),
+                );
+                let established = GraphRecord::Event { claims: set.to_claims(), received_at_ms: now_ms() };
+                let ctx = Context { streams: t.streams(), lifetimes: &Lifetimes::DEFAULT, on_planned: None };
+                apply_record(txn, ctx, &record(&established)).map(drop)
+            })
+            .await
+            .expect("established");
+        assert!(forgotten(&store).is_empty(), "{:?}", forgotten(&store));
+        assert!(store.read(|txn| graph::session_in(txn, &stranger)).expect("read").is_some());
     }
 }
