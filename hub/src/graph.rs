@@ -250,10 +250,6 @@ pub fn put_session(
 
 /// Writes a session with its expiry index entry at `at_ms`.
 fn schedule(txn: &WriteTransaction, record: &mut SessionRecord, at_ms: u64) -> Result<(), StoreError> {
-    if record.prune_at_ms.is_none() {
-        // Its first write: a session named (again) here.
-        unforget(txn, &record.session_id)?;
-    }
     if record.prune_at_ms != Some(at_ms) {
         let mut expiry = txn.open_table(EXPIRY).map_err(storage)?;
         if let Some(old) = record.prune_at_ms {
@@ -361,7 +357,6 @@ pub fn touch_pending(txn: &WriteTransaction, key: &str, stream_id: &str, touch: 
     by_age.insert((touch.at_ms, key, stream_id), ()).map_err(storage)?;
     if known.is_none() {
         counts.insert(stream_id, count + 1).map_err(storage)?;
-        unforget(txn, key)?;
     }
     Ok(())
 }
@@ -496,31 +491,52 @@ pub fn prune_sessions(
     Ok(pruned)
 }
 
-/// Notes session `key` as forgotten when this store holds nothing of it (no
-/// session, pending touch or child edge): a record refused for a session
-/// never seen here must not leave its route in the shared directory for
-/// good. Returns whether it was noted.
+/// Notes session `key` as forgotten when this store holds nothing of it: a
+/// record that leaves nothing of its session here (refused, or about a
+/// session never named) must not leave its route in the shared directory
+/// for good. Returns whether it was noted.
 pub fn forget_if_unheld(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
-    let held = session(txn, key)?.is_some()
-        || txn
-            .open_table(PENDING_TOUCHES)
-            .map_err(storage)?
-            .range((key, "")..(after(key).as_str(), ""))
-            .map_err(storage)?
-            .next()
-            .is_some()
-        || !children_of(&txn.open_table(CHILDREN).map_err(storage)?, key)?.is_empty();
-    if !held {
+    let unheld = !held(txn, key)?;
+    if unheld {
         txn.open_table(FORGOTTEN).map_err(storage)?.insert(key, ()).map_err(storage)?;
     }
-    Ok(!held)
+    Ok(unheld)
 }
 
-/// A session held here again (named, or touched pending its name) is not
-/// to be announced as forgotten: its route is in use.
-fn unforget(txn: &WriteTransaction, key: &str) -> Result<(), StoreError> {
-    txn.open_table(FORGOTTEN).map_err(storage)?.remove(key).map_err(storage)?;
-    Ok(())
+/// Whether this store holds anything of session `key` that its route must
+/// keep leading to: the session, a pending touch, or an edge to a child
+/// (here, or in another partition).
+fn held(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
+    let end = after(key);
+    let range = (key, "")..(end.as_str(), "");
+    Ok(session(txn, key)?.is_some()
+        || txn.open_table(PENDING_TOUCHES).map_err(storage)?.range(range.clone()).map_err(storage)?.next().is_some()
+        || txn.open_table(CHILDREN).map_err(storage)?.range(range.clone()).map_err(storage)?.next().is_some()
+        || txn.open_table(FOREIGN_CHILDREN).map_err(storage)?.range(range).map_err(storage)?.next().is_some())
+}
+
+/// Up to `limit` noted sessions, checked again just before they are
+/// announced: one held here again since it was noted (named anew, touched,
+/// or given a child) is taken off the list, since its route is in use.
+/// Returns how many were looked at, and those still held nowhere.
+pub fn unheld_forgotten(txn: &WriteTransaction, limit: usize) -> Result<(usize, Vec<String>), StoreError> {
+    let noted: Vec<String> = {
+        let table = txn.open_table(FORGOTTEN).map_err(storage)?;
+        let mut keys = Vec::new();
+        for row in table.iter().map_err(storage)?.take(limit) {
+            keys.push(row.map_err(storage)?.0.value().to_owned());
+        }
+        keys
+    };
+    let mut unheld = Vec::with_capacity(noted.len());
+    for key in &noted {
+        if held(txn, key)? {
+            txn.open_table(FORGOTTEN).map_err(storage)?.remove(key.as_str()).map_err(storage)?;
+        } else {
+            unheld.push(key.clone());
+        }
+    }
+    Ok((noted.len(), unheld))
 }
 
 /// Up to `limit` sessions this store has forgotten and not yet announced.

@@ -389,11 +389,17 @@ impl Dispatcher {
     /// transaction is not in any snapshot yet. Safe before the commit: only
     /// leaves that exist and are still planned are ever enqueued (see
     /// [`cascade::mark_pending`]).
+    ///
+    /// The leaves are signed at once but handed over only once `run`, the
+    /// run of the write that planned them, is known to have committed: a
+    /// write may run again (without another write of its group that failed),
+    /// and its discarded run may have planned the same `jti` differently.
     pub fn dispatch_planning(
         self: &Arc<Self>,
         txn: &WriteTransaction,
         record: &CascadeRecord,
         leaves: &[Leaf],
+        run: PlanningRun,
     ) -> Result<(), StoreError> {
         let mut sessions = SessionSubjects::new();
         for leaf in leaves {
@@ -403,19 +409,15 @@ impl Dispatcher {
                 sessions.insert(leaf.session_id.clone(), (session.subject, session.user));
             }
         }
-        self.spawn_dispatch(record.clone(), leaves.to_vec(), Some(Arc::new(sessions)));
+        let planning = Planning { sessions: Arc::new(sessions), run };
+        self.spawn_dispatch(record.clone(), leaves.to_vec(), Some(planning));
         Ok(())
     }
 
-    fn spawn_dispatch(
-        self: &Arc<Self>,
-        record: CascadeRecord,
-        leaves: Vec<Leaf>,
-        sessions: Option<Arc<SessionSubjects>>,
-    ) {
+    fn spawn_dispatch(self: &Arc<Self>, record: CascadeRecord, leaves: Vec<Leaf>, planning: Option<Planning>) {
         let this = Arc::clone(self);
         self.runtime.spawn(async move {
-            if let Err(error) = this.dispatch_chunks(record, leaves, sessions).await {
+            if let Err(error) = this.dispatch_chunks(record, leaves, planning).await {
                 tracing::error!(%error, "cascade dispatch failed; leaves stay planned");
             }
         });
@@ -431,14 +433,14 @@ impl Dispatcher {
         self: &Arc<Self>,
         record: CascadeRecord,
         leaves: Vec<Leaf>,
-        sessions: Option<Arc<SessionSubjects>>,
+        planning: Option<Planning>,
     ) -> Result<(), StoreError> {
         let record = Arc::new(record);
         let mut chunks = tokio::task::JoinSet::new();
         for chunk in leaves.chunks(SIGN_CHUNK) {
-            let (this, record, chunk, sessions) =
-                (Arc::clone(self), Arc::clone(&record), chunk.to_vec(), sessions.clone());
-            chunks.spawn(async move { this.dispatch_with_retries(&record, chunk, sessions).await });
+            let (this, record, chunk, planning) =
+                (Arc::clone(self), Arc::clone(&record), chunk.to_vec(), planning.clone());
+            chunks.spawn(async move { this.dispatch_with_retries(&record, chunk, planning).await });
         }
         let mut outcome = Ok(());
         while let Some(joined) = chunks.join_next().await {
@@ -456,11 +458,11 @@ impl Dispatcher {
         self: &Arc<Self>,
         record: &CascadeRecord,
         chunk: Vec<Leaf>,
-        sessions: Option<Arc<SessionSubjects>>,
+        planning: Option<Planning>,
     ) -> Result<(), StoreError> {
         let mut delay = std::time::Duration::from_millis(50);
         for attempt in 1.. {
-            match self.dispatch_chunk(record, chunk.clone(), sessions.clone()).await {
+            match self.dispatch_chunk(record, chunk.clone(), planning.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(error) if attempt < DISPATCH_ATTEMPTS => {
                     tracing::warn!(txn = %record.txn, attempt, %error, "cascade dispatch failed; retrying");
@@ -477,10 +479,12 @@ impl Dispatcher {
         self: &Arc<Self>,
         record: &CascadeRecord,
         leaves: Vec<Leaf>,
-        sessions: Option<Arc<SessionSubjects>>,
+        planning: Option<Planning>,
     ) -> Result<(), StoreError> {
-        let sessions = match sessions {
-            Some(known) => known,
+        let sessions = match &planning {
+            // A run known to be discarded already: its re-run signs its own.
+            Some(planning) if planning.run.discarded() => return Ok(()),
+            Some(planning) => Arc::clone(&planning.sessions),
             None => Arc::new(self.store.read(|txn| sessions_of(txn, &leaves))?),
         };
         let outgoing: Vec<Outgoing> = leaves.iter().filter_map(|leaf| self.leaf_set(record, leaf, &sessions)).collect();
@@ -508,6 +512,11 @@ impl Dispatcher {
             .collect();
         let streams: BTreeSet<String> = signed.iter().map(|set| set.stream_id.clone()).collect();
         let count = signed.len() as u64;
+        if let Some(planning) = planning
+            && !planning.run.committed().await
+        {
+            return Ok(());
+        }
         self.sink.hand_over(&self.store, record, leaves, signed).await?;
         metrics::counter!("caep_leaves_signed_total").increment(count);
         self.transmitter.wake(&streams);
@@ -535,6 +544,57 @@ impl Dispatcher {
 
 /// Session id → (session subject, user), for the leaves being signed.
 type SessionSubjects = HashMap<String, (SubjectId, Option<SubjectId>)>;
+
+/// Leaves handed to signing from inside the write that plans them.
+#[derive(Clone)]
+struct Planning {
+    /// Their sessions, read in that write.
+    sessions: Arc<SessionSubjects>,
+    run: PlanningRun,
+}
+
+/// Whether one run of a planning write committed: unknown, then settled by
+/// [`PlanningRuns::settle`]. A run whose outcome is never told (its writer
+/// went away) counts as not committed; its leaves stay planned for the sweep.
+#[derive(Clone)]
+pub struct PlanningRun(tokio::sync::watch::Receiver<Option<bool>>);
+
+impl PlanningRun {
+    fn discarded(&self) -> bool {
+        *self.0.borrow() == Some(false)
+    }
+
+    async fn committed(mut self) -> bool {
+        matches!(self.0.wait_for(Option::is_some).await.map(|outcome| *outcome), Ok(Some(true)))
+    }
+}
+
+/// The runs of one planning write (a write may run more than once; only its
+/// last run can commit).
+#[derive(Clone, Default)]
+pub struct PlanningRuns(Arc<std::sync::Mutex<Vec<tokio::sync::watch::Sender<Option<bool>>>>>);
+
+impl PlanningRuns {
+    /// A new run of the write, not settled yet.
+    pub fn start(&self) -> PlanningRun {
+        let (tell, run) = tokio::sync::watch::channel(None);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(tell);
+        PlanningRun(run)
+    }
+
+    /// Tells every run how the write ended: only the last one can have
+    /// committed, and did when `committed`.
+    pub fn settle(&self, committed: bool) {
+        let mut runs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let last = runs.pop();
+        for discarded in runs.drain(..) {
+            discarded.send_replace(Some(false));
+        }
+        if let Some(last) = last {
+            last.send_replace(Some(committed));
+        }
+    }
+}
 
 fn sessions_of(txn: &redb::ReadTransaction, leaves: &[Leaf]) -> Result<SessionSubjects, StoreError> {
     let mut found = SessionSubjects::new();
@@ -736,6 +796,55 @@ mod tests {
         }
         assert!(store.read(cascade::all_planned).expect("read").is_empty(), "handed over once");
         assert!(transmitter.outbox().contains(&stream_id, "leaf-1").expect("outbox"), "under its planned jti");
+    }
+
+    /// Leaves handed to signing by a run of a planning write go out only if
+    /// that run committed: a discarded run may have planned the same `jti`
+    /// differently (here: naming the user), and the leaf that exists is the
+    /// committed run's.
+    #[tokio::test]
+    async fn leaves_signed_by_a_discarded_run_are_not_handed_over() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (transmitter, stream_id) = transmitter_with_a_stream(dir.path()).await;
+        let store = transmitter.outbox().store().clone();
+        let (template, leaf) = one_leaf(&stream_id);
+        let event = CascadeEvent { event_type: event_type::SESSION_REVOKED.into(), event: serde_json::json!({}) };
+        let committed_leaf = leaf.clone();
+        let (record, _) = store
+            .write(Commit::Durable, move |txn| {
+                cascade::plan(txn, &template, &event, vec![committed_leaf.clone()], None)
+            })
+            .await
+            .expect("planned");
+        let dispatcher = Dispatcher::local("https://hub.test", Arc::clone(&transmitter), store.clone());
+        let discarded_leaf = Leaf { with_user: true, ..leaf.clone() };
+        let start = |leaf: Leaf| {
+            let (dispatcher, record, runs) = (Arc::clone(&dispatcher), record.clone(), PlanningRuns::default());
+            let run = runs.start();
+            let store = store.clone();
+            async move {
+                store
+                    .write(Commit::Lazy, move |txn| {
+                        dispatcher.dispatch_planning(txn, &record, std::slice::from_ref(&leaf), run.clone())
+                    })
+                    .await
+                    .expect("handed to signing");
+                runs
+            }
+        };
+
+        start(discarded_leaf).await.settle(false);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(transmitter.outbox().depth(&stream_id).expect("depth"), 0, "nothing of the discarded run");
+        assert_eq!(store.read(cascade::all_planned).expect("read").len(), 1, "the leaf stays planned");
+
+        start(leaf).await.settle(true);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while transmitter.outbox().depth(&stream_id).expect("depth") == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the committed run's leaf never went out");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(store.read(cascade::all_planned).expect("read").is_empty(), "handed over once");
     }
 
     /// An event log that cannot record anything (its broker or disk is gone).

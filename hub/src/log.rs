@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use caep_schemas::set::SecurityEventToken;
 use caep_transmitter::service::{BoxFuture, Transmitter};
-use caep_transmitter::store::{Commit, Store};
+use caep_transmitter::store::{Commit, Store, StoreError};
 
 use crate::cascade::{CascadeRecord, Leaf};
 use crate::effects::{self, Context, IngestError, Plan};
 use crate::graph::{Lifetimes, Touch};
-use crate::hub::Dispatcher;
+use crate::hub::{Dispatcher, PlanningRuns};
 
 /// Makes verified IdP events take effect durably. The log dispatches the
 /// leaves its events plan: its callers have nothing left to do.
@@ -54,24 +54,46 @@ impl LocalLog {
     {
         let (transmitter, lifetimes, dispatcher) =
             (Arc::clone(&self.transmitter), self.lifetimes, Arc::clone(&self.dispatcher));
-        self.store
-            .write(Commit::Durable, move |txn| {
-                // A failed hand-over fails the plan: its leaves must not
-                // wait for the sweep when the event can simply be retried.
-                let handed: std::cell::Cell<Result<(), caep_transmitter::store::StoreError>> =
-                    std::cell::Cell::new(Ok(()));
-                let on_planned = |record: &CascadeRecord, leaves: &[Leaf]| {
-                    if let Err(error) = dispatcher.dispatch_planning(txn, record, leaves) {
-                        handed.set(Err(error));
+        let (store, runs) = (self.store.clone(), PlanningRuns::default());
+        let runs_of_op = runs.clone();
+        let write = async move {
+            store
+                .write(Commit::Durable, move |txn| {
+                    let run = runs_of_op.start();
+                    // A failed hand-over fails the plan: its leaves must not
+                    // wait for the sweep when the event can simply be retried.
+                    let handed: std::cell::Cell<Result<(), StoreError>> = std::cell::Cell::new(Ok(()));
+                    let on_planned = |record: &CascadeRecord, leaves: &[Leaf]| {
+                        if let Err(error) = dispatcher.dispatch_planning(txn, record, leaves, run.clone()) {
+                            handed.set(Err(error));
+                        }
+                    };
+                    let ctx = Context {
+                        streams: transmitter.streams(),
+                        lifetimes: &lifetimes,
+                        on_planned: Some(&on_planned),
+                    };
+                    let applied = effect(txn, ctx);
+                    handed.into_inner()?;
+                    match applied {
+                        // A storage failure part-way through must not commit
+                        // what was written before it (a refusal writes nothing).
+                        Err(IngestError::Unavailable(reason)) => Err(StoreError::Storage(reason)),
+                        other => Ok(other.map(drop)),
                     }
-                };
-                let ctx =
-                    Context { streams: transmitter.streams(), lifetimes: &lifetimes, on_planned: Some(&on_planned) };
-                let applied = effect(txn, ctx);
-                handed.into_inner()?;
-                Ok(applied.map(drop))
-            })
-            .await?
+                })
+                .await
+        };
+        // Settled even if our caller goes away meanwhile (a dropped request),
+        // so the leaves being signed learn whether to hand themselves over.
+        let outcome = tokio::spawn(async move {
+            let outcome = write.await;
+            runs.settle(outcome.is_ok());
+            outcome
+        })
+        .await
+        .map_err(|e| IngestError::Unavailable(format!("the planning write ended: {e}")))?;
+        outcome?
     }
 }
 

@@ -44,6 +44,8 @@ use crate::lifecycle::{Forgetting, Pruning, prune_store};
 const GRAPH_NEXT: TableDefinition<&str, i64> = TableDefinition::new("kafka_graph_next");
 /// Records applied in one transaction at most.
 const APPLY_BATCH: usize = 64;
+/// Forgotten sessions announced per `Forget` record.
+const FORGET_BATCH: usize = 1000;
 
 fn storage<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::storage(error)
@@ -359,9 +361,13 @@ impl GraphPartitions {
 
     async fn announce_forgotten(&self, partition: i32, store: &Store) -> Result<(), StoreError> {
         loop {
-            let sessions = store.read(|txn| graph::forgotten(txn, 1000))?;
-            if sessions.is_empty() {
+            let (looked_at, sessions) =
+                store.write(Commit::Lazy, |txn| graph::unheld_forgotten(txn, FORGET_BATCH)).await?;
+            if looked_at == 0 {
                 return Ok(());
+            }
+            if sessions.is_empty() {
+                continue;
             }
             self.shared.append(&SharedRecord::Forget { partition, sessions: sessions.clone() }).await?;
             store.write(Commit::Lazy, move |txn| graph::announced(txn, &sessions)).await?;
@@ -498,18 +504,17 @@ fn apply_record(txn: &WriteTransaction, ctx: Context<'_>, record: &InRecord) -> 
                 }
             };
             let applied = effects::apply(txn, ctx, &set, received_at_ms);
-            if refused(&applied)
-                && let Ok(effects::Route::Session { session_id, .. }) = effects::route(&set)
-            {
+            // Its route was recorded before it got here: one that leads to
+            // nothing (refused, or an event about a session never named)
+            // goes with the next `Forget`.
+            if let Ok(effects::Route::Session { session_id, .. }) = effects::route(&set) {
                 graph::forget_if_unheld(txn, &session_id)?;
             }
             skip_refused(applied, &set.jti)
         }
         GraphRecord::Touch { session_id, stream_id, touch } => {
             let applied = effects::late_touch_plan(txn, ctx, &session_id, &stream_id, &touch);
-            if refused(&applied) {
-                graph::forget_if_unheld(txn, &session_id)?;
-            }
+            graph::forget_if_unheld(txn, &session_id)?;
             skip_refused(applied, &stream_id)
         }
         GraphRecord::Adopt { parent, child, child_root, issuer, .. } => {
@@ -519,14 +524,6 @@ fn apply_record(txn: &WriteTransaction, ctx: Context<'_>, record: &InRecord) -> 
             skip_refused(effects::revoke_foreign(txn, ctx, &session, &cascade, &event, at_ms), &session)
         }
     }
-}
-
-/// Whether the graph refused a record (as opposed to failing to store it).
-/// The sender was routed by a directory entry written before the record; a
-/// refusal may leave that entry naming a session held nowhere, so the
-/// caller forgets it (announced with the pruned sessions).
-fn refused(applied: &Result<Plan, IngestError>) -> bool {
-    matches!(applied, Err(IngestError::Rejected { .. } | IngestError::TooMany(_)))
 }
 
 /// A record the graph refuses is logged and skipped (its sender was
@@ -572,28 +569,33 @@ mod tests {
         store.read(|txn| graph::forgotten(txn, 100)).expect("forgotten")
     }
 
-    /// A touch refused because its stream's pending touches are full leaves
-    /// its session's route to be forgotten, unless something of the session
-    /// is held here; naming the session later takes it off that list.
+    /// A touch refused because its stream's pending touches are full, or an
+    /// event about a session never named, leaves its session's route to be
+    /// forgotten, unless something of the session is held here (a pending
+    /// touch, an edge to a child in another partition); one named after it
+    /// was noted is not announced.
     #[tokio::test]
-    async fn a_refused_record_leaves_no_route_for_a_session_held_nowhere() {
+    async fn a_route_that_leads_to_nothing_is_forgotten() {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys = Arc::new(KeyStore::open(dir.path(), Algorithm::Es256).expect("keys"));
         let transmitter = open_in(dir.path(), TransmitterSettings::new("https://hub.test"), keys).expect("transmitter");
         let store = transmitter.outbox().store().clone();
-        let held = graph::session_key(IDP, &SubjectId::opaque("held"));
-        let stranger = graph::session_key(IDP, &SubjectId::opaque("stranger"));
-        let (t, h, s) = (Arc::clone(&transmitter), held.clone(), stranger.clone());
+        let key = |id: &str| graph::session_key(IDP, &SubjectId::opaque(id));
+        let (pending, parent, stranger, named) = (key("pending"), key("parent"), key("stranger"), key("named"));
+        let t = Arc::clone(&transmitter);
+        let (p, f, s, n) = (pending.clone(), parent.clone(), stranger.clone(), named.clone());
         store
             .write(Commit::Durable, move |txn| {
                 let touch = Touch { at_ms: now_ms(), by_idp: false, named_user: None };
-                graph::touch_pending(txn, &h, "full", &touch).map_err(|e| StoreError::storage(e.to_string()))?;
+                let full = |e: graph::PendingError| StoreError::storage(e.to_string());
+                graph::touch_pending(txn, &p, "full", &touch).map_err(full)?;
                 for n in 1..graph::MAX_PENDING_TOUCHES_PER_STREAM {
-                    graph::touch_pending(txn, &format!("filler-{n}"), "full", &touch)
-                        .map_err(|e| StoreError::storage(e.to_string()))?;
+                    graph::touch_pending(txn, &format!("filler-{n}"), "full", &touch).map_err(full)?;
                 }
+                // A child of `parent` whose tree started in another partition.
+                graph::add_foreign_child(txn, &f, "child", "child")?;
                 let ctx = Context { streams: t.streams(), lifetimes: &Lifetimes::DEFAULT, on_planned: None };
-                for key in [&h, &s] {
+                for key in [&p, &f, &s, &n] {
                     let plan = apply_record(txn, ctx, &touch_of(key))?;
                     assert!(plan.cascades.is_empty());
                 }
@@ -601,13 +603,30 @@ mod tests {
             })
             .await
             .expect("touches applied");
-        assert_eq!(forgotten(&store), vec![stranger.clone()], "only the session held nowhere is forgotten");
-
-        // The IdP names it after all: its route is in use again.
+        // An event accepted about a session never named leaves nothing either.
         let t = Arc::clone(&transmitter);
         store
             .write(Commit::Durable, move |txn| {
-                let sub = SubjectId::session_of(SubjectId::opaque("stranger"), None);
+                let sub = SubjectId::session_of(SubjectId::opaque("ghost"), None);
+                let set =
+                    SecurityEventToken::new(IDP, "https://hub.test", sub, Event::TokenClaimsChange(Default::default()));
+                let changed = GraphRecord::Event { claims: set.to_claims(), received_at_ms: now_ms() };
+                let ctx = Context { streams: t.streams(), lifetimes: &Lifetimes::DEFAULT, on_planned: None };
+                apply_record(txn, ctx, &record(&changed)).map(drop)
+            })
+            .await
+            .expect("forwarded");
+        let mut noted = forgotten(&store);
+        noted.sort();
+        let mut expected = vec![key("ghost"), named.clone(), stranger.clone()];
+        expected.sort();
+        assert_eq!(noted, expected, "only sessions held nowhere are noted");
+
+        // The IdP names one of them before the announcement: its route is in use again.
+        let t = Arc::clone(&transmitter);
+        store
+            .write(Commit::Durable, move |txn| {
+                let sub = SubjectId::session_of(SubjectId::opaque("named"), None);
                 let set = SecurityEventToken::new(
                     IDP,
                     "https://hub.test",
@@ -620,7 +639,11 @@ mod tests {
             })
             .await
             .expect("established");
-        assert!(forgotten(&store).is_empty(), "{:?}", forgotten(&store));
-        assert!(store.read(|txn| graph::session_in(txn, &stranger)).expect("read").is_some());
+        let (looked_at, announced) =
+            store.write(Commit::Durable, |txn| graph::unheld_forgotten(txn, 10)).await.expect("announce");
+        let mut still = vec![key("ghost"), stranger.clone()];
+        still.sort();
+        assert_eq!((looked_at, announced), (3, still.clone()));
+        assert_eq!(forgotten(&store), still, "the named session is off the list");
     }
 }
