@@ -8,6 +8,7 @@ pub mod admin_token;
 pub mod cascade;
 pub mod config;
 mod console;
+pub mod dispatch;
 pub mod effects;
 pub mod error;
 pub mod graph;

@@ -13,9 +13,9 @@ use caep_transmitter::service::{BoxFuture, Transmitter};
 use caep_transmitter::store::{Commit, Store, StoreError};
 
 use crate::cascade::{CascadeRecord, Leaf};
+use crate::dispatch::{Dispatcher, PlanningRuns};
 use crate::effects::{self, Context, IngestError, Plan};
 use crate::graph::{Lifetimes, Touch};
-use crate::hub::{Dispatcher, PlanningRuns};
 
 /// Makes verified IdP events take effect durably. The log dispatches the
 /// leaves its events plan: its callers have nothing left to do.

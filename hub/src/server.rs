@@ -24,8 +24,9 @@ use tokio::net::TcpListener;
 
 use crate::admin_token::{AdminToken, NewToken};
 use crate::config::HubConfig;
+use crate::dispatch::Dispatcher;
 use crate::error::StartError;
-use crate::hub::{Dispatcher, Hub, TouchHook, Tracker};
+use crate::hub::{Hub, TouchHook, Tracker};
 use crate::issuers::Issuers;
 use crate::log::LocalLog;
 

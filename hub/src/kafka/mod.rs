@@ -25,8 +25,9 @@ use caep_transmitter::ssrf::PushUrlGuard;
 use caep_transmitter::store::{Store, StoreError};
 
 use crate::config::HubConfig;
+use crate::dispatch::Dispatcher;
 use crate::error::StartError;
-use crate::hub::{Dispatcher, Hub, ReadBarrier, TouchHook};
+use crate::hub::{Hub, ReadBarrier, TouchHook};
 use crate::issuers::Issuers;
 use client::{KafkaSettings, Producer};
 use deliveries::{Deliveries, Instance, KafkaTracker};

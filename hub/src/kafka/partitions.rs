@@ -29,9 +29,9 @@ use redb::{TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, watch};
 
 use crate::cascade::{self, CascadeRecord, Leaf};
+use crate::dispatch::{Dispatcher, LeafSink};
 use crate::effects::{self, Context, ForeignRevocation, IngestError, Plan};
 use crate::graph;
-use crate::hub::{Dispatcher, LeafSink};
 use crate::kafka::client::{
     GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
 };
