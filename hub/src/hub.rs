@@ -1,7 +1,7 @@
 //! The hub: verifies IdP events and hands them to the event log (whose
-//! effects live in `effects.rs`); its `Dispatcher` signs the leaves they plan
-//! and puts them in the outbox. It also records RP touches and applies
-//! delivery outcomes to leaves.
+//! effects live in `effects.rs`; the `Dispatcher` in `dispatch.rs` signs the
+//! leaves they plan). It also records RP touches, applies delivery outcomes
+//! to leaves, and sweeps up leaves whose dispatch failed.
 
 use std::sync::{Arc, OnceLock, Weak};
 
