@@ -509,7 +509,7 @@ pub fn forget_if_unheld(txn: &WriteTransaction, key: &str) -> Result<bool, Store
 fn held(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
     let end = after(key);
     let range = (key, "")..(end.as_str(), "");
-    Ok(session(txn, key)?.is_some()
+    Ok(txn.open_table(SESSIONS).map_err(storage)?.get(key).map_err(storage)?.is_some()
         || txn.open_table(PENDING_TOUCHES).map_err(storage)?.range(range.clone()).map_err(storage)?.next().is_some()
         || txn.open_table(CHILDREN).map_err(storage)?.range(range.clone()).map_err(storage)?.next().is_some()
         || txn.open_table(FOREIGN_CHILDREN).map_err(storage)?.range(range).map_err(storage)?.next().is_some())
