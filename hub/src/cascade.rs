@@ -343,9 +343,10 @@ pub fn key(issuer: &str, txn: &str) -> String {
 }
 
 /// Told a cascade's new leaves while the transaction planning them is still
-/// open, so they can start signing before it commits. Safe because a leaf
-/// reaches the outbox only by [`mark_pending`], which moves only leaves
-/// that exist and are still planned: a plan rolled back enqueues nothing.
+/// open, so they can start signing before it commits. Safe because signed
+/// leaves are handed over only once that run of the write committed
+/// (`dispatch::PlanningRuns`), and then only by [`mark_pending`], which moves
+/// only leaves that exist and are still planned.
 pub type OnPlanned<'a> = &'a (dyn Fn(&CascadeRecord, &[Leaf]) + 'a);
 
 /// Adds leaves carrying `event` to the cascade `template.key` (created from

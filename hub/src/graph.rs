@@ -539,7 +539,9 @@ pub fn unheld_forgotten(txn: &WriteTransaction, limit: usize) -> Result<(usize, 
     Ok((noted.len(), unheld))
 }
 
-/// Up to `limit` sessions this store has forgotten and not yet announced.
+/// Up to `limit` sessions this store has noted as forgotten and not yet
+/// announced, as they stand (announcing goes through [`unheld_forgotten`]).
+#[cfg(test)]
 pub fn forgotten(txn: &redb::ReadTransaction, limit: usize) -> Result<Vec<String>, StoreError> {
     let table = match txn.open_table(FORGOTTEN) {
         Ok(table) => table,
