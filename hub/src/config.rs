@@ -55,6 +55,11 @@ pub struct HubConfig {
     /// idle fetches wait it out; brokers that always wait it out (Tansu) add
     /// it to every hop, and answer more often the shorter it is.
     pub kafka_fetch_wait_ms: u32,
+    /// `CAEP_HUB_KAFKA_LINGER_MS`: how long the producer waits to batch
+    /// records before sending them. Every IdP event and touch waits for its
+    /// produce, so this is added to their latency; a longer linger sends
+    /// fewer, larger requests.
+    pub kafka_linger_ms: u32,
     /// `CAEP_HUB_KAFKA_SESSION_TIMEOUT_MS`: consumer-group session timeout,
     /// after which a dead instance's partitions move (within the broker's
     /// `group.min.session.timeout.ms`, 6,000 on Apache Kafka by default).
@@ -120,6 +125,7 @@ impl Default for HubConfig {
             kafka_partitions: 12,
             kafka_replication: 1,
             kafka_fetch_wait_ms: 10,
+            kafka_linger_ms: 5,
             kafka_session_timeout_ms: 6000,
             advertised_url: None,
             metrics_listen: None,
@@ -222,6 +228,7 @@ impl HubConfig {
             replication_factor: self.kafka_replication,
             session_timeout_ms: self.kafka_session_timeout_ms,
             fetch_wait_ms: self.kafka_fetch_wait_ms,
+            linger_ms: self.kafka_linger_ms,
         })
     }
 

@@ -33,6 +33,8 @@ pub struct ClusterSpec {
     pub instances: usize,
     /// Partitions of the graph and deliveries topics.
     pub partitions: usize,
+    /// More settings for every instance (the cluster's own win over these).
+    pub extra_env: Vec<(String, String)>,
     /// The admin token every instance shares.
     pub admin_token: String,
 }
@@ -77,7 +79,9 @@ impl KafkaCluster {
         let mut hubs = Vec::with_capacity(spec.instances);
         let secret_key = caep_transmitter::secrets::SecretBox::generate_key();
         for (port, base) in ports.iter().zip(&bases) {
-            let env = vec![
+            // The cluster's own settings come last, so they win.
+            let mut env = spec.extra_env.clone();
+            env.extend([
                 ("CAEP_HUB_KAFKA_BROKERS".to_owned(), brokers.clone()),
                 ("CAEP_HUB_KAFKA_TOPIC_PREFIX".to_owned(), topic_prefix.clone()),
                 ("CAEP_HUB_KAFKA_GROUP".to_owned(), format!("{topic_prefix}-group")),
@@ -85,7 +89,7 @@ impl KafkaCluster {
                 ("CAEP_HUB_ADVERTISED_URL".to_owned(), base.clone()),
                 ("CAEP_HUB_ISSUER".to_owned(), issuer.clone()),
                 ("CAEP_HUB_SECRET_KEY".to_owned(), secret_key.clone()),
-            ];
+            ]);
             hubs.push(SpawnedHub::spawn_with(spec.hub_bin.clone(), spec.admin_token.clone(), *port, env)?);
         }
         let mut cluster = KafkaCluster { balancer, hubs, broker, brokers, topic_prefix };

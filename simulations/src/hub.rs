@@ -167,13 +167,14 @@ impl SpawnedHub {
         }
         let child = command
             .arg("serve")
-            .env("CAEP_HUB_DATA_DIR", self.path.join("data"))
-            .env("CAEP_HUB_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("CAEP_HUB_ADMIN_TOKEN", &self.admin_token)
             .env("CAEP_HUB_PUSH_ALLOW_CIDRS", "127.0.0.0/8")
             .env("CAEP_HUB_MIN_VERIFICATION_INTERVAL_SECS", "0")
             .env("CAEP_HUB_LONG_POLL_SECS", "5")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            // What the drill relies on to find and drive the hub wins over `env`.
+            .env("CAEP_HUB_DATA_DIR", self.path.join("data"))
+            .env("CAEP_HUB_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("CAEP_HUB_ADMIN_TOKEN", &self.admin_token)
             .env("RUST_LOG", std::env::var("DRILL_HUB_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -107,6 +107,10 @@ struct Args {
     /// Kafka mode: partitions of the graph and deliveries topics.
     #[arg(long, requires = "kafka", default_value_t = 6)]
     partitions: usize,
+    /// A setting for every hub the drill starts, as `CAEP_HUB_NAME=value` (repeatable), e.g.
+    /// `--hub-env CAEP_HUB_KAFKA_LINGER_MS=1`. The settings the drill runs the hubs with win over these.
+    #[arg(long = "hub-env", value_name = "CAEP_HUB_NAME=VALUE", value_parser = parse_hub_env)]
+    hub_env: Vec<(String, String)>,
     /// Kafka mode: wait this long after the instances are up before the drill starts (s).
     #[arg(long, requires = "kafka", default_value_t = 0)]
     warmup_secs: u64,
@@ -278,6 +282,15 @@ impl Hub {
     }
 }
 
+/// Parses `--hub-env`: only the hub's own settings may be set this way.
+fn parse_hub_env(arg: &str) -> Result<(String, String), String> {
+    let (name, value) = arg.split_once('=').ok_or_else(|| format!("`{arg}` is not NAME=VALUE"))?;
+    if !name.starts_with("CAEP_HUB_") || name.len() == "CAEP_HUB_".len() {
+        return Err(format!("`{name}` is not a CAEP_HUB_* setting"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 /// Ok(exact?).
 async fn main_async(args: Args) -> anyhow::Result<bool> {
     let token = format!("drill-admin-{}", run_id(""));
@@ -287,7 +300,8 @@ async fn main_async(args: Args) -> anyhow::Result<bool> {
     let mut hub = match (&args.hub, &args.kafka) {
         (Some(_), _) => Hub::External,
         (None, None) => {
-            Hub::Embedded(SpawnedHub::start(locate_hub_bin(args.hub_bin.as_deref())?, token.clone()).await?)
+            let bin = locate_hub_bin(args.hub_bin.as_deref())?;
+            Hub::Embedded(SpawnedHub::start_with_env(bin, token.clone(), args.hub_env.clone()).await?)
         }
         (None, Some(kafka)) => {
             let brokers = if kafka == "tansu" {
@@ -300,6 +314,7 @@ async fn main_async(args: Args) -> anyhow::Result<bool> {
                 brokers,
                 instances: args.hubs,
                 partitions: args.partitions,
+                extra_env: args.hub_env.clone(),
                 admin_token: token.clone(),
             };
             if !args.quiet {
