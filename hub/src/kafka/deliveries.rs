@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::cascade::Outcome;
 use crate::kafka::client::{GroupConsumer, InRecord, KafkaError, KafkaSettings, Rebalance, partition_for};
 use crate::kafka::partitions::KafkaSink;
-use crate::kafka::records::{self, DeliveryRecord, SharedRecord};
+use crate::kafka::records::{self, DeliveryBatch, SharedRecord};
 use crate::kafka::retry::until_ok;
 use crate::kafka::shared::SharedLog;
 
@@ -42,10 +42,14 @@ fn kafka_error(error: KafkaError) -> StoreError {
     StoreError::storage(format!("kafka: {error}"))
 }
 
-/// Imported, unfinished SETs of one partition, by offset.
+/// The SETs one `deliveries` record carried: (stream, jti) each.
+type Carried = Vec<(String, String)>;
+
+/// Imported, unfinished SETs of one partition, by the offset of the record
+/// that carried them.
 #[derive(Default)]
 struct Inflight {
-    sets: BTreeMap<i64, (String, String)>,
+    sets: BTreeMap<i64, Carried>,
     /// One past the last imported offset; `None` until something is imported.
     next: Option<i64>,
     committed: Option<i64>,
@@ -162,19 +166,24 @@ impl Deliveries {
     async fn import_batch(&self, batch: &[InRecord]) -> Result<(), StoreError> {
         let Some(outbox) = self.outbox() else { return Ok(()) };
         let mut sets = Vec::new();
-        let mut imported: Vec<(i32, i64, String, String)> = Vec::new();
+        let mut imported: Vec<(i32, i64, Carried)> = Vec::new();
         for record in batch {
             self.take_over(record.partition).await;
-            match serde_json::from_slice::<DeliveryRecord>(&record.payload) {
-                Ok(set) => {
-                    imported.push((record.partition, record.offset, set.stream_id.clone(), set.jti.clone()));
-                    sets.push(NewSet { stream_id: set.stream_id, jti: set.jti, token: set.token, txn: set.txn });
-                }
+            let carried = match DeliveryBatch::decode(&record.payload) {
+                Ok(carried) => carried,
                 Err(error) => {
                     tracing::error!(offset = record.offset, %error, "unreadable delivery record skipped");
-                    imported.push((record.partition, record.offset, String::new(), String::new()));
+                    Vec::new()
                 }
-            }
+            };
+            let ids = carried.iter().map(|set| (set.stream_id.clone(), set.jti.clone())).collect();
+            imported.push((record.partition, record.offset, ids));
+            sets.extend(carried.into_iter().map(|set| NewSet {
+                stream_id: set.stream_id,
+                jti: set.jti,
+                token: set.token,
+                txn: set.txn,
+            }));
         }
         let streams: BTreeSet<String> = sets.iter().map(|set| set.stream_id.clone()).collect();
         // Lazy: a lost import is imported again from the log.
@@ -183,10 +192,10 @@ impl Deliveries {
             outbox.wake(stream);
         }
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        for (partition, offset, stream_id, jti) in imported {
+        for (partition, offset, ids) in imported {
             let Some(part) = inflight.get_mut(&partition) else { continue };
-            if !jti.is_empty() {
-                part.sets.insert(offset, (stream_id, jti));
+            if !ids.is_empty() {
+                part.sets.insert(offset, ids);
             }
             part.next = Some(part.next.map_or(offset + 1, |next| next.max(offset + 1)));
         }
@@ -260,12 +269,13 @@ impl Deliveries {
             let Some(outbox) = self.outbox() else { continue };
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             for (partition, part) in inflight.iter_mut() {
-                while let Some((_, (stream_id, jti))) = part.sets.first_key_value() {
-                    match outbox.contains(stream_id, jti) {
-                        Ok(false) => {
-                            part.sets.pop_first();
+                // A record's offset is passed once every SET it carried has left.
+                while let Some(mut first) = part.sets.first_entry() {
+                    match left_outbox(outbox, first.get_mut()) {
+                        Ok(true) => {
+                            first.remove();
                         }
-                        Ok(true) => break,
+                        Ok(false) => break,
                         Err(error) => {
                             tracing::warn!(%error, "cannot check the outbox");
                             break;
@@ -298,6 +308,22 @@ impl Deliveries {
             let record = SharedRecord::Settled { outcomes, instance_id: self.instance.id.clone() };
             until_ok("reporting delivery outcomes", || self.shared.append(&record)).await;
         }
+    }
+}
+
+/// Drops from `ids` the SETs that have left the outbox; whether all have.
+fn left_outbox(outbox: &Outbox, ids: &mut Carried) -> Result<bool, StoreError> {
+    let mut error = None;
+    ids.retain(|(stream_id, jti)| match outbox.contains(stream_id, jti) {
+        Ok(contained) => contained,
+        Err(e) => {
+            error.get_or_insert(e);
+            true
+        }
+    });
+    match error {
+        Some(error) => Err(error),
+        None => Ok(ids.is_empty()),
     }
 }
 

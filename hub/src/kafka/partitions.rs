@@ -16,7 +16,7 @@
 //!   sending again. Records after it are sent (again): the same `jti`s,
 //!   derived from the IdP SET, so receivers drop the duplicates.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +35,7 @@ use crate::graph;
 use crate::kafka::client::{
     GroupConsumer, InRecord, KafkaError, KafkaSettings, OutRecord, Producer, Rebalance, TailReader, partition_for,
 };
-use crate::kafka::records::{self, DeliveryRecord, GraphRecord, SharedRecord};
+use crate::kafka::records::{self, DeliveryBatch, DeliveryRecord, GraphRecord, SharedRecord};
 use crate::kafka::retry::until_ok;
 use crate::kafka::shared::SharedLog;
 use crate::lifecycle::{Forgetting, Pruning, prune_store};
@@ -75,19 +75,24 @@ impl KafkaSink {
         })
     }
 
-    /// Sends signed SETs to the partitions of their streams.
+    /// Sends signed SETs to the partitions of their streams, as few
+    /// records as [`DeliveryBatch::split`] allows per partition.
     pub async fn send_sets(&self, sets: Vec<NewSet>) -> Result<(), StoreError> {
-        let out = sets
+        let mut by_partition: BTreeMap<i32, Vec<DeliveryRecord>> = BTreeMap::new();
+        for set in sets {
+            let partition = partition_for(&set.stream_id, self.partitions);
+            let record = DeliveryRecord { stream_id: set.stream_id, jti: set.jti, token: set.token, txn: set.txn };
+            by_partition.entry(partition).or_default().push(record);
+        }
+        let out = by_partition
             .into_iter()
-            .map(|set| {
-                let partition = partition_for(&set.stream_id, self.partitions);
-                let record = DeliveryRecord { stream_id: set.stream_id, jti: set.jti, token: set.token, txn: set.txn };
-                OutRecord {
-                    topic: self.topic.clone(),
-                    partition,
-                    key: record.stream_id.as_bytes().to_vec(),
-                    payload: records::to_bytes(&record),
-                }
+            .flat_map(|(partition, sets)| DeliveryBatch::split(sets).into_iter().map(move |batch| (partition, batch)))
+            .map(|(partition, batch)| OutRecord {
+                topic: self.topic.clone(),
+                partition,
+                // Placed by stream, not by key: the key names the first SET's stream.
+                key: batch.sets.first().map(|set| set.stream_id.as_bytes().to_vec()).unwrap_or_default(),
+                payload: records::to_bytes(&batch),
             })
             .collect();
         self.producer.send_all(out).await.map_err(kafka_error)?;
@@ -360,6 +365,9 @@ impl GraphPartitions {
     }
 
     async fn announce_forgotten(&self, partition: i32, store: &Store) -> Result<(), StoreError> {
+        if !store.read(graph::any_forgotten)? {
+            return Ok(());
+        }
         loop {
             let (looked_at, sessions) =
                 store.write(Commit::Lazy, |txn| graph::unheld_forgotten(txn, FORGET_BATCH)).await?;
