@@ -218,3 +218,32 @@ fn a_short_soak_samples_a_hub_that_prunes_what_expires() {
     let svg = std::fs::read_to_string(&plot_path).expect("--plot");
     assert!(svg.starts_with("<svg") && svg.contains("redb file"), "bytes and RSS over time");
 }
+
+#[test]
+fn hub_env_reaches_every_hub_but_not_over_the_drills_own_settings() {
+    // Only the hub's own settings can be passed.
+    let refused = Command::new(DRILL).args(["--hub-env", "PATH=/nowhere"]).output().expect("running caep-drill");
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a CAEP_HUB_* setting"));
+
+    // A setting the hub cannot use reaches it: it does not start.
+    let unusable = {
+        let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Command::new(DRILL)
+            .args(["--sessions", "2", "--receivers", "1", "--quiet", "--hub-env", "CAEP_HUB_SIGNING_ALG=none"])
+            .arg("--hub-bin")
+            .arg(hub_bin())
+            .arg("--guard-bin")
+            .arg(guard_bin())
+            .output()
+            .expect("running caep-drill")
+    };
+    assert!(!unusable.status.success());
+    assert!(String::from_utf8_lossy(&unusable.stderr).contains("caep-hub exited"), "{unusable:?}");
+
+    // The address the drill gives its hub wins over one passed in: the drill still runs, exactly.
+    let (code, report) = drill(&["--sessions", "10", "--receivers", "2", "--hub-env", "CAEP_HUB_LISTEN=127.0.0.1:1"]);
+    assert_eq!(count(&report, "lost_leaves"), 0, "{report}");
+    assert_eq!(count(&report, "unexpected_leaves"), 0, "{report}");
+    assert_eq!(code, 0, "{report}");
+}
