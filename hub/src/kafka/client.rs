@@ -25,6 +25,27 @@
 //! at `warn`, everything else at `debug`. The rdkafka crate's logs go to
 //! `tracing` as well (its `tracing` feature).
 
+/// Implements `ClientContext` for a context type the one way every client
+/// here reports: librdkafka's logs and errors to `tracing`, its statistics
+/// to `stats` (defined before the modules so that `group.rs` can use it).
+macro_rules! logging_client_context {
+    ($context:ty) => {
+        impl rdkafka::client::ClientContext for $context {
+            fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+                crate::kafka::client::route_log(level, fac, log_message);
+            }
+
+            fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+                tracing::warn!(target: "librdkafka", %error, "{reason}");
+            }
+
+            fn stats_raw(&self, statistics: &[u8]) {
+                crate::kafka::stats::record(statistics);
+            }
+        }
+    };
+}
+
 mod consumer;
 mod group;
 mod producer;
@@ -33,7 +54,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError as RdKafkaError;
@@ -218,19 +238,7 @@ fn route_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 #[derive(Clone, Default)]
 struct LogContext;
 
-impl ClientContext for LogContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        route_log(level, fac, log_message);
-    }
-
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
-    }
-
-    fn stats_raw(&self, statistics: &[u8]) {
-        crate::kafka::stats::record(statistics);
-    }
-}
+logging_client_context!(LogContext);
 
 impl ConsumerContext for LogContext {}
 

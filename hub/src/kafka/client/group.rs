@@ -5,17 +5,14 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance as RdRebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::consumer::{InRecord, consumer_config, high_watermark};
-use super::{KafkaError, KafkaSettings, REQUEST_TIMEOUT, blocking, route_log};
+use super::{KafkaError, KafkaSettings, REQUEST_TIMEOUT, blocking};
 
 /// The least rebalance timeout (`max.poll.interval.ms`), whatever the
 /// session timeout: a partition's catch-up may keep a loop from polling for
@@ -87,19 +84,7 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        route_log(level, fac, log_message);
-    }
-
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
-    }
-
-    fn stats_raw(&self, statistics: &[u8]) {
-        crate::kafka::stats::record(statistics);
-    }
-}
+logging_client_context!(GroupContext);
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &RdRebalance<'_>) {
