@@ -9,6 +9,10 @@
 //! verify them, with the hub's concurrency (32 in flight per receiver). The
 //! cascade is reported as a ratio of it (1.0: the hub adds nothing).
 //! Run: `cargo bench -p caep-hub --bench cascade`. Prints medians.
+//!
+//! To profile only the big cascades (not the set-up between them), give the
+//! bench a `perf record --control` FIFO in `PERF_CTL`:
+//! `mkfifo ctl; PERF_CTL=ctl perf record -e cpu-clock -g --control fifo:ctl -D -1 target/release/deps/cascade-*`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,6 +283,15 @@ fn process_cpu_s() -> f64 {
     caep_simulations::cpu::cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
 }
 
+/// Tells a `perf record --control fifo:$PERF_CTL` to `enable` or `disable` sampling.
+fn perf_ctl(command: &str) {
+    if let Ok(path) = std::env::var("PERF_CTL") {
+        use std::io::Write;
+        let mut fifo = std::fs::OpenOptions::new().write(true).open(&path).expect("PERF_CTL: a perf control FIFO");
+        writeln!(fifo, "{command}").expect("writing to PERF_CTL");
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -298,6 +311,7 @@ fn main() {
             let root = big_tree(&bench, run).await;
             let txn = format!("big-{run}");
             let cpu_before_cascade = process_cpu_s();
+            perf_ctl("enable");
             let posted = Instant::now();
             bench.revoke(&root, &txn).await;
             let planned_ms = posted.elapsed().as_millis();
@@ -306,6 +320,7 @@ fn main() {
             // would take CPU from the cascade being measured.
             let report = bench.report_when_complete(&txn, Duration::from_millis(20), false).await;
             // Up to one poll interval of idle time after the last leaf: little CPU.
+            perf_ctl("disable");
             let cascade_cpu_us = (process_cpu_s() - cpu_before_cascade) * 1e6 / LEAVES;
             assert_eq!(report["total"], 1000 * RECEIVERS as u64, "every leaf planned");
             assert_eq!(report["delivered"], report["total"], "every leaf delivered");
