@@ -12,7 +12,8 @@ use caep_transmitter::keys::KeyStore;
 use clap::{Parser, Subcommand};
 
 /// mimalloc: the hub allocates many small, short-lived buffers from many
-/// threads (SETs, JSON, HTTP), where glibc's allocator contends.
+/// threads (SETs, JSON, HTTP), where glibc's allocator contends. Built
+/// without transparent huge pages (the workspace's `no_thp`; see Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
