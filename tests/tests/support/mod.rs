@@ -109,7 +109,12 @@ const KAFKA_PARTITIONS: i32 = 4;
 
 /// librdkafka's in-process Kafka mock cluster, with the hub's topics made
 /// (it has no CreateTopics). The cluster is not `Send`, so it lives on its
-/// own thread until this handle is dropped.
+/// own thread until this handle is dropped, and [`MOCK_KAFKA_GRACE`] after:
+/// the test's runtime drops the hub's consumers only after the test's `Hub`,
+/// and a consumer closing against a cluster already gone can wait forever
+/// (seen once: the runtime's shutdown hung in `BaseConsumer::drop`).
+const MOCK_KAFKA_GRACE: Duration = Duration::from_secs(30);
+
 struct MockKafka {
     brokers: String,
     _stop: std::sync::mpsc::Sender<()>,
@@ -127,6 +132,7 @@ impl MockKafka {
             }
             address.send(mock.bootstrap_servers()).expect("test waits for the address");
             let _ = stopped.recv(); // until the hub is dropped
+            std::thread::sleep(MOCK_KAFKA_GRACE);
         });
         MockKafka { brokers: brokers.recv().expect("mock cluster address"), _stop: stop }
     }
