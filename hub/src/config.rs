@@ -36,6 +36,11 @@ pub struct HubConfig {
     pub delivery_give_up_secs: u64,
     /// `CAEP_HUB_LONG_POLL_SECS`: longest an RFC 8936 poll waits for SETs.
     pub long_poll_secs: u64,
+    /// `CAEP_HUB_SHUTDOWN_GRACE_SECS`: after SIGTERM or Ctrl-C, how long
+    /// requests in flight may take to finish before the process stops
+    /// without them (their callers see the connection close, no answer, and
+    /// retry). Open long polls answer at once, empty.
+    pub shutdown_grace_secs: u64,
     /// `CAEP_HUB_MIN_VERIFICATION_INTERVAL_SECS`: verification rate limit per stream.
     pub min_verification_interval_secs: u64,
     /// `CAEP_HUB_KAFKA_BROKERS`: bootstrap servers; when set, the event log,
@@ -118,6 +123,7 @@ impl Default for HubConfig {
             push_allow_cidrs: String::new(),
             delivery_give_up_secs: 24 * 3600,
             long_poll_secs: 30,
+            shutdown_grace_secs: 10,
             min_verification_interval_secs: 5,
             kafka_brokers: None,
             kafka_topic_prefix: "caep".into(),

@@ -101,10 +101,22 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("caep-hub: {error:#}");
+            eprintln!("caep-hub: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: most of the hub's errors
+/// already end with their cause's message, which `{:#}` would repeat.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1).map(ToString::to_string) {
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -142,15 +154,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(config: HubConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let mut hub = server::bind(&config).await?;
         if let Some(token) = hub.new_admin_token.take() {
             show_admin_token(&token);
         }
         hub.serve().await?;
         Ok(())
-    })
+    });
+    // Dropping a runtime waits for its blocking calls without a bound (a
+    // librdkafka call against a broker that is gone); the drain is over, so
+    // give them a moment and leave.
+    runtime.shutdown_timeout(BLOCKING_CALLS_AT_EXIT);
+    served
 }
+
+/// How long the exit waits for blocking calls still running after the drain.
+const BLOCKING_CALLS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn keys(config: HubConfig, command: KeysCommand) -> anyhow::Result<()> {
     let store = KeyStore::open(&config.data_dir, config.signing_alg)?;

@@ -1,6 +1,7 @@
 //! `caep-hub serve`: assembles the hub's state from the configuration and
 //! serves it over HTTP until SIGTERM or Ctrl-C.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,8 @@ pub struct BoundHub {
     pub transmitter: Arc<Transmitter>,
     /// The hub, for in-process callers (tests, tools).
     pub hub: Arc<Hub>,
+    /// How long requests in flight may take to finish after a stop signal.
+    shutdown_grace: Duration,
 }
 
 /// Opens the data directory, keys, admin token and database, and binds the
@@ -91,7 +94,19 @@ pub async fn bind(config: &HubConfig) -> Result<BoundHub, StartError> {
     };
     let metrics_addr = metrics.as_ref().and_then(|(listener, _)| listener.local_addr().ok());
     let router = app(Arc::clone(&hub), admin_token);
-    Ok(BoundHub { listener, router, metrics, metrics_addr, issuer, local_addr, new_admin_token, transmitter, hub })
+    let shutdown_grace = Duration::from_secs(config.shutdown_grace_secs);
+    Ok(BoundHub {
+        listener,
+        router,
+        metrics,
+        metrics_addr,
+        issuer,
+        local_addr,
+        new_admin_token,
+        transmitter,
+        hub,
+        shutdown_grace,
+    })
 }
 
 /// The embedded default: one process, everything in the local redb file.
@@ -132,7 +147,12 @@ fn settings(config: &HubConfig, issuer: &str) -> Result<TransmitterSettings, Sta
 }
 
 impl BoundHub {
-    /// Serves until SIGTERM or Ctrl-C, then drains in-flight requests.
+    /// Serves until SIGTERM or Ctrl-C, then ends open long polls (empty)
+    /// and drains in-flight requests for at most the shutdown grace: a
+    /// request that cannot finish (in Kafka mode, an IdP event whose broker
+    /// is gone waits up to the producer's delivery timeout) must not hold
+    /// the process past an orchestrator's kill deadline. Its caller gets no
+    /// answer, so no 202 or 200 is ever claimed for it, and retries.
     pub async fn serve(self) -> std::io::Result<()> {
         tracing::info!(issuer = %self.issuer, addr = %self.local_addr, metrics = ?self.metrics_addr, "caep-hub listening");
         if let Some((listener, router)) = self.metrics {
@@ -142,7 +162,28 @@ impl BoundHub {
                 }
             });
         }
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await?;
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let signal = {
+            let (stopping, transmitter) = (Arc::clone(&stopping), Arc::clone(&self.transmitter));
+            async move {
+                shutdown_signal().await;
+                transmitter.stop_long_polls();
+                stopping.notify_one();
+            }
+        };
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
+        let grace = self.shutdown_grace;
+        let grace_over = async move {
+            stopping.notified().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = server.into_future() => served?,
+            () = grace_over => tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "requests still in flight at the end of the shutdown grace: stopping without them"
+            ),
+        }
         tracing::info!("caep-hub stopped");
         Ok(())
     }

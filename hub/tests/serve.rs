@@ -283,4 +283,9 @@ fn every_command_has_help_and_bad_settings_are_named() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+    // A bad value is named once: an error's causes are not repeated when its message already says them.
+    let bad = command(dir.path(), &[("CAEP_HUB_SECRET_KEY", "too-short")]).arg("serve").output().expect("run");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert_eq!(stderr.matches("exactly 32 bytes").count(), 1, "{stderr}");
 }

@@ -393,7 +393,8 @@ pub(crate) async fn poll_stream(
     let streams = transmitter.streams();
     let status = || streams.owned(&receiver.receiver_id, &stream_id).map_or(StreamStatus::Disabled, |r| r.status);
     let long_poll = transmitter.settings.long_poll;
-    let response = poll::poll(transmitter.outbox().as_ref(), &stream_id, &status, request, long_poll)
+    let stopping = transmitter.stopping();
+    let response = poll::poll(transmitter.outbox().as_ref(), &stream_id, &status, request, long_poll, stopping)
         .await
         .map_err(store_error)?;
     Ok(Json(response).into_response())

@@ -89,8 +89,10 @@ pub async fn poll(
     status: &(dyn Fn() -> StreamStatus + Send + Sync),
     request: PollRequest,
     long_poll: Duration,
+    stopping: impl std::future::Future<Output = ()>,
 ) -> Result<PollResponse, StoreError> {
     settle(outbox, stream_id, &request).await?;
+    let mut stopping = std::pin::pin!(stopping);
     let max = request.max_events.map_or(DEFAULT_MAX_EVENTS, |m| m as usize).min(MAX_EVENTS_CAP);
     let waker = outbox.waker(stream_id);
     let deadline = tokio::time::Instant::now() + long_poll;
@@ -112,8 +114,13 @@ pub async fn poll(
             metrics::counter!("caep_poll_sets_served_total").increment(1);
             return Ok(PollResponse { sets, more_available });
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Ok(PollResponse::default());
+        tokio::select! {
+            woken = tokio::time::timeout_at(deadline, notified) => {
+                if woken.is_err() {
+                    return Ok(PollResponse::default());
+                }
+            }
+            () = &mut stopping => return Ok(PollResponse::default()),
         }
     }
 }
@@ -193,6 +200,7 @@ mod tests {
     use super::*;
     use crate::outbox::{NewSet, Outbox};
     use crate::store::Store;
+    use std::future::pending;
     use std::sync::Arc;
 
     fn open() -> (tempfile::TempDir, Arc<Outbox>) {
@@ -217,7 +225,7 @@ mod tests {
     }
 
     async fn run(outbox: &Outbox, stream: &str, request: PollRequest) -> PollResponse {
-        poll(outbox, stream, &|| StreamStatus::Enabled, request, Duration::from_secs(5)).await.expect("poll")
+        poll(outbox, stream, &|| StreamStatus::Enabled, request, Duration::from_secs(5), pending()).await.expect("poll")
     }
 
     #[tokio::test]
@@ -262,7 +270,7 @@ mod tests {
             let outbox = Arc::clone(&outbox);
             tokio::spawn(async move {
                 let request = PollRequest { max_events: Some(5), ..Default::default() };
-                poll(outbox.as_ref(), "s", &|| StreamStatus::Enabled, request, Duration::from_secs(10)).await
+                poll(outbox.as_ref(), "s", &|| StreamStatus::Enabled, request, Duration::from_secs(10), pending()).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -272,9 +280,10 @@ mod tests {
 
         let started = std::time::Instant::now();
         let request = PollRequest { max_events: Some(5), ..Default::default() };
-        let empty = poll(outbox.as_ref(), "other", &|| StreamStatus::Enabled, request, Duration::from_millis(200))
-            .await
-            .expect("poll");
+        let empty =
+            poll(outbox.as_ref(), "other", &|| StreamStatus::Enabled, request, Duration::from_millis(200), pending())
+                .await
+                .expect("poll");
         assert!(empty.sets.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(190), "waited for the long-poll bound");
     }
@@ -283,7 +292,7 @@ mod tests {
     async fn paused_streams_hold_their_sets() {
         let (_dir, outbox) = open();
         outbox.enqueue(sets("s", &["a"])).await.expect("enqueue");
-        let held = poll(outbox.as_ref(), "s", &|| StreamStatus::Paused, immediate(5, &[]), Duration::ZERO)
+        let held = poll(outbox.as_ref(), "s", &|| StreamStatus::Paused, immediate(5, &[]), Duration::ZERO, pending())
             .await
             .expect("poll");
         assert!(held.sets.is_empty() && !held.more_available);
@@ -299,7 +308,7 @@ mod tests {
             tokio::spawn(async move {
                 let request = PollRequest { max_events: Some(5), ..Default::default() };
                 let current = move || *status.lock().expect("status");
-                poll(outbox.as_ref(), "s", &current, request, Duration::from_secs(30)).await
+                poll(outbox.as_ref(), "s", &current, request, Duration::from_secs(30), pending()).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -307,6 +316,28 @@ mod tests {
         // A SET arrives for the paused stream: it wakes the poll, which must
         // not hand it out.
         outbox.enqueue(sets("s", &["held"])).await.expect("enqueue");
+        let response = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("in time").expect("join");
+        let response = response.expect("poll");
+        assert!(response.sets.is_empty() && !response.more_available, "{response:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stopping_process_ends_long_polls_at_once_with_nothing() {
+        let (_dir, outbox) = open();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let waiting = {
+            let outbox = Arc::clone(&outbox);
+            tokio::spawn(async move {
+                let request = PollRequest { max_events: Some(5), ..Default::default() };
+                let stopping = async move {
+                    let _ = stopped.await;
+                };
+                poll(outbox.as_ref(), "s", &|| StreamStatus::Enabled, request, Duration::from_secs(30), stopping).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a long poll with nothing to send waits");
+        stop.send(()).expect("stop");
         let response = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("in time").expect("join");
         let response = response.expect("poll");
         assert!(response.sets.is_empty() && !response.more_available, "{response:?}");

@@ -176,6 +176,10 @@ pub struct Transmitter {
     /// originator, so two changes to one stream never lose each other's
     /// fields (e.g. a verification time and a status change).
     changing: tokio::sync::Mutex<()>,
+    /// Set when the process is stopping: open long polls answer at once
+    /// (RFC 8936 allows an early, empty answer) instead of holding the
+    /// shutdown's drain for up to their full wait.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why the transmitter could not start.
@@ -241,6 +245,7 @@ impl Transmitter {
             placement,
             forward_client,
             changing: tokio::sync::Mutex::new(()),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         // Unused (dropped) when a cluster brings its own control log.
         local.bind(&transmitter);
@@ -248,6 +253,21 @@ impl Transmitter {
             transmitter.route(&record);
         }
         Ok(transmitter)
+    }
+
+    /// Ends every open long poll (now and later) with an empty answer: the
+    /// process is stopping and its receivers should poll elsewhere or again.
+    pub fn stop_long_polls(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`stop_long_polls`](Self::stop_long_polls) was called.
+    pub(crate) fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            // An error means the sender (the transmitter) is gone: stop too.
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }
     }
 
     /// The issuer URL.

@@ -87,6 +87,18 @@ impl HubProcess {
         }
     }
 
+    /// The process id, until it is reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status once it has exited (reaped), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
