@@ -1,6 +1,8 @@
 //! Tests of `streams.rs`, in a file of their own to keep that one short enough to read.
 
 use super::*;
+use caep_schemas::event::StreamStatus;
+use caep_schemas::subject::SubjectId;
 use serde_json::json;
 use std::path::PathBuf;
 
