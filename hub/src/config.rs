@@ -259,6 +259,8 @@ impl HubConfig {
             (self.prune_interval_secs, "CAEP_HUB_PRUNE_INTERVAL_SECS"),
             (self.delivery_give_up_secs, "CAEP_HUB_DELIVERY_GIVE_UP_SECS"),
             (self.max_set_age_secs, "CAEP_HUB_MAX_SET_AGE_SECS"),
+            // 0 would race the early answers of long polls against the stop.
+            (self.shutdown_grace_secs, "CAEP_HUB_SHUTDOWN_GRACE_SECS"),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));

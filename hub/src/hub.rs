@@ -53,6 +53,8 @@ pub trait GraphStores: Send + Sync {
     fn store_of<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Option<Store>>;
     /// The store of the partition of trees rooted at `root`.
     fn store_of_root<'a>(&'a self, root: &'a str) -> BoxFuture<'a, Option<Store>>;
+    /// Every store open here now (to close them when the process stops).
+    fn open_stores(&self) -> Vec<Store>;
 }
 
 /// Waits until this instance has seen every control-plane write any
@@ -150,6 +152,16 @@ impl Hub {
     /// Sets where sessions' graphs live when not in the hub's store (once).
     pub fn set_graph_stores(&self, stores: Arc<dyn GraphStores>) {
         let _ = self.graph_stores.set(stores);
+    }
+
+    /// Every database this hub has open: its own and, in Kafka mode, its
+    /// graph partitions'. The process closes them when it stops.
+    pub fn open_stores(&self) -> Vec<Store> {
+        let mut stores = vec![self.store.clone()];
+        if let Some(graph) = self.graph_stores.get() {
+            stores.extend(graph.open_stores());
+        }
+        stores
     }
 
     /// The store holding a session's graph here, if this instance has it.

@@ -112,7 +112,7 @@ fn main() -> ExitCode {
 fn describe(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
     for cause in error.chain().skip(1).map(ToString::to_string) {
-        if !text.contains(&cause) {
+        if !text.ends_with(&cause) {
             text = format!("{text}: {cause}");
         }
     }
@@ -155,22 +155,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn serve(config: HubConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = runtime.block_on(async {
-        let mut hub = server::bind(&config).await?;
-        if let Some(token) = hub.new_admin_token.take() {
+        let mut bound = server::bind(&config).await?;
+        if let Some(token) = bound.new_admin_token.take() {
             show_admin_token(&token);
         }
-        hub.serve().await?;
-        Ok(())
+        let hub = std::sync::Arc::clone(&bound.hub);
+        bound.serve().await?;
+        anyhow::Ok(hub.open_stores())
     });
     // Dropping a runtime waits for its blocking calls without a bound (a
     // librdkafka call against a broker that is gone); the drain is over, so
     // give them a moment and leave.
     runtime.shutdown_timeout(BLOCKING_CALLS_AT_EXIT);
-    served
+    // With every task gone, nothing writes any more: the databases close
+    // cleanly, their lazy writes made durable.
+    for store in served? {
+        if let Err(error) = store.close(STORE_CLOSE) {
+            tracing::warn!(%error, "closing a database at exit");
+        }
+    }
+    tracing::info!("caep-hub stopped");
+    Ok(())
 }
 
 /// How long the exit waits for blocking calls still running after the drain.
 const BLOCKING_CALLS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the exit waits for each database's last commit.
+const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn keys(config: HubConfig, command: KeysCommand) -> anyhow::Result<()> {
     let store = KeyStore::open(&config.data_dir, config.signing_alg)?;

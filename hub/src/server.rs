@@ -162,21 +162,21 @@ impl BoundHub {
                 }
             });
         }
-        let stopping = Arc::new(tokio::sync::Notify::new());
         let signal = {
-            let (stopping, transmitter) = (Arc::clone(&stopping), Arc::clone(&self.transmitter));
+            let transmitter = Arc::clone(&self.transmitter);
             async move {
                 shutdown_signal().await;
                 transmitter.stop_long_polls();
-                stopping.notify_one();
             }
         };
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
-        let grace = self.shutdown_grace;
+        let (grace, stopping) = (self.shutdown_grace, self.transmitter.stopping());
         let grace_over = async move {
-            stopping.notified().await;
+            stopping.await;
             tokio::time::sleep(grace).await;
         };
+        // A stop that dropped requests still exits 0: it was asked for, and
+        // their callers retry what was never acknowledged.
         tokio::select! {
             served = server.into_future() => served?,
             () = grace_over => tracing::warn!(
@@ -184,7 +184,7 @@ impl BoundHub {
                 "requests still in flight at the end of the shutdown grace: stopping without them"
             ),
         }
-        tracing::info!("caep-hub stopped");
+        tracing::info!("caep-hub drained");
         Ok(())
     }
 }

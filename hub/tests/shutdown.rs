@@ -4,7 +4,8 @@
 //! (a Kafka-mode IdP event whose broker is gone waits for the producer's
 //! 30 s delivery timeout) is dropped at the end of the grace, never
 //! answered 202. An orchestrator's kill deadline (30 s by default in
-//! Kubernetes) must not be what stops the hub.
+//! Kubernetes) must not be what stops the hub. Every database is closed
+//! cleanly, so the next start needs no repair.
 
 mod support;
 
@@ -94,6 +95,14 @@ async fn sigterm_stops_a_hub_whose_broker_was_sigkilled() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!in_flight.is_finished(), "the ingest must still be waiting for its delivery report");
     stop(&mut hub).await;
+    let data = dir.path().join("hub/data");
+    assert_closed_cleanly(&data.join("caep-hub.redb"));
+    for entry in std::fs::read_dir(&data).expect("data dir") {
+        let path = entry.expect("entry").path();
+        if path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("graph-")) {
+            assert_closed_cleanly(&path);
+        }
+    }
     // Never a 202 for an event that is not in the log.
     match in_flight.await.expect("ingest task") {
         Ok(response) => assert_ne!(response.status(), 202, "an event accepted with no broker"),
@@ -101,8 +110,9 @@ async fn sigterm_stops_a_hub_whose_broker_was_sigkilled() {
     }
 }
 
-/// SIGTERMs `hub` and waits (at most [`STOP_WITHIN`]) for a clean exit.
-async fn stop(hub: &mut HubProcess) {
+/// SIGTERMs `hub` and waits (at most [`STOP_WITHIN`]) for a clean exit;
+/// returns how long it took.
+async fn stop(hub: &mut HubProcess) -> Duration {
     sigterm(hub.pid().expect("hub running"));
     let started = Instant::now();
     let status = loop {
@@ -119,6 +129,7 @@ async fn stop(hub: &mut HubProcess) {
     };
     eprintln!("{} stopped {:?} after SIGTERM: {status}", hub.name, started.elapsed());
     assert!(status.success(), "exit status after SIGTERM: {status}\n{}", hub.log_tail(40));
+    started.elapsed()
 }
 
 #[tokio::test]
@@ -133,6 +144,9 @@ async fn sigterm_answers_open_long_polls_at_once_and_stops() {
             ("CAEP_HUB_SHUTDOWN_GRACE_SECS", GRACE_SECS.to_string()),
             // Far longer than the test waits: only the shutdown ends these polls.
             ("CAEP_HUB_LONG_POLL_SECS", "300".to_owned()),
+            // Two open polls fill the receiver's slots: a third is refused,
+            // which shows the two are open at the hub.
+            ("CAEP_HUB_MAX_LONG_POLLS_PER_RECEIVER", "2".to_owned()),
         ],
     );
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
@@ -140,23 +154,54 @@ async fn sigterm_answers_open_long_polls_at_once_and_stops() {
     let stream = json!({"delivery": {"method": "urn:ietf:rfc:8936"}});
     let (token, stream_id) =
         support::push_receiver(&client, &hub.base, ADMIN, "poller", "https://rp.shutdown.test", stream).await;
-    let polls: Vec<_> = (0..2)
-        .map(|_| {
-            let request = client
-                .post(format!("{}/ssf/poll/{stream_id}", hub.base))
-                .bearer_auth(&token)
-                .json(&json!({"maxEvents": 10}));
-            tokio::spawn(async move { request.send().await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(polls.iter().all(|poll| !poll.is_finished()), "long polls with nothing to send wait");
+    // Long polls until one is refused: the ones still waiting then hold
+    // both slots at the hub (a poll that was slow to arrive is the refused
+    // one, not a held one).
+    let poll = || {
+        let request = client
+            .post(format!("{}/ssf/poll/{stream_id}", hub.base))
+            .bearer_auth(&token)
+            .json(&json!({"maxEvents": 10}));
+        tokio::spawn(async move { request.send().await })
+    };
+    let (mut polls, mut refused) = (Vec::new(), false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(refused && polls.len() == 2) {
+        assert!(Instant::now() < deadline, "two long polls never held both slots");
+        if polls.len() < 2 || !refused {
+            polls.push(poll());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (done, waiting): (Vec<_>, Vec<_>) = polls.into_iter().partition(|poll| poll.is_finished());
+        polls = waiting;
+        for poll in done {
+            let answer = poll.await.expect("poll task").expect("an answer");
+            assert_eq!(answer.status(), 429, "a long poll with nothing to send answered before the stop");
+            refused = true;
+        }
+    }
 
-    stop(&mut hub).await;
+    let took = stop(&mut hub).await;
+    assert!(took < Duration::from_secs(GRACE_SECS), "the polls held the stop until the grace ran out ({took:?})");
+    assert_closed_cleanly(&dir.path().join("hub/data/caep-hub.redb"));
     for poll in polls {
         let response = poll.await.expect("poll task").expect("an answer, not a dropped connection");
         assert_eq!(response.status(), 200);
         let body: serde_json::Value = response.json().await.expect("json");
         assert_eq!(body["sets"], json!({}), "{body}");
     }
+}
+
+/// Opens the database file the way the next start would, and fails if redb
+/// has to repair it: a stop must close it cleanly, or every restart pays a
+/// repair that grows with the file.
+fn assert_closed_cleanly(path: &std::path::Path) {
+    let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&repaired);
+    let db = redb::Builder::new()
+        .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .open(path)
+        .expect("open the database after the stop");
+    drop(db);
+    assert!(!repaired.load(std::sync::atomic::Ordering::SeqCst), "{} needed a repair after the stop", path.display());
 }

@@ -382,7 +382,8 @@ pub(crate) async fn poll_stream(
             if let Some(query) = uri.query() {
                 path = format!("{path}?{query}");
             }
-            return poll::forward(transmitter.forward_client(), &base_url, &path, &headers, body).await;
+            let stopping = transmitter.stopping();
+            return poll::forward(transmitter.forward_client(), &base_url, &path, &headers, body, stopping).await;
         }
     }
     let request = poll::parse_request(&body).map_err(SsfError::BadRequest)?;

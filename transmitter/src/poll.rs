@@ -133,8 +133,26 @@ pub const FORWARDED_HEADER: &str = "x-caep-forwarded";
 /// (`base_url` + the request's own path and query, same body, its
 /// `Authorization` and `Content-Type`) and relays the status, `Content-Type`
 /// and body. An unreachable instance answers 503 with `Retry-After`: the
-/// stream's placement may be moving and a retry will find it.
+/// stream's placement may be moving and a retry will find it. So does a
+/// forward still waiting when `stopping` resolves (this instance stops).
 pub async fn forward(
+    client: &reqwest::Client,
+    base_url: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    stopping: impl std::future::Future<Output = ()>,
+) -> Result<Response, SsfError> {
+    tokio::select! {
+        relayed = relay(client, base_url, path_and_query, headers, body) => relayed,
+        // This instance is stopping: the receiver polls again, wherever the
+        // balancer sends it (its acks may not have reached the owner: it
+        // sends them again, and acks are idempotent).
+        () = stopping => Err(SsfError::Unavailable { retry_after_secs: 1 }),
+    }
+}
+
+async fn relay(
     client: &reqwest::Client,
     base_url: &str,
     path_and_query: &str,
@@ -341,6 +359,29 @@ mod tests {
         let response = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("in time").expect("join");
         let response = response.expect("poll");
         assert!(response.sets.is_empty() && !response.more_available, "{response:?}");
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_poll_still_waiting_when_the_instance_stops_is_503() {
+        // An owner that accepts the poll and holds it, as a long poll does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let holding = axum::Router::new().fallback(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        });
+        tokio::spawn(async move { axum::serve(listener, holding).await });
+        let client = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let stopping = tokio::time::sleep(Duration::from_millis(200));
+        let answer =
+            forward(&client, &base, "/ssf/poll/s", &HeaderMap::new(), Bytes::from_static(b"{}"), stopping).await;
+        assert!(
+            matches!(answer, Err(SsfError::Unavailable { retry_after_secs: 1 })),
+            "{:?}",
+            answer.map(|r| r.status())
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "answered when the stop came, not when the owner did");
     }
 
     #[test]

@@ -262,7 +262,7 @@ impl Transmitter {
     }
 
     /// Resolves once [`stop_long_polls`](Self::stop_long_polls) was called.
-    pub(crate) fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut stopping = self.stopping.subscribe();
         async move {
             // An error means the sender (the transmitter) is gone: stop too.

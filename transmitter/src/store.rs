@@ -15,8 +15,10 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
@@ -101,15 +103,20 @@ where
 struct Request {
     job: Box<dyn Job>,
     commit: Commit,
+    /// The last write: the writer commits its group durably and stops.
+    close: bool,
 }
 
 /// The database, shared by the transmitter and the hub.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    /// `None` once [`close`](Store::close)d: every clone sees it go.
+    db: Arc<RwLock<Option<Arc<Database>>>>,
     writer: mpsc::Sender<Request>,
     /// Set when the writer thread ends: `/healthz` reports it.
     stopped: Arc<AtomicBool>,
+    /// The writer thread, until `close` joins it.
+    writer_thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl Store {
@@ -120,7 +127,7 @@ impl Store {
         let writer_db = Arc::clone(&db);
         let stopped = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stopped);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("redb-writer".into())
             .spawn(move || {
                 // Set however the thread ends, a panic included.
@@ -128,7 +135,42 @@ impl Store {
                 run_writer(&writer_db, queue);
             })
             .map_err(StoreError::storage)?;
-        Ok(Store { db, writer, stopped })
+        Ok(Store {
+            db: Arc::new(RwLock::new(Some(db))),
+            writer,
+            stopped,
+            writer_thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Closes the database for every clone of this store, as the process
+    /// stops: the writes queued before commit durably, the writer thread
+    /// ends, and the file is closed cleanly (a file left open by an exit
+    /// costs the next start a repair that grows with the file). Later
+    /// writes and reads fail with [`StoreError::WriterStopped`]. Blocking:
+    /// call it outside the async runtime, after the requests are drained.
+    /// Waits at most `within` for the writer; idempotent.
+    pub fn close(&self, within: Duration) -> Result<(), StoreError> {
+        let (reply, committed) = oneshot::channel();
+        let job = Box::new(Op { op: |_: &WriteTransaction| Ok(()), result: None, reply });
+        let queued = self.writer.blocking_send(Request { job, commit: Commit::Durable, close: true }).is_ok();
+        let flushed = if queued { committed.blocking_recv().unwrap_or(Err(StoreError::WriterStopped)) } else { Ok(()) };
+        let thread = self.writer_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let deadline = Instant::now() + within;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!(within_ms = within.as_millis() as u64, "the redb writer did not stop in time");
+            }
+        }
+        // The last handle here; a read still running keeps the file open
+        // until it ends.
+        drop(self.db.write().unwrap_or_else(|p| p.into_inner()).take());
+        flushed
     }
 
     /// Whether the writer thread still runs (writes can commit).
@@ -147,13 +189,14 @@ impl Store {
     {
         let (reply, outcome) = oneshot::channel();
         let job = Box::new(Op { op, result: None, reply });
-        self.writer.send(Request { job, commit }).await.map_err(|_| StoreError::WriterStopped)?;
+        self.writer.send(Request { job, commit, close: false }).await.map_err(|_| StoreError::WriterStopped)?;
         outcome.await.map_err(|_| StoreError::WriterStopped)?
     }
 
     /// Runs `op` on a read snapshot. Reads never wait for the writer.
     pub fn read<R>(&self, op: impl FnOnce(&ReadTransaction) -> Result<R, StoreError>) -> Result<R, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::storage)?;
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::WriterStopped)?;
+        let txn = db.begin_read().map_err(StoreError::storage)?;
         op(&txn)
     }
 }
@@ -176,7 +219,11 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
+        let closing = group.iter().any(|request| request.close);
         commit_group(db, group);
+        if closing {
+            break;
+        }
     }
     tracing::debug!("redb writer stopped");
 }
@@ -321,6 +368,36 @@ mod tests {
         assert_eq!(read_counter(&store), 19, "its bump was rolled back, the others committed");
         assert!(store.writer_running());
         assert_eq!(store.write(Commit::Durable, bump).await.expect("a later write"), 20);
+    }
+
+    /// Opens `path` as the next start would; true when redb had to repair it.
+    fn needs_repair(path: &Path) -> bool {
+        let repaired = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&repaired);
+        let db = redb::Builder::new()
+            .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
+            .open(path)
+            .expect("reopen");
+        drop(db);
+        repaired.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn close_makes_lazy_writes_durable_and_leaves_a_clean_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("db.redb");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let store = Store::open(&path).expect("open");
+        let reader = store.clone();
+        runtime.block_on(store.write(Commit::Lazy, bump)).expect("lazy write");
+        store.close(Duration::from_secs(5)).expect("close");
+        assert!(!store.writer_running());
+        assert!(matches!(runtime.block_on(store.write(Commit::Durable, bump)), Err(StoreError::WriterStopped)));
+        assert!(matches!(reader.read(|_| Ok(())), Err(StoreError::WriterStopped)), "closed for every clone");
+        store.close(Duration::from_secs(5)).expect("closing again changes nothing");
+        assert!(!needs_repair(&path), "closed cleanly");
+        let reopened = Store::open(&path).expect("reopen");
+        assert_eq!(read_counter(&reopened), 1, "the lazy write reached the disk");
     }
 
     #[tokio::test]

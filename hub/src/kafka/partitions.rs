@@ -156,6 +156,10 @@ impl crate::hub::GraphStores for GraphPartitions {
             Some(store)
         })
     }
+
+    fn open_stores(&self) -> Vec<Store> {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
 }
 
 impl GraphPartitions {

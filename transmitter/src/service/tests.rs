@@ -28,3 +28,22 @@ fn signing_work_is_split_across_cores_but_small_batches_stay_whole() {
     assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 1000);
     assert!(chunks.iter().all(|c| c.len() >= 64));
 }
+
+#[tokio::test]
+async fn once_stopped_every_wait_for_the_stop_ends_at_once_later_ones_too() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = Arc::new(KeyStore::open(dir.path(), caep_schemas::jose::Algorithm::Es256).expect("keys"));
+    let transmitter = open_in(dir.path(), TransmitterSettings::new("http://127.0.0.1:1"), keys).expect("open");
+    let before = tokio::spawn(transmitter.stopping());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!before.is_finished(), "nothing has stopped yet");
+    transmitter.stop_long_polls();
+    tokio::time::timeout(Duration::from_secs(1), before)
+        .await
+        .expect("a wait from before the stop ends")
+        .expect("join");
+    // A poll that arrives while the drain runs must not wait either.
+    tokio::time::timeout(Duration::from_millis(100), transmitter.stopping())
+        .await
+        .expect("a wait begun after the stop");
+}
