@@ -3,12 +3,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use caep_hub::admin_token::{AdminToken, NewToken};
 use caep_hub::config::HubConfig;
 use caep_hub::server;
 use caep_schemas::jose::Algorithm;
 use caep_transmitter::keys::KeyStore;
+use caep_transmitter::store::Store;
 use clap::{Parser, Subcommand};
 
 /// mimalloc: the hub allocates many small, short-lived buffers from many
@@ -154,34 +157,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(config: HubConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let served = runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let mut bound = server::bind(&config).await?;
         if let Some(token) = bound.new_admin_token.take() {
             show_admin_token(&token);
         }
-        let hub = std::sync::Arc::clone(&bound.hub);
-        bound.serve().await?;
-        anyhow::Ok(hub.open_stores())
+        let hub = Arc::clone(&bound.hub);
+        anyhow::Ok((hub, bound.serve().await))
     });
     // Dropping a runtime waits for its blocking calls without a bound (a
     // librdkafka call against a broker that is gone); the drain is over, so
     // give them a moment and leave.
     runtime.shutdown_timeout(BLOCKING_CALLS_AT_EXIT);
-    // With every task gone, nothing writes any more: the databases close
-    // cleanly, their lazy writes made durable.
-    for store in served? {
-        if let Err(error) = store.close(STORE_CLOSE) {
-            tracing::warn!(%error, "closing a database at exit");
-        }
-    }
+    let (hub, served) = outcome?;
+    // With every task gone nothing writes any more, and the stores open now
+    // are all there will be.
+    close_stores(hub.open_stores());
     tracing::info!("caep-hub stopped");
-    Ok(())
+    Ok(served?)
 }
 
 /// How long the exit waits for blocking calls still running after the drain.
-const BLOCKING_CALLS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
-/// How long the exit waits for each database's last commit.
-const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(5);
+const BLOCKING_CALLS_AT_EXIT: Duration = Duration::from_secs(2);
+/// How long the exit waits for the databases to close.
+const STORES_CLOSE: Duration = Duration::from_secs(10);
+
+/// Closes the databases cleanly (their last writes made durable, no repair
+/// at the next start), on a thread of their own: a disk that hangs must not
+/// keep the process from exiting.
+fn close_stores(stores: Vec<Store>) {
+    let (done, closed) = std::sync::mpsc::channel();
+    let closing = std::thread::spawn(move || {
+        for store in stores {
+            if let Err(error) = store.close(STORES_CLOSE) {
+                tracing::warn!(%error, path = %store.path().display(), "closing a database at exit");
+            }
+        }
+        let _ = done.send(());
+    });
+    if closed.recv_timeout(STORES_CLOSE).is_ok() {
+        let _ = closing.join();
+    } else {
+        tracing::warn!(within_secs = STORES_CLOSE.as_secs(), "the databases did not close in time; exiting anyway");
+    }
+}
 
 fn keys(config: HubConfig, command: KeysCommand) -> anyhow::Result<()> {
     let store = KeyStore::open(&config.data_dir, config.signing_alg)?;

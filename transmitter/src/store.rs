@@ -117,6 +117,8 @@ pub struct Store {
     stopped: Arc<AtomicBool>,
     /// The writer thread, until `close` joins it.
     writer_thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// The file, for logs.
+    path: Arc<Path>,
 }
 
 impl Store {
@@ -140,16 +142,24 @@ impl Store {
             writer,
             stopped,
             writer_thread: Arc::new(Mutex::new(Some(thread))),
+            path: Arc::from(path),
         })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Closes the database for every clone of this store, as the process
     /// stops: the writes queued before commit durably, the writer thread
     /// ends, and the file is closed cleanly (a file left open by an exit
     /// costs the next start a repair that grows with the file). Later
-    /// writes and reads fail with [`StoreError::WriterStopped`]. Blocking:
-    /// call it outside the async runtime, after the requests are drained.
-    /// Waits at most `within` for the writer; idempotent.
+    /// writes and reads fail with [`StoreError::WriterStopped`]. Blocking,
+    /// and as slow as the disk: call it outside the async runtime, after the
+    /// requests are drained, on a thread the caller can stop waiting for.
+    /// Waits at most `within` for the writer thread to end once its last
+    /// commit is done. Closing again changes nothing.
     pub fn close(&self, within: Duration) -> Result<(), StoreError> {
         let (reply, committed) = oneshot::channel();
         let job = Box::new(Op { op: |_: &WriteTransaction| Ok(()), result: None, reply });
@@ -167,10 +177,14 @@ impl Store {
                 tracing::warn!(within_ms = within.as_millis() as u64, "the redb writer did not stop in time");
             }
         }
-        // The last handle here; a read still running keeps the file open
-        // until it ends.
-        drop(self.db.write().unwrap_or_else(|p| p.into_inner()).take());
-        flushed
+        let db = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        // The last handle, unless a read is still running: then the file
+        // closes when that read ends (as a dropped database, errors unseen).
+        let closed = match db.map(Arc::try_unwrap) {
+            Some(Ok(db)) => db.close().map_err(StoreError::storage),
+            Some(Err(_)) | None => Ok(()),
+        };
+        flushed.and(closed)
     }
 
     /// Whether the writer thread still runs (writes can commit).
