@@ -16,6 +16,10 @@ use serde_json::{Value, json};
 use support::actors::*;
 use support::{Body, Hub, HubOptions, SESSION_REVOKED, TICK, WAIT};
 
+#[path = "boundaries/touches.rs"]
+mod touches;
+use touches::*;
+
 const IDP_A: &str = "https://idp-a.example";
 const IDP_M: &str = "https://idp-m.example";
 
@@ -617,4 +621,22 @@ on_every_backend!(
     push_credentials_are_sealed_at_rest_and_in_the_log,
     oversized_and_deeply_nested_bodies_are_refused_cleanly,
     jwks_uris_must_be_https_public_and_not_redirect,
+    a_receiver_cannot_park_kilobytes_in_one_touch,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap (ARCHITECTURE.md): a full pending-touch quota tells whether a guessed session id exists"]
+async fn embedded_the_pending_cap_does_not_tell_which_ids_exist() {
+    the_pending_cap_does_not_tell_which_ids_exist(Hub::start().await).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_stream_at_its_cap_is_refused_not_silently_dropped() {
+    a_stream_at_its_cap_is_refused_not_silently_dropped(Hub::start().await).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap (ARCHITECTURE.md): in Kafka mode a touch past the pending cap is answered 200 and dropped"]
+async fn kafka_a_stream_at_its_cap_is_refused_not_silently_dropped() {
+    a_stream_at_its_cap_is_refused_not_silently_dropped(Hub::start_on_kafka().await).await
+}

@@ -110,7 +110,19 @@ pub fn parse_subjects_request(body: &[u8]) -> Result<SubjectsRequest, SsfError> 
 }
 
 /// One subject identifier of a request body, in a format the hub knows.
+/// The largest subject identifier a receiver may name, as JSON. Real ones
+/// are tens to hundreds of bytes; the bound keeps one call from parking
+/// kilobytes per pending touch (they are kept for an hour, thousands per
+/// stream).
+pub const MAX_SUBJECT_BYTES: usize = 2048;
+
 fn subject_of(value: Value, member: &str) -> Result<SubjectId, SsfError> {
+    let size = serde_json::to_string(&value).map_or(usize::MAX, |json| json.len());
+    if size > MAX_SUBJECT_BYTES {
+        return Err(SsfError::BadRequest(format!(
+            "`{member}` is {size} bytes of JSON; a subject identifier may have at most {MAX_SUBJECT_BYTES}"
+        )));
+    }
     let subject = match value {
         value @ Value::Object(_) => SubjectId::from_value(value)
             .map_err(|error| SsfError::BadRequest(format!("invalid `{member}`: {error}")))?,

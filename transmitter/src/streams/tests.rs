@@ -692,3 +692,19 @@ fn verification_state_is_optional_but_a_string() {
     bad_request(parse_verification_request(json!({"state": "x"}).to_string().as_bytes()));
     bad_request(parse_verification_request(b"not json"));
 }
+
+#[test]
+fn a_subject_identifier_larger_than_the_bound_is_refused() {
+    let body = |id: &str| json!({"stream_id": "s", "subject": {"format": "opaque", "id": id}}).to_string();
+    let fits = "x".repeat(MAX_SUBJECT_BYTES - 64);
+    assert!(parse_subject_request(body(&fits).as_bytes()).is_ok());
+    let huge = "x".repeat(MAX_SUBJECT_BYTES);
+    let refused = parse_subject_request(body(&huge).as_bytes());
+    assert!(matches!(&refused, Err(SsfError::BadRequest(why)) if why.contains("at most 2048")), "{refused:?}");
+    let many =
+        json!({"stream_id": "s", "subjects": [{"format": "opaque", "id": "ok"}, {"format": "opaque", "id": huge}]});
+    assert!(
+        matches!(parse_subjects_request(many.to_string().as_bytes()), Err(SsfError::BadRequest(_))),
+        "one in a batch"
+    );
+}
