@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Router;
 use caep_schemas::event::{Event, StreamStatus};
 use caep_schemas::set::new_id;
-use caep_schemas::subject::SubjectId;
+use caep_schemas::subject::{MAX_SUBJECT_BYTES, SubjectId};
 use reqwest::header::{ACCEPT, AUTHORIZATION};
 use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
@@ -37,6 +37,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 /// Sessions per add-many call (the hub's bound).
 const MAX_SUBJECTS_PER_CALL: usize = 100;
+/// Bytes of subjects in one add-many body at most (the hub reads 64 KiB).
+const MAX_SUBJECTS_BYTES_PER_CALL: usize = 32 * 1024;
 /// Tries of a touch the transmitter answers 429 or 503.
 const TOUCH_ATTEMPTS: u32 = 5;
 /// The longest a touch waits before trying again.
@@ -497,15 +499,15 @@ impl Receiver {
     /// As [`touch`](Self::touch); the whole batch may be retried (touches
     /// are idempotent).
     pub async fn touch_many(&self, stream_id: &str, session_ids: &[String]) -> Result<(), ReceiverError> {
+        let subjects = reportable_subjects(session_ids);
         let Some(url) = self.add_subjects_endpoint() else {
-            for session_id in session_ids {
+            for (session_id, _) in &subjects {
                 self.touch(stream_id, session_id).await?;
             }
             return Ok(());
         };
-        for chunk in session_ids.chunks(MAX_SUBJECTS_PER_CALL) {
-            let subjects: Vec<Value> =
-                chunk.iter().map(|id| SubjectId::session_of(SubjectId::opaque(id.as_str()), None).to_value()).collect();
+        for chunk in batches(&subjects) {
+            let subjects: Vec<&Value> = chunk.iter().map(|(_, subject)| subject).collect();
             let body = json!({"stream_id": stream_id, "subjects": subjects});
             for attempt in 1.. {
                 match self.call_empty(Method::POST, &url, Some(body.clone())).await {
@@ -640,9 +642,69 @@ impl<H: EventHandler> EventHandler for VerificationTap<H> {
     }
 }
 
+/// Each session as the subject a touch names, with the ids no transmitter
+/// would take left out: a session id comes from a request's token, which
+/// the guard reads before the RP authenticates it, so a stranger can send
+/// any id, and one over the hub's bound would fail the whole batch with it.
+fn reportable_subjects(session_ids: &[String]) -> Vec<(&str, Value)> {
+    session_ids
+        .iter()
+        .filter_map(|id| {
+            let subject = SubjectId::session_of(SubjectId::opaque(id.as_str()), None).to_value();
+            let bytes = serde_json::to_string(&subject).map_or(usize::MAX, |json| json.len());
+            if bytes > MAX_SUBJECT_BYTES {
+                // Not the id itself: it is attacker-controlled.
+                tracing::warn!(bytes, "a session id too long for any transmitter is not reported");
+                return None;
+            }
+            Some((id.as_str(), subject))
+        })
+        .collect()
+}
+
+/// The subjects in add-many bodies of at most [`MAX_SUBJECTS_PER_CALL`]
+/// subjects and [`MAX_SUBJECTS_BYTES_PER_CALL`] bytes.
+fn batches<'a>(subjects: &'a [(&'a str, Value)]) -> Vec<&'a [(&'a str, Value)]> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (at, (_, subject)) in subjects.iter().enumerate() {
+        let size = serde_json::to_string(subject).map_or(MAX_SUBJECT_BYTES, |json| json.len());
+        if at > start && (at - start == MAX_SUBJECTS_PER_CALL || bytes + size > MAX_SUBJECTS_BYTES_PER_CALL) {
+            batches.push(&subjects[start..at]);
+            (start, bytes) = (at, 0);
+        }
+        bytes += size;
+    }
+    if start < subjects.len() {
+        batches.push(&subjects[start..]);
+    }
+    batches
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn touches_leave_out_oversized_ids_and_split_by_count_and_bytes() {
+        let mut ids: Vec<String> = (0..250).map(|i| format!("s-{i}")).collect();
+        ids.insert(7, "x".repeat(MAX_SUBJECT_BYTES)); // from a stranger's token
+        ids.insert(9, "\"".repeat(MAX_SUBJECT_BYTES / 2)); // half the bound, but escaping doubles it
+        let subjects = reportable_subjects(&ids);
+        assert_eq!(subjects.len(), 250, "only the two oversized ids are left out");
+        let counts: Vec<usize> = batches(&subjects).iter().map(|batch| batch.len()).collect();
+        assert_eq!(counts, [100, 100, 50]);
+
+        let big: Vec<String> = (0..60).map(|i| format!("{i}-{}", "y".repeat(1900))).collect();
+        let subjects = reportable_subjects(&big);
+        assert_eq!(subjects.len(), 60);
+        for batch in batches(&subjects) {
+            let body = serde_json::to_string(&batch.iter().map(|(_, s)| s).collect::<Vec<_>>()).expect("json");
+            assert!(body.len() <= MAX_SUBJECTS_BYTES_PER_CALL + 2, "{} bytes", body.len());
+        }
+        assert_eq!(batches(&subjects).iter().map(|batch| batch.len()).sum::<usize>(), 60);
+        assert!(batches(&[]).is_empty());
+    }
 
     #[test]
     fn metadata_url_keeps_ports_and_paths() {

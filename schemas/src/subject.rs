@@ -9,6 +9,13 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+/// The largest subject identifier, as JSON, that the hub takes from a
+/// receiver (add-subject, add-many) and that the receiver SDK reports.
+/// Real ones are tens to hundreds of bytes; the bound keeps one call from
+/// parking kilobytes per pending touch (they are kept for an hour,
+/// thousands per stream).
+pub const MAX_SUBJECT_BYTES: usize = 2048;
+
 /// One subject identifier, tagged by its `format` member.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubjectId {

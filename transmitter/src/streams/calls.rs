@@ -3,7 +3,7 @@
 //! batch form of add-subject.
 
 use caep_schemas::event::StreamStatus;
-use caep_schemas::subject::SubjectId;
+use caep_schemas::subject::{MAX_SUBJECT_BYTES, SubjectId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -110,12 +110,6 @@ pub fn parse_subjects_request(body: &[u8]) -> Result<SubjectsRequest, SsfError> 
 }
 
 /// One subject identifier of a request body, in a format the hub knows.
-/// The largest subject identifier a receiver may name, as JSON. Real ones
-/// are tens to hundreds of bytes; the bound keeps one call from parking
-/// kilobytes per pending touch (they are kept for an hour, thousands per
-/// stream).
-pub const MAX_SUBJECT_BYTES: usize = 2048;
-
 fn subject_of(value: Value, member: &str) -> Result<SubjectId, SsfError> {
     let size = serde_json::to_string(&value).map_or(usize::MAX, |json| json.len());
     if size > MAX_SUBJECT_BYTES {

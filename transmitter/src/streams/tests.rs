@@ -2,7 +2,7 @@
 
 use super::*;
 use caep_schemas::event::StreamStatus;
-use caep_schemas::subject::SubjectId;
+use caep_schemas::subject::{MAX_SUBJECT_BYTES, SubjectId};
 use serde_json::json;
 use std::path::PathBuf;
 
