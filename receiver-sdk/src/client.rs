@@ -501,13 +501,13 @@ impl Receiver {
     pub async fn touch_many(&self, stream_id: &str, session_ids: &[String]) -> Result<(), ReceiverError> {
         let subjects = reportable_subjects(session_ids);
         let Some(url) = self.add_subjects_endpoint() else {
-            for (session_id, _) in &subjects {
+            for (session_id, _, _) in &subjects {
                 self.touch(stream_id, session_id).await?;
             }
             return Ok(());
         };
         for chunk in batches(&subjects) {
-            let subjects: Vec<&Value> = chunk.iter().map(|(_, subject)| subject).collect();
+            let subjects: Vec<&Value> = chunk.iter().map(|(_, subject, _)| subject).collect();
             let body = json!({"stream_id": stream_id, "subjects": subjects});
             for attempt in 1.. {
                 match self.call_empty(Method::POST, &url, Some(body.clone())).await {
@@ -646,7 +646,7 @@ impl<H: EventHandler> EventHandler for VerificationTap<H> {
 /// would take left out: a session id comes from a request's token, which
 /// the guard reads before the RP authenticates it, so a stranger can send
 /// any id, and one over the hub's bound would fail the whole batch with it.
-fn reportable_subjects(session_ids: &[String]) -> Vec<(&str, Value)> {
+fn reportable_subjects(session_ids: &[String]) -> Vec<(&str, Value, usize)> {
     session_ids
         .iter()
         .filter_map(|id| {
@@ -657,23 +657,22 @@ fn reportable_subjects(session_ids: &[String]) -> Vec<(&str, Value)> {
                 tracing::warn!(bytes, "a session id too long for any transmitter is not reported");
                 return None;
             }
-            Some((id.as_str(), subject))
+            Some((id.as_str(), subject, bytes))
         })
         .collect()
 }
 
 /// The subjects in add-many bodies of at most [`MAX_SUBJECTS_PER_CALL`]
 /// subjects and [`MAX_SUBJECTS_BYTES_PER_CALL`] bytes.
-fn batches<'a>(subjects: &'a [(&'a str, Value)]) -> Vec<&'a [(&'a str, Value)]> {
+fn batches<'a>(subjects: &'a [(&'a str, Value, usize)]) -> Vec<&'a [(&'a str, Value, usize)]> {
     let mut batches = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (at, (_, subject)) in subjects.iter().enumerate() {
-        let size = serde_json::to_string(subject).map_or(MAX_SUBJECT_BYTES, |json| json.len());
+    for (at, (_, _, size)) in subjects.iter().enumerate() {
         if at > start && (at - start == MAX_SUBJECTS_PER_CALL || bytes + size > MAX_SUBJECTS_BYTES_PER_CALL) {
             batches.push(&subjects[start..at]);
             (start, bytes) = (at, 0);
         }
-        bytes += size;
+        bytes += *size;
     }
     if start < subjects.len() {
         batches.push(&subjects[start..]);
@@ -699,7 +698,7 @@ mod tests {
         let subjects = reportable_subjects(&big);
         assert_eq!(subjects.len(), 60);
         for batch in batches(&subjects) {
-            let body = serde_json::to_string(&batch.iter().map(|(_, s)| s).collect::<Vec<_>>()).expect("json");
+            let body = serde_json::to_string(&batch.iter().map(|(_, s, _)| s).collect::<Vec<_>>()).expect("json");
             assert!(body.len() <= MAX_SUBJECTS_BYTES_PER_CALL + 2, "{} bytes", body.len());
         }
         assert_eq!(batches(&subjects).iter().map(|batch| batch.len()).sum::<usize>(), 60);
